@@ -1,0 +1,86 @@
+//! Causal self-attention with grouped-query heads (KVH ≤ H key/value heads shared by H / KVH
+//! query heads each) and an optional KV cache.
+
+use burn::nn::Linear;
+use burn::prelude::*;
+use burn::tensor::module::attention;
+use burn::tensor::ops::AttentionModuleOptions;
+
+use super::cache::LayerKv;
+use super::init::HostInit;
+use super::rope::Rope;
+
+/// Shapes: B batch, W new tokens, Tk keys attended (cache slots + W), H query heads,
+/// KVH key/value heads, D head width, C = H·D model width.
+#[derive(Module, Debug)]
+pub struct Attention<B: Backend> {
+    /// `[C, H·D]`
+    pub q: Linear<B>,
+    /// `[C, KVH·D]`
+    pub k: Linear<B>,
+    /// `[C, KVH·D]`
+    pub v: Linear<B>,
+    /// `[H·D, C]`
+    pub o: Linear<B>,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl<B: Backend> Attention<B> {
+    pub fn init(d_model: usize, n_heads: usize, n_kv_heads: usize, out_std: f64, init: &mut HostInit<'_, B>) -> Self {
+        let head_dim = d_model / n_heads;
+        Self {
+            q: init.linear(d_model, n_heads * head_dim, init.std),
+            k: init.linear(d_model, n_kv_heads * head_dim, init.std),
+            v: init.linear(d_model, n_kv_heads * head_dim, init.std),
+            o: init.linear(n_heads * head_dim, d_model, out_std),
+            n_heads,
+            n_kv_heads,
+            head_dim,
+        }
+    }
+
+    /// # Shapes
+    /// - `x`: `[B, W, C]`
+    /// - `key_masked`: `[B, Tk]`, true for keys that must not be attended (padding, cache holes);
+    ///   causality is applied on top, aligned bottom-right (query i sees keys ≤ Tk − W + i).
+    /// - `cache`: when given, the W new keys/values are written at `slot..slot + W` and the
+    ///   queries attend to slots `0..slot + W` (so Tk = slot + W).
+    /// - returns `[B, W, C]`
+    pub fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        rope: &Rope<B>,
+        key_masked: Tensor<B, 2, Bool>,
+        cache: Option<(&mut LayerKv<B>, usize)>,
+    ) -> Tensor<B, 3> {
+        let [b, w, _] = x.dims();
+        let (h, kvh, d) = (self.n_heads, self.n_kv_heads, self.head_dim);
+        let q = self.q.forward(x.clone()).reshape([b, w, h, d]).swap_dims(1, 2);
+        let k = self.k.forward(x.clone()).reshape([b, w, kvh, d]).swap_dims(1, 2);
+        let v = self.v.forward(x).reshape([b, w, kvh, d]).swap_dims(1, 2);
+        let q = rope.apply(q);
+        let k = rope.apply(k);
+        let (k, v) = match cache {
+            Some((kv, slot)) => kv.write(slot, k, v),
+            None => (k, v),
+        };
+        let tk = k.dims()[2];
+        let (k, v) = if kvh == h {
+            (k, v)
+        } else {
+            let rep = h / kvh;
+            let expand = |t: Tensor<B, 4>| t.unsqueeze_dim::<5>(2).expand([b, kvh, rep, tk, d]).reshape([b, h, tk, d]);
+            (expand(k), expand(v))
+        };
+        let mask = key_masked.reshape([b, 1, 1, tk]).expand([b, h, w, tk]);
+        let options = AttentionModuleOptions {
+            scale: None,
+            softcap: None,
+            is_causal: true,
+        };
+        let y = attention(q, k, v, Some(mask), None, options);
+        self.o.forward(y.swap_dims(1, 2).reshape([b, w, h * d]))
+    }
+}

@@ -1,0 +1,72 @@
+//! One pre-norm transformer block: x + Attn(RMSNorm(x)), then x + SwiGLU(RMSNorm(x)).
+
+use burn::nn::{Linear, RmsNorm, RmsNormConfig};
+use burn::prelude::*;
+use burn::tensor::activation::silu;
+
+use super::attention::Attention;
+use super::cache::LayerKv;
+use super::config::TransformerConfig;
+use super::init::HostInit;
+use super::rope::Rope;
+
+/// SwiGLU MLP: down(silu(gate(x)) ⊙ up(x)).
+#[derive(Module, Debug)]
+pub struct Mlp<B: Backend> {
+    /// `[C, F]`
+    pub gate: Linear<B>,
+    /// `[C, F]`
+    pub up: Linear<B>,
+    /// `[F, C]`
+    pub down: Linear<B>,
+}
+
+impl<B: Backend> Mlp<B> {
+    /// # Shapes
+    /// `[B, W, C]` → `[B, W, C]`
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let gate = silu(self.gate.forward(x.clone()));
+        self.down.forward(gate * self.up.forward(x))
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct Block<B: Backend> {
+    pub attn_norm: RmsNorm<B>,
+    pub attn: Attention<B>,
+    pub mlp_norm: RmsNorm<B>,
+    pub mlp: Mlp<B>,
+}
+
+impl<B: Backend> Block<B> {
+    pub fn init(config: &TransformerConfig, init: &mut HostInit<'_, B>) -> Self {
+        let (d, device) = (config.d_model, init.device);
+        // GPT-2's scaling of the projections that write into the residual stream keeps its
+        // variance independent of depth.
+        let out_std = init.std / (2.0 * config.n_layers as f64).sqrt();
+        let norm = || RmsNormConfig::new(d).with_epsilon(config.norm_eps).init(device);
+        Self {
+            attn_norm: norm(),
+            attn: Attention::init(d, config.n_heads, config.n_kv_heads, out_std, init),
+            mlp_norm: norm(),
+            mlp: Mlp {
+                gate: init.linear(d, config.d_ff, init.std),
+                up: init.linear(d, config.d_ff, init.std),
+                down: init.linear(config.d_ff, d, out_std),
+            },
+        }
+    }
+
+    /// # Shapes
+    /// `x`: `[B, W, C]`, `key_masked`: `[B, Tk]` → `[B, W, C]`
+    pub fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        rope: &Rope<B>,
+        key_masked: Tensor<B, 2, Bool>,
+        cache: Option<(&mut LayerKv<B>, usize)>,
+    ) -> Tensor<B, 3> {
+        let x = x.clone() + self.attn.forward(self.attn_norm.forward(x), rope, key_masked, cache);
+        x.clone() + self.mlp.forward(self.mlp_norm.forward(x))
+    }
+}

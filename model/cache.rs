@@ -1,0 +1,176 @@
+//! The KV cache: preallocated, shared slot counter, per-row positions.
+//!
+//! Every row writes its next chunk at the same *slot* range, so a write is one `slice_assign`
+//! for the whole batch. A row that has fewer real tokens than the chunk width leaves *holes*:
+//! slots marked invalid and never attended. A slot is therefore not a position: each row keeps
+//! its own position counter (the number of real tokens it holds), which is what rotary
+//! embeddings see. This is how a ragged batch of prompts is prefilled in one call, how
+//! environment replies of different lengths are appended, and how rows are forked or
+//! replicated (`select_rows`) without recomputing their prefix.
+
+use burn::prelude::*;
+
+use super::config::TransformerConfig;
+use crate::error::{Error, Result};
+
+/// Keys and values of one layer.
+#[derive(Debug, Clone)]
+pub struct LayerKv<B: Backend> {
+    /// `[B, KVH, S, D]`
+    pub k: Tensor<B, 4>,
+    /// `[B, KVH, S, D]`
+    pub v: Tensor<B, 4>,
+}
+
+impl<B: Backend> LayerKv<B> {
+    /// Stores `k`, `v` (`[B, KVH, W, D]`) at `slot..slot + W` and returns the keys and values
+    /// of slots `0..slot + W`.
+    pub fn write(&mut self, slot: usize, k: Tensor<B, 4>, v: Tensor<B, 4>) -> (Tensor<B, 4>, Tensor<B, 4>) {
+        let [b, kvh, w, d] = k.dims();
+        let end = slot + w;
+        self.k = self.k.clone().slice_assign([0..b, 0..kvh, slot..end, 0..d], k);
+        self.v = self.v.clone().slice_assign([0..b, 0..kvh, slot..end, 0..d], v);
+        (
+            self.k.clone().slice([0..b, 0..kvh, 0..end, 0..d]),
+            self.v.clone().slice([0..b, 0..kvh, 0..end, 0..d]),
+        )
+    }
+}
+
+/// Cache for a batch of rows.
+#[derive(Debug, Clone)]
+pub struct KvCache<B: Backend> {
+    pub(crate) layers: Vec<LayerKv<B>>,
+    /// `[B, S]`: true where a slot holds a real token.
+    pub(crate) valid: Tensor<B, 2, Bool>,
+    /// `[B]`: position of each row's next token (device copy of `lengths`).
+    pub(crate) positions: Tensor<B, 1, Int>,
+    /// Real tokens held by each row (host copy).
+    lengths: Vec<usize>,
+    /// Slots used, equal for all rows.
+    slots: usize,
+    capacity: usize,
+}
+
+impl<B: Backend> KvCache<B> {
+    /// An empty cache for `rows` sequences of up to `capacity` slots.
+    pub fn new(config: &TransformerConfig, rows: usize, capacity: usize, device: &B::Device) -> Self {
+        let (kvh, d) = (config.n_kv_heads, config.head_dim());
+        let layer = LayerKv {
+            k: Tensor::zeros([rows, kvh, capacity, d], device),
+            v: Tensor::zeros([rows, kvh, capacity, d], device),
+        };
+        Self {
+            layers: vec![layer; config.n_layers],
+            valid: Tensor::<B, 2, Int>::zeros([rows, capacity], device).bool(),
+            positions: Tensor::zeros([rows], device),
+            lengths: vec![0; rows],
+            slots: 0,
+            capacity,
+        }
+    }
+
+    pub fn rows(&self) -> usize {
+        self.lengths.len()
+    }
+
+    /// Real tokens held by each row.
+    pub fn lengths(&self) -> &[usize] {
+        &self.lengths
+    }
+
+    /// Slots used so far (the same for every row).
+    pub fn slots(&self) -> usize {
+        self.slots
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Slots still free.
+    pub fn remaining(&self) -> usize {
+        self.capacity - self.slots
+    }
+
+    /// Reserves `width` slots in which row `b` holds `counts[b]` real tokens (all of them when
+    /// `counts` is `None`). Returns the first slot, the positions `[B, W]` of the new tokens and
+    /// the key mask `[B, slot + W]` (true = not attendable) the attention needs.
+    pub(crate) fn advance(
+        &mut self,
+        width: usize,
+        counts: Option<&[usize]>,
+    ) -> Result<(usize, Tensor<B, 2, Int>, Tensor<B, 2, Bool>)> {
+        let rows = self.rows();
+        if self.slots + width > self.capacity {
+            return Err(Error::Budget(format!(
+                "KV cache full: {} slots used + {} new > capacity {}",
+                self.slots, width, self.capacity
+            )));
+        }
+        let device = self.valid.device();
+        let slot = self.slots;
+        let offsets = Tensor::<B, 1, Int>::arange(0..width as i64, &device).reshape([1, width]);
+        let positions = self.positions.clone().reshape([rows, 1]) + offsets;
+        let chunk_valid = match counts {
+            None => {
+                self.positions = self.positions.clone() + width as i32;
+                self.lengths.iter_mut().for_each(|l| *l += width);
+                Tensor::<B, 2, Int>::ones([rows, width], &device).bool()
+            }
+            Some(counts) => {
+                if counts.len() != rows || counts.iter().any(|&c| c > width) {
+                    return Err(Error::Budget(format!(
+                        "chunk of width {width} for {rows} rows given counts {counts:?}"
+                    )));
+                }
+                let flags: Vec<bool> = counts.iter().flat_map(|&c| (0..width).map(move |i| i < c)).collect();
+                for (l, c) in self.lengths.iter_mut().zip(counts) {
+                    *l += c;
+                }
+                self.positions = int_tensor(&self.lengths, &device);
+                Tensor::from_data(TensorData::new(flags, [rows, width]), &device)
+            }
+        };
+        self.valid = self.valid.clone().slice_assign([0..rows, slot..slot + width], chunk_valid);
+        self.slots += width;
+        let key_masked = self.valid.clone().slice([0..rows, 0..slot + width]).bool_not();
+        Ok((slot, positions, key_masked))
+    }
+
+    /// A new cache holding copies of the given rows, in that order (a row may repeat). This is
+    /// the fork / snapshot operation: continuations branch from a shared prefix without
+    /// recomputing it.
+    pub fn select_rows(&self, rows: &[usize]) -> Self {
+        let device = self.valid.device();
+        let idx = int_tensor(rows, &device);
+        Self {
+            layers: self
+                .layers
+                .iter()
+                .map(|l| LayerKv {
+                    k: l.k.clone().select(0, idx.clone()),
+                    v: l.v.clone().select(0, idx.clone()),
+                })
+                .collect(),
+            valid: self.valid.clone().int().select(0, idx.clone()).bool(),
+            positions: self.positions.clone().select(0, idx),
+            lengths: rows.iter().map(|&r| self.lengths[r]).collect(),
+            slots: self.slots,
+            capacity: self.capacity,
+        }
+    }
+
+    /// Every row repeated `g` times in place (row r becomes rows r·g … r·g + g − 1): a GRPO
+    /// group prefills its prompt once and replicates it.
+    pub fn replicate(&self, g: usize) -> Self {
+        let rows: Vec<usize> = (0..self.rows()).flat_map(|r| std::iter::repeat_n(r, g)).collect();
+        self.select_rows(&rows)
+    }
+}
+
+/// An `[n]` int tensor from host indices.
+pub(crate) fn int_tensor<B: Backend>(values: &[usize], device: &B::Device) -> Tensor<B, 1, Int> {
+    let data: Vec<i64> = values.iter().map(|&v| v as i64).collect();
+    Tensor::from_data(TensorData::new(data, [values.len()]), device)
+}

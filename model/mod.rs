@@ -1,0 +1,21 @@
+//! The transformer and everything that runs it: KV cache, sampling, decoding, log-probs,
+//! checkpoints. Knows no task and no RL.
+
+pub mod attention;
+pub mod block;
+pub mod cache;
+pub mod checkpoint;
+pub mod config;
+pub mod generate;
+pub mod init;
+pub mod logprobs;
+pub mod rope;
+pub mod sampling;
+pub mod transformer;
+
+pub use cache::KvCache;
+pub use config::TransformerConfig;
+pub use generate::{generate, last_logits, read_ids, GenerateConfig};
+pub use logprobs::{token_logprobs, TokenLogprobs};
+pub use sampling::{sample, SamplerConfig};
+pub use transformer::Transformer;

@@ -1,0 +1,245 @@
+//! The two forward paths agree, on ragged batches, with GQA and tied heads, and through cache
+//! forks; autodiff gradients match finite differences.
+
+use burn::backend::{Autodiff, Flex};
+use burn::module::{ModuleMapper, Param};
+use burn::prelude::*;
+use mrt::model::{last_logits, token_logprobs, KvCache, Transformer, TransformerConfig};
+
+type B = Flex;
+
+fn config(n_kv_heads: usize, tie: bool) -> TransformerConfig {
+    TransformerConfig {
+        vocab_size: 37,
+        d_model: 32,
+        n_layers: 2,
+        n_heads: 4,
+        n_kv_heads,
+        d_ff: 48,
+        max_seq_len: 64,
+        rope_theta: 10_000.0,
+        norm_eps: 1e-5,
+        tie_embeddings: tie,
+    }
+}
+
+fn ids(rows: &[Vec<u32>], width: usize) -> (Tensor<B, 2, Int>, Tensor<B, 2, Bool>) {
+    let mut tok = Vec::new();
+    let mut val = Vec::new();
+    for r in rows {
+        for i in 0..width {
+            tok.push(*r.get(i).unwrap_or(&0) as i64);
+            val.push(i < r.len());
+        }
+    }
+    let dev = Default::default();
+    (
+        Tensor::from_data(TensorData::new(tok, [rows.len(), width]), &dev),
+        Tensor::from_data(TensorData::new(val, [rows.len(), width]), &dev),
+    )
+}
+
+fn max_abs_diff(a: Tensor<B, 2>, b: Tensor<B, 2>) -> f32 {
+    (a - b).abs().max().into_scalar()
+}
+
+/// Full-forward logits at position `pos` of each row.
+fn full_logits_at(model: &Transformer<B>, rows: &[Vec<u32>], pos: &[usize]) -> Tensor<B, 2> {
+    let width = rows.iter().map(|r| r.len()).max().unwrap();
+    let (tok, valid) = ids(rows, width);
+    let logits = model.forward(tok, Some(valid));
+    last_logits(logits, &pos.iter().map(|p| p + 1).collect::<Vec<_>>())
+}
+
+/// Prefill ragged prompts, then append ragged chunks and single tokens; after each call the
+/// cached logits of each row's last token equal the full forward's at that position.
+fn check_cached_equals_full(cfg: &TransformerConfig) {
+    let dev = Default::default();
+    let model = Transformer::<B>::new(cfg, 7, &dev).unwrap();
+    let mut rows: Vec<Vec<u32>> = vec![vec![1, 5, 9, 2, 3], vec![4, 8], vec![7, 7, 1]];
+    let (tok, _) = ids(&rows, 5);
+    let mut cache: KvCache<B> = model.new_cache(3, 40);
+    let counts: Vec<usize> = rows.iter().map(|r| r.len()).collect();
+    let cached = last_logits(model.forward_cached(tok, &mut cache, Some(&counts)).unwrap(), &counts);
+    let lens: Vec<usize> = rows.iter().map(|r| r.len() - 1).collect();
+    let d = max_abs_diff(cached, full_logits_at(&model, &rows, &lens));
+    assert!(d < 1e-4, "prefill differs by {d}");
+
+    // Ragged chunk (row 1 appends nothing: a hole), then three single-token steps.
+    let chunks: Vec<Vec<u32>> = vec![vec![11, 12], vec![], vec![13]];
+    let (tok, _) = ids(&chunks, 2);
+    let counts: Vec<usize> = chunks.iter().map(|c| c.len()).collect();
+    let logits = model.forward_cached(tok, &mut cache, Some(&counts)).unwrap();
+    for (r, c) in rows.iter_mut().zip(&chunks) {
+        r.extend(c);
+    }
+    assert_eq!(cache.lengths(), &[7, 2, 4]);
+    let pick: Vec<usize> = counts.iter().map(|&c| c.max(1)).collect();
+    let cached = last_logits(logits, &pick);
+    let lens: Vec<usize> = rows.iter().map(|r| r.len() - 1).collect();
+    let cached_rows = cached.clone().select(0, Tensor::from_data([0i64, 2], &dev));
+    let full_rows = full_logits_at(&model, &rows, &lens).select(0, Tensor::from_data([0i64, 2], &dev));
+    let d = max_abs_diff(cached_rows, full_rows);
+    assert!(d < 1e-4, "ragged chunk differs by {d}");
+
+    for step in 0..3u32 {
+        let next: Vec<Vec<u32>> = (0..3).map(|r| vec![(step * 3 + r + 14) % 37]).collect();
+        let (tok, _) = ids(&next, 1);
+        let logits = model.forward_cached(tok, &mut cache, None).unwrap();
+        for (r, n) in rows.iter_mut().zip(&next) {
+            r.extend(n);
+        }
+        let cached = last_logits(logits, &[1, 1, 1]);
+        let lens: Vec<usize> = rows.iter().map(|r| r.len() - 1).collect();
+        let d = max_abs_diff(cached, full_logits_at(&model, &rows, &lens));
+        assert!(d < 1e-4, "decode step {step} differs by {d}");
+    }
+    assert_eq!(cache.slots(), 5 + 2 + 3);
+}
+
+#[test]
+fn cached_decoding_matches_full_forward_on_ragged_batch() {
+    check_cached_equals_full(&config(4, false));
+}
+
+#[test]
+fn gqa_and_tied_head_configs_run_and_agree() {
+    check_cached_equals_full(&config(2, false));
+    check_cached_equals_full(&config(1, true));
+    let model = Transformer::<B>::new(&config(2, true), 1, &Default::default()).unwrap();
+    assert!(model.head.is_none());
+    assert_eq!(model.num_params(), config(2, true).num_params());
+    let model = Transformer::<B>::new(&config(2, false), 1, &Default::default()).unwrap();
+    assert_eq!(model.num_params(), config(2, false).num_params());
+}
+
+#[test]
+fn forked_and_replicated_cache_rows_continue_like_recomputation() {
+    let dev = Default::default();
+    let cfg = config(2, false);
+    let model = Transformer::<B>::new(&cfg, 3, &dev).unwrap();
+    let prompts: Vec<Vec<u32>> = vec![vec![1, 2, 3, 4], vec![5, 6]];
+    let (tok, _) = ids(&prompts, 4);
+    let mut cache = model.new_cache(2, 16);
+    model.forward_cached(tok, &mut cache, Some(&[4, 2])).unwrap();
+    // Rows [1, 1, 0, 1]: a fork with repeats; then each forked row appends a different token.
+    let mut fork = cache.select_rows(&[1, 1, 0, 1]);
+    assert_eq!(fork.lengths(), &[2, 2, 4, 2]);
+    let next: Vec<Vec<u32>> = vec![vec![9], vec![10], vec![11], vec![12]];
+    let (tok, _) = ids(&next, 1);
+    let cached = last_logits(model.forward_cached(tok, &mut fork, None).unwrap(), &[1; 4]);
+    let full_rows: Vec<Vec<u32>> = vec![vec![5, 6, 9], vec![5, 6, 10], vec![1, 2, 3, 4, 11], vec![5, 6, 12]];
+    let lens: Vec<usize> = full_rows.iter().map(|r| r.len() - 1).collect();
+    let d = max_abs_diff(cached, full_logits_at(&model, &full_rows, &lens));
+    assert!(d < 1e-4, "fork differs by {d}");
+
+    let rep = cache.replicate(3);
+    assert_eq!(rep.rows(), 6);
+    assert_eq!(rep.lengths(), &[4, 4, 4, 2, 2, 2]);
+}
+
+#[test]
+fn cache_overflow_is_an_error_not_a_panic() {
+    let dev = Default::default();
+    let model = Transformer::<B>::new(&config(4, false), 3, &dev).unwrap();
+    let mut cache = model.new_cache(1, 3);
+    let (tok, _) = ids(&[vec![1, 2, 3, 4]], 4);
+    let err = model.forward_cached(tok, &mut cache, None).unwrap_err();
+    assert!(err.to_string().contains("KV cache full"), "{err}");
+}
+
+/// Sum of the log-probs of a fixed ragged batch, as a host number.
+fn logprob_sum<Bk: Backend>(model: &Transformer<Bk>) -> Tensor<Bk, 1> {
+    let dev = model.device();
+    let tok = Tensor::<Bk, 2, Int>::from_data([[1i64, 4, 9, 16, 25], [3, 6, 12, 0, 0]], &dev);
+    let valid = Tensor::<Bk, 2, Bool>::from_data([[true, true, true, true, true], [true, true, true, false, false]], &dev);
+    let loss_mask = Tensor::<Bk, 2>::from_data([[1.0f32, 1.0, 1.0, 1.0], [1.0, 1.0, 0.0, 0.0]], &dev);
+    let lp = token_logprobs(model, tok, Some(valid));
+    (lp.logprobs * loss_mask).sum()
+}
+
+/// Multiplies every matrix parameter by a constant.
+struct Scale(f32);
+
+impl<Bk: Backend> ModuleMapper<Bk> for Scale {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<Bk, D>>) -> Param<Tensor<Bk, D>> {
+        if D == 2 {
+            let s = self.0;
+            param.map(|t| t * s)
+        } else {
+            param
+        }
+    }
+}
+
+/// Marks every parameter as trainable (moving a module onto autodiff does not).
+struct RequireGrad;
+
+impl<Bk: Backend> ModuleMapper<Bk> for RequireGrad {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<Bk, D>>) -> Param<Tensor<Bk, D>> {
+        param.set_require_grad(true)
+    }
+}
+
+#[test]
+fn autodiff_gradients_match_finite_differences() {
+    type AD = Autodiff<Flex>;
+    let dev = Default::default();
+    let cfg = TransformerConfig {
+        vocab_size: 29,
+        d_model: 16,
+        n_layers: 2,
+        n_heads: 2,
+        n_kv_heads: 1,
+        d_ff: 24,
+        max_seq_len: 16,
+        rope_theta: 10_000.0,
+        norm_eps: 1e-5,
+        tie_embeddings: false,
+    };
+    // Weights 6× the default init scale: attention is then far from uniform and every
+    // gradient is large enough to stand out of f32 rounding in a finite difference.
+    let inner = Transformer::<B>::new(&cfg, 11, &dev).unwrap().map(&mut Scale(6.0));
+    let model: Transformer<AD> = inner.clone().train::<AD>().map(&mut RequireGrad);
+    let grads = logprob_sum(&model).backward();
+
+    // (name, getter of the autodiff param, setter on the inner model)
+    type Get = fn(&Transformer<AD>) -> &Param<Tensor<AD, 2>>;
+    type GetInner = fn(&mut Transformer<B>) -> &mut Param<Tensor<B, 2>>;
+    let params: [(&str, Get, GetInner); 6] = [
+        ("q", |m| &m.blocks[0].attn.q.weight, |m| &mut m.blocks[0].attn.q.weight),
+        ("k", |m| &m.blocks[1].attn.k.weight, |m| &mut m.blocks[1].attn.k.weight),
+        ("v", |m| &m.blocks[0].attn.v.weight, |m| &mut m.blocks[0].attn.v.weight),
+        ("gate", |m| &m.blocks[1].mlp.gate.weight, |m| &mut m.blocks[1].mlp.gate.weight),
+        ("embed", |m| &m.embed.weight, |m| &mut m.embed.weight),
+        ("head", |m| &m.head.as_ref().unwrap().weight, |m| &mut m.head.as_mut().unwrap().weight),
+    ];
+    let eps = 2e-3f32;
+    let mut checked = 0;
+    for (name, get, get_inner) in params {
+        let p = get(&model);
+        let grad = p.val().grad(&grads).expect("parameter has a gradient");
+        let [rows, cols] = grad.dims();
+        let g: Vec<f32> = grad.into_data().to_vec().unwrap();
+        // The three entries with the largest gradient (best signal-to-rounding ratio).
+        let mut order: Vec<usize> = (0..g.len()).collect();
+        order.sort_by(|&a, &b| g[b].abs().total_cmp(&g[a].abs()));
+        for &flat in order.iter().take(3) {
+            let (i, j) = (flat / cols, flat % cols);
+            let value = |delta: f32| {
+                let mut m = inner.clone();
+                let param = get_inner(&mut m);
+                let bump = Tensor::<B, 2>::zeros([rows, cols], &dev)
+                    .slice_assign([i..i + 1, j..j + 1], Tensor::full([1, 1], delta, &dev));
+                *param = Param::from_tensor(param.val() + bump);
+                logprob_sum(&m).into_scalar() as f64
+            };
+            let numeric = (value(eps) - value(-eps)) / (2.0 * eps as f64);
+            let analytic = g[flat] as f64;
+            let rel = (numeric - analytic).abs() / analytic.abs().max(1e-2);
+            assert!(rel < 2e-2, "{name}[{i},{j}]: autodiff {analytic:.5} vs finite difference {numeric:.5}");
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 18);
+}
