@@ -168,3 +168,18 @@ fn run_wgpu<T: BackendTask>(task: T, required: bool) -> Result<Result<T::Output,
         Ok(Err(task))
     }
 }
+
+/// Keeps freed tensor buffers in the process instead of handing them back to the kernel.
+///
+/// CPU backends allocate a fresh buffer per op. glibc serves large ones with `mmap` and unmaps
+/// them on free, so every step page-faults its whole working set back in: on the `tiny`
+/// training step that was 45% of the time (BENCHMARKS.md). Called once at start by the
+/// binaries and benches; a no-op elsewhere.
+pub fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator tunables; called before any worker thread starts.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_MAX, 0);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, -1); // -1: never trim
+    }
+}

@@ -42,26 +42,28 @@ impl<B: Backend> Attention<B> {
     }
 
     /// # Shapes
-    /// - `x`: `[B, W, C]`
-    /// - `key_masked`: `[B, Tk]`, true for keys that must not be attended (padding, cache holes);
-    ///   causality is applied on top, aligned bottom-right (query i sees keys ≤ Tk − W + i).
+    /// - `x`: `[B·W, C]` (flattened so every projection is one matrix product)
+    /// - `mask`: `[B, 1, W, Tk]`, true where query w must not attend key t; `None` with `causal`
+    ///   for a plain causal pass (right padding needs no mask: a real token never sees the
+    ///   padding after it). With `causal`, keys after the query are masked (aligned
+    ///   bottom-right: query w sees keys ≤ Tk − W + w).
     /// - `cache`: when given, the W new keys/values are written at `slot..slot + W` and the
-    ///   queries attend to slots `0..slot + W` (so Tk = slot + W).
-    /// - returns `[B, W, C]`
+    ///   queries attend to all S cache slots (Tk = S); the mask then carries causality.
+    /// - returns `[B·W, C]`
     pub fn forward(
         &self,
-        x: Tensor<B, 3>,
+        x: Tensor<B, 2>,
         rope: &Rope<B>,
-        key_masked: Tensor<B, 2, Bool>,
+        batch: usize,
+        mask: Option<Tensor<B, 4, Bool>>,
+        causal: bool,
         cache: Option<(&mut LayerKv<B>, usize)>,
-    ) -> Tensor<B, 3> {
-        let [b, w, _] = x.dims();
+    ) -> Tensor<B, 2> {
+        let (b, w) = (batch, x.dims()[0] / batch);
         let (h, kvh, d) = (self.n_heads, self.n_kv_heads, self.head_dim);
-        let q = self.q.forward(x.clone()).reshape([b, w, h, d]).swap_dims(1, 2);
-        let k = self.k.forward(x.clone()).reshape([b, w, kvh, d]).swap_dims(1, 2);
+        let q = rope.apply_q(self.q.forward(x.clone())).reshape([b, w, h, d]).swap_dims(1, 2);
+        let k = rope.apply_k(self.k.forward(x.clone())).reshape([b, w, kvh, d]).swap_dims(1, 2);
         let v = self.v.forward(x).reshape([b, w, kvh, d]).swap_dims(1, 2);
-        let q = rope.apply(q);
-        let k = rope.apply(k);
         let (k, v) = match cache {
             Some((kv, slot)) => kv.write(slot, k, v),
             None => (k, v),
@@ -74,13 +76,13 @@ impl<B: Backend> Attention<B> {
             let expand = |t: Tensor<B, 4>| t.unsqueeze_dim::<5>(2).expand([b, kvh, rep, tk, d]).reshape([b, h, tk, d]);
             (expand(k), expand(v))
         };
-        let mask = key_masked.reshape([b, 1, 1, tk]).expand([b, h, w, tk]);
+        let mask = mask.map(|m| m.expand([b, h, w, tk]));
         let options = AttentionModuleOptions {
             scale: None,
             softcap: None,
-            is_causal: true,
+            is_causal: causal,
         };
-        let y = attention(q, k, v, Some(mask), None, options);
-        self.o.forward(y.swap_dims(1, 2).reshape([b, w, h * d]))
+        let y = attention(q, k, v, mask, None, options);
+        self.o.forward(y.swap_dims(1, 2).reshape([b * w, h * d]))
     }
 }

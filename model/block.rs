@@ -23,8 +23,8 @@ pub struct Mlp<B: Backend> {
 
 impl<B: Backend> Mlp<B> {
     /// # Shapes
-    /// `[B, W, C]` → `[B, W, C]`
-    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+    /// `[N, C]` → `[N, C]`
+    pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
         let gate = silu(self.gate.forward(x.clone()));
         self.down.forward(gate * self.up.forward(x))
     }
@@ -58,15 +58,17 @@ impl<B: Backend> Block<B> {
     }
 
     /// # Shapes
-    /// `x`: `[B, W, C]`, `key_masked`: `[B, Tk]` → `[B, W, C]`
+    /// `x`: `[B·W, C]`, `mask`: `[B, 1, W, Tk]` → `[B·W, C]` (see [`Attention::forward`])
     pub fn forward(
         &self,
-        x: Tensor<B, 3>,
+        x: Tensor<B, 2>,
         rope: &Rope<B>,
-        key_masked: Tensor<B, 2, Bool>,
+        batch: usize,
+        mask: Option<Tensor<B, 4, Bool>>,
+        causal: bool,
         cache: Option<(&mut LayerKv<B>, usize)>,
-    ) -> Tensor<B, 3> {
-        let x = x.clone() + self.attn.forward(self.attn_norm.forward(x), rope, key_masked, cache);
+    ) -> Tensor<B, 2> {
+        let x = x.clone() + self.attn.forward(self.attn_norm.forward(x), rope, batch, mask, causal, cache);
         x.clone() + self.mlp.forward(self.mlp_norm.forward(x))
     }
 }

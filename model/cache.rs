@@ -13,27 +13,42 @@ use burn::prelude::*;
 use super::config::TransformerConfig;
 use crate::error::{Error, Result};
 
-/// Keys and values of one layer.
+/// Keys and values of one layer, each `[B, KVH, S, D]`.
+///
+/// The tensors sit in an `Option` so that a write can take them out and hand the backend the
+/// only reference: `slice_assign` then updates the buffer in place instead of copying the
+/// whole cache every token.
 #[derive(Debug, Clone)]
 pub struct LayerKv<B: Backend> {
-    /// `[B, KVH, S, D]`
-    pub k: Tensor<B, 4>,
-    /// `[B, KVH, S, D]`
-    pub v: Tensor<B, 4>,
+    k: Option<Tensor<B, 4>>,
+    v: Option<Tensor<B, 4>>,
 }
 
 impl<B: Backend> LayerKv<B> {
-    /// Stores `k`, `v` (`[B, KVH, W, D]`) at `slot..slot + W` and returns the keys and values
-    /// of slots `0..slot + W`.
+    fn new(k: Tensor<B, 4>, v: Tensor<B, 4>) -> Self {
+        Self { k: Some(k), v: Some(v) }
+    }
+
+    fn k(&self) -> &Tensor<B, 4> {
+        self.k.as_ref().expect("cache tensors are only taken inside write")
+    }
+
+    fn v(&self) -> &Tensor<B, 4> {
+        self.v.as_ref().expect("cache tensors are only taken inside write")
+    }
+
+    /// Stores `k`, `v` (`[B, KVH, W, D]`) at `slot..slot + W` and returns the whole cache
+    /// (`[B, KVH, S, D]`). Attention reads all S slots under a mask rather than a slice of
+    /// the filled ones: a slice along S is a strided view that the attention kernel would copy
+    /// to contiguous memory at every step, which costs more than attending to empty slots.
     pub fn write(&mut self, slot: usize, k: Tensor<B, 4>, v: Tensor<B, 4>) -> (Tensor<B, 4>, Tensor<B, 4>) {
         let [b, kvh, w, d] = k.dims();
         let end = slot + w;
-        self.k = self.k.clone().slice_assign([0..b, 0..kvh, slot..end, 0..d], k);
-        self.v = self.v.clone().slice_assign([0..b, 0..kvh, slot..end, 0..d], v);
-        (
-            self.k.clone().slice([0..b, 0..kvh, 0..end, 0..d]),
-            self.v.clone().slice([0..b, 0..kvh, 0..end, 0..d]),
-        )
+        let k_all = self.k.take().expect("present").slice_assign([0..b, 0..kvh, slot..end, 0..d], k);
+        let v_all = self.v.take().expect("present").slice_assign([0..b, 0..kvh, slot..end, 0..d], v);
+        self.k = Some(k_all.clone());
+        self.v = Some(v_all.clone());
+        (k_all, v_all)
     }
 }
 
@@ -56,12 +71,10 @@ impl<B: Backend> KvCache<B> {
     /// An empty cache for `rows` sequences of up to `capacity` slots.
     pub fn new(config: &TransformerConfig, rows: usize, capacity: usize, device: &B::Device) -> Self {
         let (kvh, d) = (config.n_kv_heads, config.head_dim());
-        let layer = LayerKv {
-            k: Tensor::zeros([rows, kvh, capacity, d], device),
-            v: Tensor::zeros([rows, kvh, capacity, d], device),
-        };
         Self {
-            layers: vec![layer; config.n_layers],
+            layers: (0..config.n_layers)
+                .map(|_| LayerKv::new(Tensor::zeros([rows, kvh, capacity, d], device), Tensor::zeros([rows, kvh, capacity, d], device)))
+                .collect(),
             valid: Tensor::<B, 2, Int>::zeros([rows, capacity], device).bool(),
             positions: Tensor::zeros([rows], device),
             lengths: vec![0; rows],
@@ -95,12 +108,13 @@ impl<B: Backend> KvCache<B> {
 
     /// Reserves `width` slots in which row `b` holds `counts[b]` real tokens (all of them when
     /// `counts` is `None`). Returns the first slot, the positions `[B, W]` of the new tokens and
-    /// the key mask `[B, slot + W]` (true = not attendable) the attention needs.
+    /// the attention mask `[B, 1, W, S]` (true = query w must not attend slot s): slots that
+    /// hold no real token, and slots after the query's own within the chunk.
     pub(crate) fn advance(
         &mut self,
         width: usize,
         counts: Option<&[usize]>,
-    ) -> Result<(usize, Tensor<B, 2, Int>, Tensor<B, 2, Bool>)> {
+    ) -> Result<(usize, Tensor<B, 2, Int>, Tensor<B, 4, Bool>)> {
         let rows = self.rows();
         if self.slots + width > self.capacity {
             return Err(Error::Budget(format!(
@@ -132,10 +146,17 @@ impl<B: Backend> KvCache<B> {
                 Tensor::from_data(TensorData::new(flags, [rows, width]), &device)
             }
         };
-        self.valid = self.valid.clone().slice_assign([0..rows, slot..slot + width], chunk_valid);
+        let valid = std::mem::replace(&mut self.valid, chunk_valid.clone());
+        self.valid = valid.slice_assign([0..rows, slot..slot + width], chunk_valid);
         self.slots += width;
-        let key_masked = self.valid.clone().slice([0..rows, 0..slot + width]).bool_not();
-        Ok((slot, positions, key_masked))
+        let cap = self.capacity;
+        let empty = self.valid.clone().bool_not().reshape([rows, 1, 1, cap]).expand([rows, 1, width, cap]);
+        let slot_ids = Tensor::<B, 1, Int>::arange(0..cap as i64, &device).reshape([1, cap]).expand([width, cap]);
+        let query_slots = Tensor::<B, 1, Int>::arange(slot as i64..(slot + width) as i64, &device)
+            .reshape([width, 1])
+            .expand([width, cap]);
+        let future = slot_ids.greater(query_slots).reshape([1, 1, width, cap]).expand([rows, 1, width, cap]);
+        Ok((slot, positions, empty.bool_or(future)))
     }
 
     /// A new cache holding copies of the given rows, in that order (a row may repeat). This is
@@ -148,10 +169,7 @@ impl<B: Backend> KvCache<B> {
             layers: self
                 .layers
                 .iter()
-                .map(|l| LayerKv {
-                    k: l.k.clone().select(0, idx.clone()),
-                    v: l.v.clone().select(0, idx.clone()),
-                })
+                .map(|l| LayerKv::new(l.k().clone().select(0, idx.clone()), l.v().clone().select(0, idx.clone())))
                 .collect(),
             valid: self.valid.clone().int().select(0, idx.clone()).bool(),
             positions: self.positions.clone().select(0, idx),

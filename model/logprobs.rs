@@ -11,27 +11,36 @@ use super::transformer::Transformer;
 pub struct TokenLogprobs<B: Backend> {
     /// `[B, T − 1]`: `logprobs[b, t] = log π(tokens[b, t + 1] | tokens[b, ..= t])`.
     pub logprobs: Tensor<B, 2>,
-    /// `[B, T − 1]`: entropy of π(· | tokens[b, ..= t]), detached (a metric, not a loss term).
-    pub entropy: Tensor<B, 2>,
+    /// `[B, T − 1]`: entropy of π(· | tokens[b, ..= t]), detached (a metric, not a loss term);
+    /// computed only when asked for, since it costs a `[B, T, V]` pass.
+    pub entropy: Option<Tensor<B, 2>>,
 }
 
 /// Scores `tokens` under `model`. Gradients flow into `logprobs` when `B` is an autodiff backend.
 ///
 /// # Shapes
 /// - `tokens`: `[B, T]` right-padded, T ≥ 2
-/// - `valid`: `[B, T]`, true for real tokens (`None` = no padding). Positions whose target is
-///   padding get meaningless values; the caller's loss mask must exclude them.
+/// - `mask`: `[B, T − 1]`, 1 where the target token `tokens[b, t + 1]` counts (the policy's own
+///   tokens), 0 elsewhere (prompt, environment replies, forced suffixes, padding); masked
+///   log-probs and entropies are returned as 0. `None` keeps every position.
 pub fn token_logprobs<B: Backend>(
     model: &Transformer<B>,
     tokens: Tensor<B, 2, Int>,
-    valid: Option<Tensor<B, 2, Bool>>,
+    mask: Option<Tensor<B, 2>>,
+    with_entropy: bool,
 ) -> TokenLogprobs<B> {
     let [b, t] = tokens.dims();
-    let logits = model.forward(tokens.clone(), valid).narrow(1, 0, t - 1);
+    let logits = model.forward(tokens.clone()).narrow(1, 0, t - 1);
     let logp = log_softmax(logits, 2);
     let targets = tokens.narrow(1, 1, t - 1).reshape([b, t - 1, 1]);
-    let logprobs = logp.clone().gather(2, targets).reshape([b, t - 1]);
-    let logp = logp.detach();
-    let entropy = -(logp.clone().exp() * logp).sum_dim(2).reshape([b, t - 1]);
+    let mut logprobs = logp.clone().gather(2, targets).reshape([b, t - 1]);
+    let mut entropy = with_entropy.then(|| {
+        let logp = logp.detach();
+        -(logp.clone().exp() * logp).sum_dim(2).reshape([b, t - 1])
+    });
+    if let Some(mask) = mask {
+        logprobs = logprobs * mask.clone();
+        entropy = entropy.map(|e| e * mask);
+    }
     TokenLogprobs { logprobs, entropy }
 }

@@ -2,51 +2,75 @@
 //! pretrained checkpoints load without permuting q/k weights. Burn's own `RotaryEncoding` rotates
 //! interleaved pairs instead, which is why this is written here.
 //!
-//! The angles are computed from explicit per-row positions rather than a fixed table slice: in a
-//! ragged batch every row sits at its own position, and a cache slot is not a position.
+//! `rope(x) = x ⊙ cos + rotate_half(x) ⊙ sin`, with `rotate_half(x) = [−x₂, x₁]` computed as a
+//! product with a fixed ±1 permutation matrix and the cos/sin tables laid out exactly like the
+//! projections' output. Every operation is then a dense, same-shape one: on CPU backends a
+//! broadcast or a half-width slice runs a strided slow path that cost more than the matmul.
+//!
+//! The angles come from explicit per-row positions: in a ragged batch every row sits at its own
+//! position, and a cache slot is not a position.
 
 use burn::prelude::*;
 
-/// cos / sin of the rotation angles for a set of positions.
+/// cos / sin tables for one forward call, shaped like the query and key projections.
 #[derive(Debug, Clone)]
 pub struct Rope<B: Backend> {
-    /// `[B', 1, W, D/2]` (B' is 1 when all rows share positions).
-    cos: Tensor<B, 4>,
-    /// `[B', 1, W, D/2]`
-    sin: Tensor<B, 4>,
+    /// `[B·W·H, D]`
+    cos_q: Tensor<B, 2>,
+    sin_q: Tensor<B, 2>,
+    /// `[B·W·KVH, D]` (the query tables when KVH = H)
+    cos_k: Tensor<B, 2>,
+    sin_k: Tensor<B, 2>,
+    /// `[D, D]`: `x @ rot = rotate_half(x)`
+    rot: Tensor<B, 2>,
 }
 
 impl<B: Backend> Rope<B> {
     /// # Shapes
-    /// - `positions`: `[B', W]` absolute token positions.
-    pub fn new(positions: Tensor<B, 2, Int>, head_dim: usize, theta: f64) -> Self {
+    /// - `positions`: `[B', W]` absolute positions; B' is 1 (shared by all `batch` rows) or `batch`.
+    pub fn new(positions: Tensor<B, 2, Int>, batch: usize, head_dim: usize, heads: usize, kv_heads: usize, theta: f64) -> Self {
         let [rows, width] = positions.dims();
-        let half = head_dim / 2;
+        let (d, half) = (head_dim, head_dim / 2);
         let device = positions.device();
         // inv_freq[i] = θ^(-2i/D), computed in f64 then rounded once to f32.
-        let inv: Vec<f32> = (0..half)
-            .map(|i| (1.0 / theta.powf(2.0 * i as f64 / head_dim as f64)) as f32)
-            .collect();
-        let inv = Tensor::<B, 1>::from_data(TensorData::new(inv, [half]), &device).reshape([1, 1, half]);
-        let angles = positions.float().reshape([rows, width, 1]).mul(inv);
-        let angles = angles.unsqueeze_dim::<4>(1);
-        Self {
-            cos: angles.clone().cos(),
-            sin: angles.sin(),
+        let inv: Vec<f32> = (0..half).map(|i| (1.0 / theta.powf(2.0 * i as f64 / d as f64)) as f32).collect();
+        let inv = Tensor::<B, 1>::from_data(TensorData::new(inv, [half]), &device).reshape([1, half]);
+        let angles = positions.float().reshape([rows * width, 1]).mul(inv); // [B'·W, D/2]
+        let angles = Tensor::cat(vec![angles.clone(), angles], 1).reshape([rows, width, 1, d]);
+        let table = |t: Tensor<B, 4>, h: usize| t.repeat(&[batch / rows, 1, h, 1]).reshape([batch * width * h, d]);
+        let (cos, sin) = (angles.clone().cos(), angles.sin());
+        let (cos_q, sin_q) = (table(cos.clone(), heads), table(sin.clone(), heads));
+        let (cos_k, sin_k) = if kv_heads == heads {
+            (cos_q.clone(), sin_q.clone())
+        } else {
+            (table(cos, kv_heads), table(sin, kv_heads))
+        };
+        let mut rot = vec![0.0f32; d * d];
+        for i in 0..half {
+            rot[(i + half) * d + i] = -1.0; // out[i] = −x[i + D/2]
+            rot[i * d + i + half] = 1.0; // out[i + D/2] = x[i]
         }
+        let rot = Tensor::from_data(TensorData::new(rot, [d, d]), &device);
+        Self { cos_q, sin_q, cos_k, sin_k, rot }
     }
 
-    /// Rotates `x` by the stored angles.
-    ///
     /// # Shapes
-    /// - `x`: `[B, H, W, D]` → `[B, H, W, D]`
-    pub fn apply(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        let [_, _, _, d] = x.dims();
-        let half = d / 2;
-        let x1 = x.clone().narrow(3, 0, half);
-        let x2 = x.narrow(3, half, half);
-        let first = x1.clone() * self.cos.clone() - x2.clone() * self.sin.clone();
-        let second = x2 * self.cos.clone() + x1 * self.sin.clone();
-        Tensor::cat(vec![first, second], 3)
+    /// `[B·W, H·D]` → `[B·W, H·D]`
+    pub fn apply_q(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        self.apply(x, &self.cos_q, &self.sin_q)
+    }
+
+    /// # Shapes
+    /// `[B·W, KVH·D]` → `[B·W, KVH·D]`
+    pub fn apply_k(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        self.apply(x, &self.cos_k, &self.sin_k)
+    }
+
+    fn apply(&self, x: Tensor<B, 2>, cos: &Tensor<B, 2>, sin: &Tensor<B, 2>) -> Tensor<B, 2> {
+        let [n, width] = x.dims();
+        let [rows, d] = cos.dims();
+        let x = x.reshape([rows, d]);
+        let rotated = x.clone().matmul(self.rot.clone());
+        (x * cos.clone() + rotated * sin.clone()).reshape([n, width])
     }
 }

@@ -55,34 +55,36 @@ impl<B: Backend> Transformer<B> {
 
     /// Full-sequence forward.
     ///
+    /// Rows of different lengths are right-padded: a row's real tokens come first, at positions
+    /// 0, 1, …, and under causal attention no real token attends to the padding after it, so
+    /// the logits at real positions do not depend on the padding.
+    ///
     /// # Shapes
     /// - `tokens`: `[B, T]`
-    /// - `valid`: `[B, T]`, true for real tokens; `None` = no padding. Rows are right-padded:
-    ///   a row's real tokens come first, at positions 0, 1, …
     /// - returns logits `[B, T, V]`
-    pub fn forward(&self, tokens: Tensor<B, 2, Int>, valid: Option<Tensor<B, 2, Bool>>) -> Tensor<B, 3> {
-        let h = self.forward_hidden(tokens, valid);
+    pub fn forward(&self, tokens: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        let h = self.forward_hidden(tokens);
         self.logits(h)
     }
 
     /// Full-sequence forward up to the final norm (before the output head).
     ///
     /// # Shapes
-    /// `tokens`, `valid`: `[B, T]` → `[B, T, C]`
-    pub fn forward_hidden(&self, tokens: Tensor<B, 2, Int>, valid: Option<Tensor<B, 2, Bool>>) -> Tensor<B, 3> {
+    /// `tokens`: `[B, T]` → `[B, T, C]`
+    pub fn forward_hidden(&self, tokens: Tensor<B, 2, Int>) -> Tensor<B, 3> {
         let [b, t] = tokens.dims();
-        let device = tokens.device();
-        let positions = Tensor::<B, 1, Int>::arange(0..t as i64, &device).reshape([1, t]);
-        let rope = Rope::new(positions, self.config.head_dim(), self.config.rope_theta);
-        let key_masked = match valid {
-            Some(valid) => valid.bool_not(),
-            None => Tensor::<B, 2, Int>::zeros([b, t], &device).bool(),
-        };
-        let mut x = self.embed.forward(tokens);
+        let positions = Tensor::<B, 1, Int>::arange(0..t as i64, &tokens.device()).reshape([1, t]);
+        let rope = self.rope(positions, b);
+        let mut x = self.embed.forward(tokens).reshape([b * t, self.config.d_model]);
         for block in &self.blocks {
-            x = block.forward(x, &rope, key_masked.clone(), None);
+            x = block.forward(x, &rope, b, None, true, None);
         }
-        self.norm.forward(x)
+        self.norm.forward(x).reshape([b, t, self.config.d_model])
+    }
+
+    fn rope(&self, positions: Tensor<B, 2, Int>, batch: usize) -> Rope<B> {
+        let c = &self.config;
+        Rope::new(positions, batch, c.head_dim(), c.n_heads, c.n_kv_heads, c.rope_theta)
     }
 
     /// Appends a chunk of tokens to `cache` and returns their logits.
@@ -101,13 +103,13 @@ impl<B: Backend> Transformer<B> {
         if b != cache.rows() {
             return Err(Error::Budget(format!("{b} token rows for a cache of {} rows", cache.rows())));
         }
-        let (slot, positions, key_masked) = cache.advance(w, counts)?;
-        let rope = Rope::new(positions, self.config.head_dim(), self.config.rope_theta);
-        let mut x = self.embed.forward(tokens);
+        let (slot, positions, mask) = cache.advance(w, counts)?;
+        let rope = self.rope(positions, b);
+        let mut x = self.embed.forward(tokens).reshape([b * w, self.config.d_model]);
         for (block, kv) in self.blocks.iter().zip(cache.layers.iter_mut()) {
-            x = block.forward(x, &rope, key_masked.clone(), Some((kv, slot)));
+            x = block.forward(x, &rope, b, Some(mask.clone()), false, Some((kv, slot)));
         }
-        Ok(self.logits(self.norm.forward(x)))
+        Ok(self.logits(self.norm.forward(x).reshape([b, w, self.config.d_model])))
     }
 
     /// Output head on normalised hidden states.
@@ -115,10 +117,13 @@ impl<B: Backend> Transformer<B> {
     /// # Shapes
     /// `[B, T, C]` → `[B, T, V]`
     pub fn logits(&self, h: Tensor<B, 3>) -> Tensor<B, 3> {
-        match &self.head {
+        let [b, t, c] = h.dims();
+        let h = h.reshape([b * t, c]);
+        let logits = match &self.head {
             Some(head) => head.forward(h),
             None => linear(h, self.embed.weight.val().transpose(), None),
-        }
+        };
+        logits.reshape([b, t, self.config.vocab_size])
     }
 
     /// An empty KV cache sized for this model.

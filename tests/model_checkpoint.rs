@@ -19,7 +19,7 @@ fn dir(name: &str) -> PathBuf {
 
 fn logits(m: &Transformer<B>) -> Vec<f32> {
     let tok = Tensor::<B, 2, Int>::from_data([[1i64, 2, 3, 4]], &m.device());
-    m.forward(tok, None).into_data().to_vec().unwrap()
+    m.forward(tok).into_data().to_vec().unwrap()
 }
 
 fn saved(name: &str) -> (PathBuf, Transformer<B>) {

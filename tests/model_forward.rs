@@ -23,20 +23,14 @@ fn config(n_kv_heads: usize, tie: bool) -> TransformerConfig {
     }
 }
 
-fn ids(rows: &[Vec<u32>], width: usize) -> (Tensor<B, 2, Int>, Tensor<B, 2, Bool>) {
-    let mut tok = Vec::new();
-    let mut val = Vec::new();
-    for r in rows {
-        for i in 0..width {
-            tok.push(*r.get(i).unwrap_or(&0) as i64);
-            val.push(i < r.len());
-        }
-    }
-    let dev = Default::default();
-    (
-        Tensor::from_data(TensorData::new(tok, [rows.len(), width]), &dev),
-        Tensor::from_data(TensorData::new(val, [rows.len(), width]), &dev),
-    )
+/// Right-padded `[rows, width]` ids; padding uses `pad`.
+fn padded(rows: &[Vec<u32>], width: usize, pad: u32) -> Tensor<B, 2, Int> {
+    let tok: Vec<i64> = rows.iter().flat_map(|r| (0..width).map(move |i| *r.get(i).unwrap_or(&pad) as i64)).collect();
+    Tensor::from_data(TensorData::new(tok, [rows.len(), width]), &Default::default())
+}
+
+fn ids(rows: &[Vec<u32>], width: usize) -> (Tensor<B, 2, Int>, ()) {
+    (padded(rows, width, 0), ())
 }
 
 fn max_abs_diff(a: Tensor<B, 2>, b: Tensor<B, 2>) -> f32 {
@@ -46,8 +40,7 @@ fn max_abs_diff(a: Tensor<B, 2>, b: Tensor<B, 2>) -> f32 {
 /// Full-forward logits at position `pos` of each row.
 fn full_logits_at(model: &Transformer<B>, rows: &[Vec<u32>], pos: &[usize]) -> Tensor<B, 2> {
     let width = rows.iter().map(|r| r.len()).max().unwrap();
-    let (tok, valid) = ids(rows, width);
-    let logits = model.forward(tok, Some(valid));
+    let logits = model.forward(padded(rows, width, 0));
     last_logits(logits, &pos.iter().map(|p| p + 1).collect::<Vec<_>>())
 }
 
@@ -95,6 +88,24 @@ fn check_cached_equals_full(cfg: &TransformerConfig) {
         assert!(d < 1e-4, "decode step {step} differs by {d}");
     }
     assert_eq!(cache.slots(), 5 + 2 + 3);
+}
+
+#[test]
+fn right_padding_does_not_change_the_logits_of_real_tokens() {
+    let model = Transformer::<B>::new(&config(2, false), 9, &Default::default()).unwrap();
+    let rows: Vec<Vec<u32>> = vec![vec![3, 1, 4, 1, 5, 9], vec![2, 7], vec![1, 8, 2, 8]];
+    let a = model.forward(padded(&rows, 6, 0));
+    let b = model.forward(padded(&rows, 6, 33));
+    for (r, row) in rows.iter().enumerate() {
+        let n = row.len();
+        let pa = a.clone().slice([r..r + 1, 0..n]).reshape([n, 37]);
+        let pb = b.clone().slice([r..r + 1, 0..n]).reshape([n, 37]);
+        assert_eq!(max_abs_diff(pa, pb), 0.0, "row {r}");
+    }
+    // The padded positions themselves do change, so the comparison above is not vacuous.
+    let pa = a.slice([1..2, 2..6]).reshape([4, 37]);
+    let pb = b.slice([1..2, 2..6]).reshape([4, 37]);
+    assert!(max_abs_diff(pa, pb) > 1e-3);
 }
 
 #[test]
@@ -152,10 +163,8 @@ fn cache_overflow_is_an_error_not_a_panic() {
 fn logprob_sum<Bk: Backend>(model: &Transformer<Bk>) -> Tensor<Bk, 1> {
     let dev = model.device();
     let tok = Tensor::<Bk, 2, Int>::from_data([[1i64, 4, 9, 16, 25], [3, 6, 12, 0, 0]], &dev);
-    let valid = Tensor::<Bk, 2, Bool>::from_data([[true, true, true, true, true], [true, true, true, false, false]], &dev);
     let loss_mask = Tensor::<Bk, 2>::from_data([[1.0f32, 1.0, 1.0, 1.0], [1.0, 1.0, 0.0, 0.0]], &dev);
-    let lp = token_logprobs(model, tok, Some(valid));
-    (lp.logprobs * loss_mask).sum()
+    token_logprobs(model, tok, Some(loss_mask), false).logprobs.sum()
 }
 
 /// Multiplies every matrix parameter by a constant.

@@ -51,7 +51,7 @@ fn temperature_zero_is_argmax_of_the_full_forward() {
         for &t in gen {
             let ids: Vec<i64> = seq.iter().map(|&x| x as i64).collect();
             let n = ids.len();
-            let logits = m.forward(Tensor::from_data(TensorData::new(ids, [1, n]), &dev), None);
+            let logits = m.forward(Tensor::from_data(TensorData::new(ids, [1, n]), &dev));
             let best = read_ids(logits.narrow(1, n - 1, 1).reshape([1, 64]).argmax(1))[0];
             assert_eq!(t, best);
             seq.push(t);
