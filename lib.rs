@@ -7,7 +7,9 @@
 //! Library code is generic over `B: Backend`; only `bin/`, tests and benches name a backend.
 
 pub mod backend;
+pub mod data;
 pub mod error;
+pub mod fsutil;
 pub mod model;
 
 pub use error::{Error, Result};

@@ -7,9 +7,7 @@
 //! by the lengths and checksums before anything is deserialised.
 
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use burn::module::Module;
 use burn::prelude::*;
@@ -19,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use super::config::TransformerConfig;
 use super::transformer::Transformer;
 use crate::error::{Error, Result};
+use crate::fsutil::write_atomic;
 
 const MAGIC: &[u8; 8] = b"MRTCKPT1";
 const FORMAT_VERSION: u32 = 1;
@@ -185,25 +184,4 @@ fn config_diff(expected: &TransformerConfig, found: &TransformerConfig) -> Strin
         .map(|(k, v)| format!("{k}: expected {v}, found {}", b.get(k).cloned().unwrap_or_default()))
         .collect::<Vec<_>>()
         .join("; ")
-}
-
-/// Writes `bytes` to a temporary sibling of `path`, syncs it, and renames it over `path`.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
-    static COUNTER: AtomicUsize = AtomicUsize::new(0);
-    let unique = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let tmp = dir.join(format!(".{name}.tmp-{}-{unique}", std::process::id()));
-    let result = (|| {
-        let mut f = fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        fs::rename(&tmp, path)
-    })();
-    if let Err(e) = result {
-        let _ = fs::remove_file(&tmp);
-        return Err(Error::io(path, e));
-    }
-    Ok(())
 }

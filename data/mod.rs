@@ -1,0 +1,14 @@
+//! Tokenizer, task families, verifiers, scripted solvers and batching. Knows no model.
+
+pub mod batch;
+pub mod countdown;
+pub mod search;
+pub mod split;
+pub mod task;
+pub mod trace;
+pub mod vocab;
+
+pub use split::Split;
+pub use task::{sample_problem, split_of, warm_start_trace, Problem, Task, TaskConfig, WarmStartMix};
+pub use trace::{Role, Tokenized, Trace};
+pub use vocab::{Specials, Vocab};
