@@ -11,5 +11,6 @@ pub mod data;
 pub mod error;
 pub mod fsutil;
 pub mod model;
+pub mod rl;
 
 pub use error::{Error, Result};

@@ -1,1 +1,182 @@
-fn main() {}
+//! `train`: warm start a small transformer on scripted traces of a task, then fine-tune it with
+//! MRT (or GRPO / STaR), and report whether it spends its test-time tokens well.
+//!
+//! With no arguments: the `search` task, the `cpu-tiny` model, MRT, on the best device found.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use burn::tensor::backend::AutodiffBackend;
+use clap::Parser;
+use mrt::backend::{dispatch, tune_allocator, BackendTask, DeviceChoice};
+use mrt::rl::config::{Algo, RunConfig};
+use mrt::rl::eval::EvalSummary;
+use mrt::rl::pipeline::{run_pipeline, Outcome, PipelineOptions};
+use mrt::rl::run::{RunDir, SavedConfig};
+
+/// Warm-start and RL-fine-tune a reasoning policy (MRT, GRPO, STaR) on a synthetic task.
+#[derive(Parser, Debug)]
+#[command(version, about, long_about = None)]
+struct Args {
+    /// Task family: search or countdown.
+    #[arg(long, default_value = "search")]
+    task: String,
+    /// RL objective: grpo, mrt, mrt-dense, star, mrt-star.
+    #[arg(long, default_value = "mrt")]
+    algo: String,
+    /// Model preset: cpu-tiny, tiny or small (the vocabulary always comes from the task).
+    #[arg(long, default_value = "cpu-tiny")]
+    preset: String,
+    /// auto (CUDA, else a wgpu GPU, else CPU), cpu, wgpu or cuda.
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// Seed of everything random in the run.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// JSON file whose fields override the defaults (any subset of a run's config.json).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Warm-start steps (override).
+    #[arg(long)]
+    warm_start_steps: Option<usize>,
+    /// RL steps (override).
+    #[arg(long)]
+    rl_steps: Option<usize>,
+    /// Multiply the default step counts by 4 (longer, better runs; meant for a GPU).
+    #[arg(long)]
+    long: bool,
+    /// Directory holding run directories.
+    #[arg(long, default_value = "runs")]
+    out: PathBuf,
+    /// Run directory name (default: {task}-{algo}-s{seed}).
+    #[arg(long)]
+    name: Option<String>,
+    /// Replace an existing run directory of the same name.
+    #[arg(long)]
+    force: bool,
+    /// Continue the run in this directory from its last checkpoint.
+    #[arg(long, value_name = "RUN_DIR")]
+    resume: Option<PathBuf>,
+    /// Skip the warm start: begin RL from this checkpoint (e.g. RUN/checkpoints/warm_start.ckpt).
+    #[arg(long, value_name = "CKPT")]
+    init: Option<PathBuf>,
+    /// No progress bars.
+    #[arg(long)]
+    quiet: bool,
+}
+
+struct Job(PipelineOptions);
+
+impl BackendTask for Job {
+    type Output = mrt::Result<Outcome>;
+    fn run<B: AutodiffBackend>(self, device: B::Device, label: String) -> Self::Output {
+        eprintln!("device: {label}");
+        run_pipeline::<B>(&self.0, &device)
+    }
+}
+
+/// Overlays the fields of `patch` onto `base` (objects merge key by key, values replace).
+fn merge(base: &mut serde_json::Value, patch: serde_json::Value) {
+    match (base, patch) {
+        (serde_json::Value::Object(b), serde_json::Value::Object(p)) => {
+            for (k, v) in p {
+                match b.get_mut(&k) {
+                    Some(slot) => merge(slot, v),
+                    None => {
+                        b.insert(k, v);
+                    }
+                }
+            }
+        }
+        (slot, v) => *slot = v,
+    }
+}
+
+fn build_config(args: &Args) -> Result<RunConfig> {
+    let algo = Algo::parse(&args.algo)?;
+    let mut config = RunConfig::default_for(&args.task, &args.preset, algo, args.seed, !args.long)?;
+    if let Some(path) = &args.config {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading --config {}", path.display()))?;
+        let patch: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{}: malformed JSON", path.display()))?;
+        // A run's config.json nests the config under "config".
+        let patch = match patch.get("config") {
+            Some(inner) if patch.get("git_commit").is_some() => inner.clone(),
+            _ => patch,
+        };
+        let mut value = serde_json::to_value(&config)?;
+        merge(&mut value, patch);
+        config = serde_json::from_value(value).with_context(|| format!("{}: not a valid run config", path.display()))?;
+    }
+    if let Some(n) = args.warm_start_steps {
+        config.warm_start.steps = n;
+    }
+    if let Some(n) = args.rl_steps {
+        config.rl.steps = n;
+    }
+    config.validate()?;
+    Ok(config)
+}
+
+fn print_summary(outcome: &Outcome) {
+    let (Some(base), Some(ft)) = (&outcome.base, &outcome.fine_tuned) else {
+        return;
+    };
+    let row = |name: &str, f: &dyn Fn(&EvalSummary) -> f64| println!("{name:<28} {:>10.3} {:>12.3}", f(base), f(ft));
+    println!();
+    println!("{:<28} {:>10} {:>12}", "held-out", "warm start", "fine-tuned");
+    row("pass@1", &|s| s.pass1);
+    row("mean tokens to solve", &|s| s.tokens_to_solve);
+    row("mean episodes to solve", &|s| s.episodes_to_solve);
+    row("mean tokens per rollout", &|s| s.mean_tokens);
+    row("normalised regret (J*=1)", &|s| s.regret);
+    if base.regret_vs_optimal.is_some() {
+        row("regret vs Bayes-optimal", &|s| s.regret_vs_optimal.unwrap_or(f64::NAN));
+    }
+    row("forced answers well-formed", &|s| s.forced_well_formed);
+    println!();
+    println!("run directory: {}", outcome.run_dir.display());
+}
+
+fn run(args: Args) -> Result<()> {
+    let choice: DeviceChoice = args.device.parse()?;
+    let options = match &args.resume {
+        Some(dir) => {
+            let saved: SavedConfig = mrt::fsutil::read_json(&RunDir::new(dir).config_path())
+                .with_context(|| format!("--resume {}: not a run directory", dir.display()))?;
+            PipelineOptions { config: saved.config, run_dir: dir.clone(), resume: true, init: None, quiet: args.quiet, interrupt_after: None }
+        }
+        None => {
+            let config = build_config(&args)?;
+            let name = args.name.clone().unwrap_or_else(|| format!("{}-{}-s{}", args.task, args.algo, args.seed));
+            let dir = args.out.join(name);
+            if dir.exists() {
+                if !args.force {
+                    bail!("{} already exists: pass --resume {} to continue it, or --force to replace it", dir.display(), dir.display());
+                }
+                std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+            }
+            if let Some(init) = &args.init {
+                if !init.exists() {
+                    bail!("--init {}: file not found", init.display());
+                }
+            }
+            eprintln!("config: {}", serde_json::to_string(&config)?);
+            PipelineOptions { config, run_dir: dir, resume: false, init: args.init.clone(), quiet: args.quiet, interrupt_after: None }
+        }
+    };
+    let outcome = dispatch(choice, Job(options))??;
+    print_summary(&outcome);
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    tune_allocator();
+    match run(Args::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -281,6 +281,10 @@ impl Task for Countdown {
         None
     }
 
+    fn single_token_answer(&self) -> bool {
+        false
+    }
+
     fn strategies(&self) -> &'static [&'static str] {
         &["pruned", "random"]
     }

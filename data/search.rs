@@ -264,6 +264,15 @@ impl Task for Search {
         Some(self.problem(p).hidden.to_string())
     }
 
+    fn optimal_curve(&self, p: &Problem, max_episodes: usize) -> Option<Vec<f64>> {
+        let p = self.problem(p);
+        Some(bayes_optimal_curve(Interval { lo: p.lo, hi: p.hi }, max_episodes))
+    }
+
+    fn single_token_answer(&self) -> bool {
+        true
+    }
+
     fn strategies(&self) -> &'static [&'static str] {
         &["bisect", "random", "scan", "blind"]
     }

@@ -48,6 +48,13 @@ pub trait Task: Send + Sync {
     /// The single-token answer when the answer is one token from a known set, which lets the
     /// meta-prover read J exactly from the softmax.
     fn exact_answer(&self, problem: &Problem) -> Option<String>;
+    /// Whether every problem's answer is a single token (so `exact_answer` is always `Some`).
+    fn single_token_answer(&self) -> bool;
+    /// Anytime accuracy of the Bayes-optimal policy on this problem (entry j: probability that
+    /// the forced answer after j episodes is correct), when it is computable.
+    fn optimal_curve(&self, _problem: &Problem, _max_episodes: usize) -> Option<Vec<f64>> {
+        None
+    }
     /// Names of the scripted strategies, from good to wasteful.
     fn strategies(&self) -> &'static [&'static str];
     /// A scripted trace with `strategy`; with `cut_after = Some(j)` (j below the strategy's

@@ -179,6 +179,57 @@ impl<B: Backend> KvCache<B> {
         }
     }
 
+    /// Makes room for at least `extra` more slots, reallocating (doubling) when needed.
+    pub fn ensure_capacity(&mut self, extra: usize) {
+        if self.remaining() >= extra {
+            return;
+        }
+        let capacity = (self.capacity * 2).max(self.slots + extra);
+        self.grow_to(capacity);
+    }
+
+    fn grow_to(&mut self, capacity: usize) {
+        if capacity <= self.capacity {
+            return;
+        }
+        let rows = self.rows();
+        let device = self.valid.device();
+        let old = self.capacity;
+        for layer in &mut self.layers {
+            let [_, kvh, _, d] = layer.k().dims();
+            let widen = |t: Tensor<B, 4>| Tensor::zeros([rows, kvh, capacity, d], &device).slice_assign([0..rows, 0..kvh, 0..old, 0..d], t);
+            *layer = LayerKv::new(widen(layer.k().clone()), widen(layer.v().clone()));
+        }
+        let valid = Tensor::<B, 2, Int>::zeros([rows, capacity], &device).slice_assign([0..rows, 0..old], self.valid.clone().int());
+        self.valid = valid.bool();
+        self.capacity = capacity;
+    }
+
+    /// Stacks caches row-wise (e.g. snapshots taken at different steps). Slots a cache never
+    /// used are invalid in it, so the result simply uses the largest slot count.
+    pub fn cat(mut caches: Vec<Self>) -> Self {
+        let capacity = caches.iter().map(|c| c.capacity).max().expect("at least one cache");
+        for c in &mut caches {
+            c.grow_to(capacity);
+        }
+        let n_layers = caches[0].layers.len();
+        let layers = (0..n_layers)
+            .map(|l| {
+                let k = caches.iter().map(|c| c.layers[l].k().clone()).collect();
+                let v = caches.iter().map(|c| c.layers[l].v().clone()).collect();
+                LayerKv::new(Tensor::cat(k, 0), Tensor::cat(v, 0))
+            })
+            .collect();
+        Self {
+            layers,
+            valid: Tensor::cat(caches.iter().map(|c| c.valid.clone()).collect(), 0),
+            positions: Tensor::cat(caches.iter().map(|c| c.positions.clone()).collect(), 0),
+            lengths: caches.iter().flat_map(|c| c.lengths.iter().copied()).collect(),
+            slots: caches.iter().map(|c| c.slots).max().unwrap_or(0),
+            capacity,
+        }
+    }
+
     /// Every row repeated `g` times in place (row r becomes rows r·g … r·g + g − 1): a GRPO
     /// group prefills its prompt once and replicates it.
     pub fn replicate(&self, g: usize) -> Self {

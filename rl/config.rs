@@ -1,0 +1,279 @@
+//! Run configuration: one struct per stage, nested in [`RunConfig`], printed at start and saved
+//! as `config.json`. Every field has a documented default; `validate` names any bad field.
+
+use serde::{Deserialize, Serialize};
+
+use super::optim::OptimConfig;
+use super::prover::{ProverConfig, ProverMode};
+use super::rollout::RolloutConfig;
+use crate::data::TaskConfig;
+use crate::error::{Error, Result};
+use crate::model::{SamplerConfig, TransformerConfig};
+
+/// Which objective forms the advantages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Algo {
+    /// Outcome reward, group-normalised (α = 0).
+    Grpo,
+    /// The paper's recipe: prefixes, terminate/continue continuations, termination baseline.
+    Mrt,
+    /// Dense per-episode progress bonus α · r_prg on top of the GRPO advantage.
+    MrtDense,
+    /// Fine-tune on correct streams.
+    Star,
+    /// Fine-tune on correct streams with the most progress per episode.
+    MrtStar,
+}
+
+pub const ALGOS: [&str; 5] = ["grpo", "mrt", "mrt-dense", "star", "mrt-star"];
+
+impl Algo {
+    pub fn parse(name: &str) -> Result<Self> {
+        match name {
+            "grpo" => Ok(Self::Grpo),
+            "mrt" => Ok(Self::Mrt),
+            "mrt-dense" => Ok(Self::MrtDense),
+            "star" => Ok(Self::Star),
+            "mrt-star" => Ok(Self::MrtStar),
+            other => Err(Error::Unknown {
+                kind: "algorithm",
+                name: other.into(),
+                expected: ALGOS.join(", "),
+            }),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Grpo => "grpo",
+            Self::Mrt => "mrt",
+            Self::MrtDense => "mrt-dense",
+            Self::Star => "star",
+            Self::MrtStar => "mrt-star",
+        }
+    }
+
+    /// Whether the objective needs J estimates during training.
+    pub fn needs_prover(self) -> bool {
+        matches!(self, Self::Mrt | Self::MrtDense | Self::MrtStar)
+    }
+}
+
+/// Supervised warm start on scripted traces.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WarmStartConfig {
+    pub steps: usize,
+    /// Traces per step (drawn fresh from training problems every step).
+    pub batch_size: usize,
+    pub optim: OptimConfig,
+    /// Held-out evaluation every this many steps (0: only at the end).
+    pub eval_every: usize,
+    /// Checkpoint every this many steps (0: only at the end).
+    pub checkpoint_every: usize,
+}
+
+/// RL fine-tuning.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RlConfig {
+    pub algo: Algo,
+    pub steps: usize,
+    /// Problems per step.
+    pub problems_per_step: usize,
+    /// Rollouts per problem (G); for `mrt`, continuations per prefix (m).
+    pub group_size: usize,
+    pub optim: OptimConfig,
+    /// Optimizer passes over each batch (> 1 makes the clipped ratio matter).
+    pub ppo_epochs: usize,
+    /// PPO clip ε.
+    pub clip_eps: f64,
+    /// KL penalty β to the frozen start policy (0: off, no reference model kept).
+    pub kl_beta: f64,
+    /// Divide advantages by the group's reward std.
+    pub scale_by_std: bool,
+    /// Progress weight α (`mrt-dense`: bonus scale; `mrt`: weight of the termination baseline).
+    pub alpha: f64,
+    /// `mrt`: fraction of the m continuations forced to answer at once.
+    pub terminate_fraction: f64,
+    /// `mrt`: prefix lengths are drawn uniformly from `0..=max_prefix_episodes` episodes.
+    pub max_prefix_episodes: usize,
+    /// `mrt-star`: fraction of a group's correct streams kept (most progress per episode first).
+    pub star_keep: f64,
+    pub rollout: RolloutConfig,
+    pub prover: ProverConfig,
+    pub eval_every: usize,
+    pub checkpoint_every: usize,
+}
+
+/// Held-out evaluation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvalConfig {
+    /// Distinct held-out problems (a fixed set: same for every run of a task config).
+    pub problems: usize,
+    /// Samples per problem.
+    pub samples: usize,
+    pub temperature: f64,
+    /// Episode budget of evaluation rollouts (≥ the training budget; past it via budget forcing).
+    pub max_episodes: usize,
+    pub max_tokens: usize,
+    pub prover: ProverConfig,
+}
+
+/// Everything that defines a run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    pub seed: u64,
+    pub task: TaskConfig,
+    /// Model preset name (informational; `model` holds the shapes).
+    pub preset: String,
+    pub model: TransformerConfig,
+    pub warm_start: WarmStartConfig,
+    pub rl: RlConfig,
+    pub eval: EvalConfig,
+}
+
+impl RunConfig {
+    /// The default pipeline for a task, preset and algorithm. `small_cpu` picks step counts
+    /// that finish the whole default run in minutes on a 2-core CPU.
+    pub fn default_for(task: &str, preset: &str, algo: Algo, seed: u64, small_cpu: bool) -> Result<Self> {
+        let task = TaskConfig::by_name(task)?;
+        let mut model = TransformerConfig::preset(preset)?;
+        let countdown = matches!(task, TaskConfig::Countdown(_));
+        let t = task.build()?;
+        let max_episodes = t.max_episodes();
+        let (max_tokens, answer_tokens) = if countdown { (16 * max_episodes + 24, 24) } else { (4 * max_episodes + 8, 4) };
+        let prover = ProverConfig {
+            mode: if t.single_token_answer() { ProverMode::Exact } else { ProverMode::Sample },
+            samples: 8,
+            temperature: 1.0,
+            max_answer_tokens: answer_tokens,
+        };
+        // The tokenizer fixes the vocabulary; the preset fixes every other shape.
+        model.vocab_size = crate::data::vocab::SPECIAL_TOKENS.len() + t.words().len();
+        let scale = if small_cpu { 1 } else { 4 };
+        Ok(Self {
+            seed,
+            preset: preset.to_string(),
+            model,
+            warm_start: WarmStartConfig {
+                steps: if countdown { 600 } else { 400 } * scale,
+                batch_size: 32,
+                optim: OptimConfig {
+                    lr: 3e-3,
+                    warmup_steps: 30,
+                    min_lr_ratio: 0.1,
+                    weight_decay: 0.01,
+                    grad_clip: 1.0,
+                },
+                eval_every: 100 * scale,
+                checkpoint_every: 100 * scale,
+            },
+            rl: RlConfig {
+                algo,
+                steps: 60 * scale,
+                problems_per_step: 8,
+                group_size: 8,
+                optim: OptimConfig {
+                    lr: 3e-4,
+                    warmup_steps: 5,
+                    min_lr_ratio: 1.0,
+                    weight_decay: 0.0,
+                    grad_clip: 1.0,
+                },
+                ppo_epochs: 1,
+                clip_eps: 0.2,
+                kl_beta: 0.0,
+                scale_by_std: true,
+                alpha: 1.0,
+                terminate_fraction: 0.5,
+                max_prefix_episodes: max_episodes.saturating_sub(1),
+                star_keep: 0.5,
+                rollout: RolloutConfig {
+                    max_episodes,
+                    max_tokens,
+                    max_answer_tokens: answer_tokens,
+                    sampler: SamplerConfig::default(),
+                    budget_forcing: false,
+                },
+                prover: prover.clone(),
+                eval_every: 20 * scale,
+                checkpoint_every: 20 * scale,
+            },
+            eval: EvalConfig {
+                problems: 96,
+                samples: 2,
+                temperature: 1.0,
+                max_episodes,
+                max_tokens,
+                prover,
+            },
+            task,
+        })
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        self.model.validate()?;
+        let task = self.task.build()?;
+        self.warm_start.optim.validate("warm_start.optim")?;
+        self.rl.optim.validate("rl.optim")?;
+        self.rl.rollout.sampler.validate()?;
+        self.rl.prover.validate(task.as_ref())?;
+        self.eval.prover.validate(task.as_ref())?;
+        let positive = [
+            ("warm_start.batch_size", self.warm_start.batch_size),
+            ("rl.problems_per_step", self.rl.problems_per_step),
+            ("rl.group_size", self.rl.group_size),
+            ("rl.ppo_epochs", self.rl.ppo_epochs),
+            ("rl.rollout.max_episodes", self.rl.rollout.max_episodes),
+            ("rl.rollout.max_tokens", self.rl.rollout.max_tokens),
+            ("rl.rollout.max_answer_tokens", self.rl.rollout.max_answer_tokens),
+            ("eval.problems", self.eval.problems),
+            ("eval.samples", self.eval.samples),
+            ("eval.max_episodes", self.eval.max_episodes),
+            ("eval.max_tokens", self.eval.max_tokens),
+        ];
+        for (field, v) in positive {
+            if v == 0 {
+                return Err(Error::config(field, v, "must be positive"));
+            }
+        }
+        let unit = [
+            ("rl.terminate_fraction", self.rl.terminate_fraction),
+            ("rl.star_keep", self.rl.star_keep),
+        ];
+        for (field, v) in unit {
+            if !(0.0..=1.0).contains(&v) {
+                return Err(Error::config(field, v, "must be in [0, 1]"));
+            }
+        }
+        if !(self.rl.clip_eps > 0.0 && self.rl.clip_eps < 1.0) {
+            return Err(Error::config("rl.clip_eps", self.rl.clip_eps, "must be in (0, 1)"));
+        }
+        if !(self.rl.kl_beta >= 0.0 && self.rl.alpha.is_finite() && self.rl.alpha >= 0.0) {
+            return Err(Error::config("rl.kl_beta / rl.alpha", self.rl.alpha, "must be ≥ 0"));
+        }
+        if self.rl.algo == Algo::Mrt && self.rl.group_size < 2 {
+            return Err(Error::config("rl.group_size", self.rl.group_size, "mrt needs at least 2 continuations per prefix"));
+        }
+        if self.rl.max_prefix_episodes >= self.rl.rollout.max_episodes {
+            return Err(Error::config(
+                "rl.max_prefix_episodes",
+                self.rl.max_prefix_episodes,
+                format!("must be below rl.rollout.max_episodes = {}", self.rl.rollout.max_episodes),
+            ));
+        }
+        let vocab_needed = crate::data::vocab::SPECIAL_TOKENS.len() + task.words().len();
+        if self.model.vocab_size < vocab_needed {
+            return Err(Error::config(
+                "model.vocab_size",
+                self.model.vocab_size,
+                format!("the task's tokenizer needs {vocab_needed} ids"),
+            ));
+        }
+        Ok(())
+    }
+}

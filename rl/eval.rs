@@ -1,0 +1,155 @@
+//! Held-out evaluation: pass@1, anytime accuracy after each episode, cumulative regret, and the
+//! token cost of solving.
+//!
+//! Anytime accuracy at budget b (MRT.md's J_r(μ(·|x, z_{0:b}))): for a rollout that finished
+//! on its own within b episodes, its outcome; otherwise the meta-prover's J after b episodes.
+//! Normalised regret over B episodes: `(1/B) Σ_{b=1..B} (J* − A_b)` with J* ≡ 1, and against
+//! the Bayes-optimal curve where the task can compute it.
+
+use std::collections::HashSet;
+
+use burn::prelude::*;
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use serde::{Deserialize, Serialize};
+
+use super::config::EvalConfig;
+use super::rollout::{Engine, Finish, Rollout, RolloutConfig};
+use crate::data::split::fnv1a;
+use crate::data::{sample_problem, Problem, Split, Task, Vocab};
+use crate::error::Result;
+use crate::model::{SamplerConfig, Transformer};
+
+/// The fixed held-out problem set of a task configuration: `n` distinct held-out problems drawn
+/// with a seed derived from the task name only, so every run of a task sees the same set.
+pub fn eval_problems(task: &dyn Task, n: usize) -> Vec<Problem> {
+    let mut rng = StdRng::seed_from_u64(fnv1a(format!("eval:{}", task.name()).as_bytes()));
+    let mut seen = HashSet::new();
+    let mut out = Vec::with_capacity(n);
+    let mut misses = 0;
+    while out.len() < n && misses < 20 * n + 1000 {
+        let p = sample_problem(task, Split::HeldOut, &mut rng);
+        if seen.insert(task.key(&p)) {
+            out.push(p);
+        } else {
+            misses += 1;
+        }
+    }
+    out
+}
+
+/// Anytime accuracy of one rollout at a budget of `b` episodes: its outcome once it has ended
+/// (on its own or forced) within b episodes, else the meta-prover's J after b episodes.
+pub fn anytime(r: &Rollout, b: usize) -> f32 {
+    if b >= r.episodes.len() || r.j.len() <= b {
+        r.reward
+    } else {
+        r.j[b]
+    }
+}
+
+/// Aggregates of one evaluation.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EvalSummary {
+    pub problems: usize,
+    pub rollouts: usize,
+    /// Mean outcome reward within the episode budget.
+    pub pass1: f64,
+    /// Fraction of rollouts that answered on their own (not forced).
+    pub answered: f64,
+    pub mean_episodes: f64,
+    /// Mean policy tokens per rollout.
+    pub mean_tokens: f64,
+    /// Mean policy tokens of the solved rollouts.
+    pub tokens_to_solve: f64,
+    /// Mean episodes of the solved rollouts.
+    pub episodes_to_solve: f64,
+    /// Mean anytime accuracy after 0 … B episodes.
+    pub anytime: Vec<f64>,
+    /// Bayes-optimal anytime accuracy on the same problems, when computable.
+    pub optimal: Option<Vec<f64>>,
+    /// Normalised cumulative regret against J* = 1 over B episodes.
+    pub regret: f64,
+    /// Normalised cumulative regret against the Bayes-optimal curve.
+    pub regret_vs_optimal: Option<f64>,
+    /// Mean well-formedness of forced answers over all episode boundaries.
+    pub forced_well_formed: f64,
+}
+
+fn mean(x: impl Iterator<Item = f64>) -> f64 {
+    let (s, n) = x.fold((0.0, 0usize), |(s, n), v| (s + v, n + 1));
+    if n == 0 {
+        f64::NAN
+    } else {
+        s / n as f64
+    }
+}
+
+/// Summarises rollouts of `problems` at an episode budget `budget`.
+pub fn summarize(task: &dyn Task, problems: &[Problem], rollouts: &[Rollout], budget: usize) -> EvalSummary {
+    let solved: Vec<&Rollout> = rollouts.iter().filter(|r| r.reward > 0.0).collect();
+    let anytime_curve: Vec<f64> = (0..=budget).map(|b| mean(rollouts.iter().map(|r| anytime(r, b) as f64))).collect();
+    let optimal: Option<Vec<f64>> = problems
+        .iter()
+        .map(|p| task.optimal_curve(p, budget))
+        .collect::<Option<Vec<_>>>()
+        .map(|curves| (0..=budget).map(|b| mean(curves.iter().map(|c| c[b]))).collect());
+    let regret = mean(anytime_curve[1..].iter().map(|a| 1.0 - a));
+    let regret_vs_optimal = optimal.as_ref().map(|o| mean(o[1..].iter().zip(&anytime_curve[1..]).map(|(o, a)| o - a)));
+    EvalSummary {
+        problems: problems.len(),
+        rollouts: rollouts.len(),
+        pass1: mean(rollouts.iter().map(|r| r.reward as f64)),
+        answered: mean(rollouts.iter().map(|r| (r.finish == Finish::Answered) as u8 as f64)),
+        mean_episodes: mean(rollouts.iter().map(|r| r.episodes.len() as f64)),
+        mean_tokens: mean(rollouts.iter().map(|r| r.policy_tokens() as f64)),
+        tokens_to_solve: mean(solved.iter().map(|r| r.policy_tokens() as f64)),
+        episodes_to_solve: mean(solved.iter().map(|r| r.episodes.len() as f64)),
+        anytime: anytime_curve,
+        optimal,
+        regret,
+        regret_vs_optimal,
+        forced_well_formed: mean(rollouts.iter().flat_map(|r| r.j_well_formed.iter().map(|&w| w as f64)).filter(|w| !w.is_nan())),
+    }
+}
+
+/// Samples `config.samples` rollouts per held-out problem with J estimates at every boundary.
+pub fn evaluate<B: Backend>(
+    model: &Transformer<B>,
+    task: &dyn Task,
+    vocab: &Vocab,
+    problems: &[Problem],
+    config: &EvalConfig,
+    budget_forcing: bool,
+    seed: u64,
+) -> Result<(EvalSummary, Vec<Rollout>)> {
+    let rollout = RolloutConfig {
+        max_episodes: config.max_episodes,
+        max_tokens: config.max_tokens,
+        max_answer_tokens: config.prover.max_answer_tokens,
+        sampler: SamplerConfig {
+            temperature: config.temperature,
+            ..SamplerConfig::default()
+        },
+        budget_forcing,
+    };
+    let engine = Engine {
+        model,
+        task,
+        vocab,
+        config: &rollout,
+        prover: Some(&config.prover),
+    };
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut rollouts = Vec::new();
+    // Bounded batches keep the KV cache small on the CPU.
+    for chunk in problems.chunks(32) {
+        let offset = rollouts.len() / config.samples;
+        let mut part = engine.rollouts(chunk, config.samples, &mut rng)?;
+        for r in &mut part {
+            r.problem += offset;
+        }
+        rollouts.extend(part);
+    }
+    Ok((summarize(task, problems, &rollouts, config.max_episodes), rollouts))
+}

@@ -1,0 +1,161 @@
+//! The main job: warm start on scripted traces, then RL fine-tuning, with evaluation,
+//! checkpoints and resume. `bin/train.rs` only parses arguments and picks the backend.
+
+use std::path::PathBuf;
+
+use burn::module::AutodiffModule;
+use burn::tensor::backend::AutodiffBackend;
+use serde::Serialize;
+
+use super::config::RunConfig;
+use super::eval::{eval_problems, EvalSummary};
+use super::metrics::{read_metrics, MetricsWriter};
+use super::optim::{adamw, require_grad};
+use super::run::{load_state, Progress, RunDir, Stage};
+use super::sft::warm_start;
+use super::stage::Ctx;
+use super::train::train_rl;
+use crate::data::Vocab;
+use crate::error::{Error, Result};
+use crate::fsutil::write_json;
+use crate::model::checkpoint;
+use crate::model::Transformer;
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct PipelineOptions {
+    pub config: RunConfig,
+    pub run_dir: PathBuf,
+    /// Continue the run in `run_dir` from its last checkpoint.
+    pub resume: bool,
+    /// Start RL from this checkpoint instead of warm-starting (e.g. a shared warm start).
+    pub init: Option<PathBuf>,
+    pub quiet: bool,
+    /// Stop after this many steps of the current stage (simulated kill, for tests).
+    pub interrupt_after: Option<usize>,
+}
+
+/// What a finished (or interrupted) run reports.
+#[derive(Debug, Clone, Serialize)]
+pub struct Outcome {
+    pub run_dir: PathBuf,
+    pub completed: bool,
+    pub base: Option<EvalSummary>,
+    pub fine_tuned: Option<EvalSummary>,
+}
+
+/// Runs (or resumes) the pipeline on backend `B`.
+pub fn run_pipeline<B: AutodiffBackend>(opts: &PipelineOptions, device: &B::Device) -> Result<Outcome> {
+    let run = RunDir::new(&opts.run_dir);
+    let (config, vocab) = if opts.resume {
+        run.open()?
+    } else {
+        opts.config.validate()?;
+        let task = opts.config.task.build()?;
+        let vocab = Vocab::build(&task.words())?;
+        run.init(&opts.config, &vocab)?;
+        (opts.config.clone(), vocab)
+    };
+    let task = config.task.build()?;
+    let latest = run.checkpoint("latest");
+    let optim_for = |stage: Stage| match stage {
+        Stage::WarmStart => adamw::<B>(&config.warm_start.optim),
+        Stage::Rl => adamw::<B>(&config.rl.optim),
+    };
+
+    // Where to start: a checkpoint of this run, a given init checkpoint, or a fresh model.
+    let (mut model, mut optim, progress) = if opts.resume && latest.exists() {
+        let stage = saved_stage(&latest)?;
+        load_state::<B>(&latest, &config, optim_for(stage), device)?
+    } else if opts.resume && run.checkpoint("warm_start").exists() {
+        let ck = checkpoint::load(&run.checkpoint("warm_start"), Some(&config.model))?;
+        (require_grad(ck.model::<B>(device)?), optim_for(Stage::Rl), Progress { stage: Stage::Rl, step: 0 })
+    } else if let Some(init) = &opts.init {
+        let ck = checkpoint::load(init, Some(&config.model))?;
+        (require_grad(ck.model::<B>(device)?), optim_for(Stage::Rl), Progress { stage: Stage::Rl, step: 0 })
+    } else {
+        let model = Transformer::<B>::new(&config.model, config.seed, device)?;
+        (model, optim_for(Stage::WarmStart), Progress { stage: Stage::WarmStart, step: 0 })
+    };
+    truncate_metrics(&run, progress)?;
+    let mut ctx = Ctx {
+        config: &config,
+        task: task.as_ref(),
+        vocab: &vocab,
+        run: &run,
+        metrics: MetricsWriter::open(&run.metrics_path())?,
+        eval_problems: eval_problems(task.as_ref(), config.eval.problems),
+        quiet: opts.quiet,
+        interrupt_after: opts.interrupt_after,
+    };
+    let incomplete = |ctx: &Ctx| Outcome { run_dir: ctx.run.root.clone(), completed: false, base: None, fine_tuned: None };
+
+    let mut rl_start = progress.step;
+    if progress.stage == Stage::WarmStart {
+        let (m, o, done) = warm_start(&mut ctx, model, optim, progress.step)?;
+        if !done {
+            return Ok(incomplete(&ctx));
+        }
+        checkpoint::save(&run.checkpoint("warm_start"), &m, vec![], serde_json::json!({ "stage": "warm-start" }))?;
+        // RL starts with fresh optimizer state and its own schedule.
+        model = m;
+        drop(o);
+        optim = optim_for(Stage::Rl);
+        rl_start = 0;
+    }
+    if !run.checkpoint("warm_start").exists() {
+        checkpoint::save(&run.checkpoint("warm_start"), &model, vec![], serde_json::json!({ "stage": "init" }))?;
+    }
+
+    // The frozen start policy: the KL reference and the "base" of the comparison.
+    let base_model = checkpoint::load(&run.checkpoint("warm_start"), Some(&config.model))?.model::<B::InnerBackend>(device)?;
+    let reference = (config.rl.kl_beta > 0.0).then_some(&base_model);
+    let (model, _optim, done) = train_rl(&mut ctx, model, optim, reference, rl_start)?;
+    if !done {
+        return Ok(incomplete(&ctx));
+    }
+    checkpoint::save(&run.checkpoint("final"), &model, vec![], serde_json::json!({ "stage": "final" }))?;
+
+    let base = ctx.evaluate(&base_model, "base", 0)?;
+    let fine_tuned = ctx.evaluate(&model.valid(), "final", config.rl.steps)?;
+    let outcome = Outcome { run_dir: run.root.clone(), completed: true, base: Some(base), fine_tuned: Some(fine_tuned) };
+    write_json(&run.root.join("summary.json"), &outcome)?;
+    Ok(outcome)
+}
+
+/// On resume, drops metric records written after the checkpoint we resume from, so the file
+/// reads as if the run had never been interrupted.
+fn truncate_metrics(run: &RunDir, progress: Progress) -> Result<()> {
+    let path = run.metrics_path();
+    if !path.exists() {
+        return Ok(());
+    }
+    let stage_rank = |phase: &str| match phase {
+        "warm-start" => Some(0),
+        "rl" => Some(1),
+        _ => None,
+    };
+    let limit = (progress.stage as u8 as usize, progress.step);
+    let keep: Vec<String> = read_metrics(&path)?
+        .into_iter()
+        .filter(|r| {
+            let phase = r.get("phase").and_then(|v| v.as_str()).unwrap_or("");
+            let step = r.get("step").and_then(|v| v.as_u64()).unwrap_or(0) as usize;
+            match stage_rank(phase) {
+                Some(rank) => (rank, step) <= limit,
+                None => false,
+            }
+        })
+        .map(|r| serde_json::to_string(&r).unwrap_or_default())
+        .collect();
+    let text = if keep.is_empty() { String::new() } else { keep.join("\n") + "\n" };
+    crate::fsutil::write_atomic(&path, text.as_bytes())
+}
+
+/// The stage recorded in a training-state checkpoint.
+fn saved_stage(path: &std::path::Path) -> Result<Stage> {
+    let ck = checkpoint::load(path, None)?;
+    let progress: Progress = serde_json::from_value(ck.meta["progress"].clone())
+        .map_err(|e| Error::checkpoint(path, format!("no training progress in metadata: {e}")))?;
+    Ok(progress.stage)
+}

@@ -1,0 +1,92 @@
+//! What the training stages share: the run context, progress bars, the fixed step line, and
+//! held-out evaluation written to the metrics.
+
+use std::time::Instant;
+
+use burn::prelude::*;
+use indicatif::{ProgressBar, ProgressStyle};
+
+use super::config::RunConfig;
+use super::eval::{evaluate, EvalSummary};
+use super::metrics::{MetricsWriter, Record};
+use super::run::RunDir;
+use crate::data::{Problem, Task, Vocab};
+use crate::error::Result;
+use crate::model::Transformer;
+
+/// Everything a stage needs besides the model.
+pub struct Ctx<'a> {
+    pub config: &'a RunConfig,
+    pub task: &'a dyn Task,
+    pub vocab: &'a Vocab,
+    pub run: &'a RunDir,
+    pub metrics: MetricsWriter,
+    /// The fixed held-out evaluation set.
+    pub eval_problems: Vec<Problem>,
+    /// No progress bars or step lines (tests).
+    pub quiet: bool,
+    /// Stop after this many steps of a stage in this call (simulates a kill, for resume tests).
+    pub interrupt_after: Option<usize>,
+}
+
+impl Ctx<'_> {
+    pub fn progress_bar(&self, stage: &str, total: usize, start: usize) -> ProgressBar {
+        if self.quiet {
+            return ProgressBar::hidden();
+        }
+        let bar = ProgressBar::new(total as u64);
+        bar.set_style(
+            ProgressStyle::with_template("{prefix:>10} [{bar:28.cyan/blue}] {pos}/{len} {per_sec:>10} eta {eta:>4} {msg}")
+                .expect("valid template")
+                .progress_chars("=> "),
+        );
+        bar.set_prefix(stage.to_string());
+        bar.set_position(start as u64);
+        bar
+    }
+
+    /// Prints a line above the progress bar (nothing when quiet).
+    pub fn say(&self, bar: &ProgressBar, line: String) {
+        if !self.quiet {
+            bar.println(line);
+        }
+    }
+
+    /// Evaluates on the held-out set, writes `eval/…` metrics and returns the summary.
+    pub fn evaluate<B: Backend>(&mut self, model: &Transformer<B>, stage: &str, step: usize) -> Result<EvalSummary> {
+        let t0 = Instant::now();
+        let seed = self.config.seed ^ 0x5eed_e7a1;
+        let (summary, _) = evaluate(model, self.task, self.vocab, &self.eval_problems, &self.config.eval, false, seed)?;
+        let mut rec = Record::new(stage, step);
+        rec.set("eval/pass@1", summary.pass1)
+            .set("eval/answered", summary.answered)
+            .set("eval/mean_episodes", summary.mean_episodes)
+            .set("eval/mean_tokens", summary.mean_tokens)
+            .set("eval/tokens_to_solve", summary.tokens_to_solve)
+            .set("eval/episodes_to_solve", summary.episodes_to_solve)
+            .set("eval/regret", summary.regret)
+            .set("eval/forced_well_formed", summary.forced_well_formed)
+            .set("eval/seconds", t0.elapsed().as_secs_f64());
+        if let Some(r) = summary.regret_vs_optimal {
+            rec.set("eval/regret_vs_optimal", r);
+        }
+        for (j, a) in summary.anytime.iter().enumerate() {
+            rec.set(&format!("eval/anytime@{j}"), *a);
+        }
+        self.metrics.write(&rec)?;
+        Ok(summary)
+    }
+}
+
+/// One fixed-format line for an evaluation.
+pub fn eval_line(stage: &str, step: usize, s: &EvalSummary) -> String {
+    format!(
+        "{stage:>10} {step:>5} | eval pass@1 {:.3} | answered {:.2} | episodes {:.2} | tokens {:.1} (solved {:.1}) | regret {:.3} | forced well-formed {:.3}",
+        s.pass1, s.answered, s.mean_episodes, s.mean_tokens, s.tokens_to_solve, s.regret, s.forced_well_formed
+    )
+}
+
+/// Whether a periodic action with period `every` is due after `done` steps of `total`.
+pub fn due(every: usize, done: usize, total: usize) -> bool {
+    done == total || (every > 0 && done % every == 0)
+}
