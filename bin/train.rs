@@ -1,7 +1,8 @@
 //! `train`: warm start a small transformer on scripted traces of a task, then fine-tune it with
 //! MRT (or GRPO / STaR), and report whether it spends its test-time tokens well.
 //!
-//! With no arguments: the `search` task, the `cpu-tiny` model, MRT, on the best device found.
+//! With no arguments: the `search` task, the `cpu-tiny` model, MRT (dense progress bonus), on
+//! the best device found.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -22,8 +23,9 @@ struct Args {
     /// Task family: search or countdown.
     #[arg(long, default_value = "search")]
     task: String,
-    /// RL objective: grpo, mrt, mrt-dense, star, mrt-star.
-    #[arg(long, default_value = "mrt")]
+    /// RL objective: grpo, mrt (the paper's prefix/terminate/continue recipe), mrt-dense (MRT's
+    /// per-episode progress bonus), star, mrt-star.
+    #[arg(long, default_value = "mrt-dense")]
     algo: String,
     /// Model preset: cpu-tiny, tiny or small (the vocabulary always comes from the task).
     #[arg(long, default_value = "cpu-tiny")]
@@ -76,38 +78,10 @@ impl BackendTask for Job {
     }
 }
 
-/// Overlays the fields of `patch` onto `base` (objects merge key by key, values replace).
-fn merge(base: &mut serde_json::Value, patch: serde_json::Value) {
-    match (base, patch) {
-        (serde_json::Value::Object(b), serde_json::Value::Object(p)) => {
-            for (k, v) in p {
-                match b.get_mut(&k) {
-                    Some(slot) => merge(slot, v),
-                    None => {
-                        b.insert(k, v);
-                    }
-                }
-            }
-        }
-        (slot, v) => *slot = v,
-    }
-}
-
 fn build_config(args: &Args) -> Result<RunConfig> {
     let algo = Algo::parse(&args.algo)?;
-    let mut config = RunConfig::default_for(&args.task, &args.preset, algo, args.seed, !args.long)?;
-    if let Some(path) = &args.config {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading --config {}", path.display()))?;
-        let patch: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{}: malformed JSON", path.display()))?;
-        // A run's config.json nests the config under "config".
-        let patch = match patch.get("config") {
-            Some(inner) if patch.get("git_commit").is_some() => inner.clone(),
-            _ => patch,
-        };
-        let mut value = serde_json::to_value(&config)?;
-        merge(&mut value, patch);
-        config = serde_json::from_value(value).with_context(|| format!("{}: not a valid run config", path.display()))?;
-    }
+    let patch = args.config.as_deref().map(RunConfig::read_patch).transpose()?;
+    let mut config = RunConfig::with_patch(&args.task, &args.preset, algo, args.seed, !args.long, patch)?;
     if let Some(n) = args.warm_start_steps {
         config.warm_start.steps = n;
     }

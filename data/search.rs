@@ -25,7 +25,9 @@ pub struct SearchConfig {
     pub n: usize,
     /// Half-width w of the hint window (the hint's noise).
     pub hint_noise: usize,
-    /// Episode (guess) budget of a training rollout.
+    /// Episode (guess) budget of a training rollout. The default, 10, is generous (bisection
+    /// needs at most 5 on a 17-wide window): as in the paper's long-budget regime, outcome
+    /// reward then no longer says how fast a stream gets there.
     pub max_episodes: usize,
     /// Fraction of (x, h) problems held out from training.
     pub held_out_fraction: f64,
@@ -38,7 +40,7 @@ impl Default for SearchConfig {
         Self {
             n: 32,
             hint_noise: 8,
-            max_episodes: 6,
+            max_episodes: 10,
             held_out_fraction: 0.2,
             warm_start: WarmStartMix {
                 weights: [("bisect", 0.2), ("random", 0.3), ("scan", 0.3), ("blind", 0.2)]
@@ -120,24 +122,35 @@ impl Interval {
 /// window: entry j is the probability that the forced answer after j guesses is correct, for x
 /// uniform on the window, computed by enumerating x. Entries 0..=max_episodes.
 pub fn bayes_optimal_curve(window: Interval, max_episodes: usize) -> Vec<f64> {
+    let size = window.size() as f64;
     let mut curve = vec![0.0; max_episodes + 1];
     for x in window.lo..=window.hi {
-        let mut interval = window;
-        let mut found = false;
-        for (j, value) in curve.iter_mut().enumerate() {
-            if found || interval.midpoint() == x {
-                *value += 1.0;
-            }
+        for (c, o) in curve.iter_mut().zip(bisection_outcomes(window, x, max_episodes)) {
+            *c += o / size;
+        }
+    }
+    curve
+}
+
+/// What the Bayes-optimal policy achieves on one concrete problem: entry j is 1 when its
+/// forced answer after j guesses is the hidden number (it found it, or the midpoint of the
+/// remaining interval is it), else 0. Averaged over x uniform on the window this is
+/// [`bayes_optimal_curve`]; on a fixed evaluation set it is the like-for-like comparator.
+pub fn bisection_outcomes(window: Interval, hidden: u32, max_episodes: usize) -> Vec<f64> {
+    let mut interval = window;
+    let mut found = false;
+    (0..=max_episodes)
+        .map(|j| {
+            let right = found || interval.midpoint() == hidden;
             if j < max_episodes && !found {
                 let g = interval.midpoint();
-                let fb = Feedback::of(g, x);
+                let fb = Feedback::of(g, hidden);
                 found = fb == Feedback::Correct;
                 interval.update(g, fb);
             }
-        }
-    }
-    let s = window.size() as f64;
-    curve.iter().map(|c| c / s).collect()
+            right as u8 as f64
+        })
+        .collect()
 }
 
 /// The task.
@@ -266,7 +279,7 @@ impl Task for Search {
 
     fn optimal_curve(&self, p: &Problem, max_episodes: usize) -> Option<Vec<f64>> {
         let p = self.problem(p);
-        Some(bayes_optimal_curve(Interval { lo: p.lo, hi: p.hi }, max_episodes))
+        Some(bisection_outcomes(Interval { lo: p.lo, hi: p.hi }, p.hidden, max_episodes))
     }
 
     fn single_token_answer(&self) -> bool {

@@ -50,8 +50,8 @@ pub trait Task: Send + Sync {
     fn exact_answer(&self, problem: &Problem) -> Option<String>;
     /// Whether every problem's answer is a single token (so `exact_answer` is always `Some`).
     fn single_token_answer(&self) -> bool;
-    /// Anytime accuracy of the Bayes-optimal policy on this problem (entry j: probability that
-    /// the forced answer after j episodes is correct), when it is computable.
+    /// Anytime accuracy of the Bayes-optimal policy on this problem (entry j: whether its
+    /// forced answer after j episodes is correct), when it is computable.
     fn optimal_curve(&self, _problem: &Problem, _max_episodes: usize) -> Option<Vec<f64>> {
         None
     }

@@ -140,7 +140,43 @@ impl RunConfig {
     /// The default pipeline for a task, preset and algorithm. `small_cpu` picks step counts
     /// that finish the whole default run in minutes on a 2-core CPU.
     pub fn default_for(task: &str, preset: &str, algo: Algo, seed: u64, small_cpu: bool) -> Result<Self> {
-        let task = TaskConfig::by_name(task)?;
+        Self::defaults(TaskConfig::by_name(task)?, preset, algo, seed, small_cpu)
+    }
+
+    /// The defaults, with a JSON patch (any subset of a run config) applied. A patched `task`
+    /// is applied first, so the defaults derived from it (episode and token budgets, the
+    /// vocabulary) follow it; then the rest of the patch overrides anything.
+    pub fn with_patch(task: &str, preset: &str, algo: Algo, seed: u64, small_cpu: bool, patch: Option<serde_json::Value>) -> Result<Self> {
+        let bad = |e: serde_json::Error| Error::config("--config", "patch", e.to_string());
+        let mut task_cfg = TaskConfig::by_name(task)?;
+        if let Some(task_patch) = patch.as_ref().and_then(|p| p.get("task")) {
+            if let Some(name) = task_patch.get("name").and_then(|n| n.as_str()) {
+                task_cfg = TaskConfig::by_name(name)?;
+            }
+            let mut value = serde_json::to_value(&task_cfg).map_err(bad)?;
+            merge_json(&mut value, task_patch.clone());
+            task_cfg = serde_json::from_value(value).map_err(bad)?;
+        }
+        let mut config = Self::defaults(task_cfg, preset, algo, seed, small_cpu)?;
+        if let Some(patch) = patch {
+            let mut value = serde_json::to_value(&config).map_err(bad)?;
+            merge_json(&mut value, patch);
+            config = serde_json::from_value(value).map_err(bad)?;
+        }
+        Ok(config)
+    }
+
+    /// Reads a `--config` patch: a JSON object of run-config fields, or a run's `config.json`.
+    pub fn read_patch(path: &std::path::Path) -> Result<serde_json::Value> {
+        let value: serde_json::Value = crate::fsutil::read_json(path)?;
+        Ok(match value.get("config") {
+            Some(inner) if value.get("git_commit").is_some() => inner.clone(),
+            _ => value,
+        })
+    }
+
+    /// The defaults of a task configuration, preset and algorithm.
+    pub fn defaults(task: TaskConfig, preset: &str, algo: Algo, seed: u64, small_cpu: bool) -> Result<Self> {
         let mut model = TransformerConfig::preset(preset)?;
         let countdown = matches!(task, TaskConfig::Countdown(_));
         let t = task.build()?;
@@ -160,7 +196,7 @@ impl RunConfig {
             preset: preset.to_string(),
             model,
             warm_start: WarmStartConfig {
-                steps: if countdown { 600 } else { 400 } * scale,
+                steps: 3000 * scale,
                 batch_size: 32,
                 optim: OptimConfig {
                     lr: 3e-3,
@@ -169,12 +205,12 @@ impl RunConfig {
                     weight_decay: 0.01,
                     grad_clip: 1.0,
                 },
-                eval_every: 100 * scale,
-                checkpoint_every: 100 * scale,
+                eval_every: 500 * scale,
+                checkpoint_every: 500 * scale,
             },
             rl: RlConfig {
                 algo,
-                steps: 60 * scale,
+                steps: 300 * scale,
                 problems_per_step: 8,
                 group_size: 8,
                 optim: OptimConfig {
@@ -200,8 +236,8 @@ impl RunConfig {
                     budget_forcing: false,
                 },
                 prover: prover.clone(),
-                eval_every: 20 * scale,
-                checkpoint_every: 20 * scale,
+                eval_every: 50 * scale,
+                checkpoint_every: 50 * scale,
             },
             eval: EvalConfig {
                 problems: 96,
@@ -275,5 +311,23 @@ impl RunConfig {
             ));
         }
         Ok(())
+    }
+}
+
+/// Overlays the fields of `patch` onto `base` (objects merge key by key, other values replace):
+/// how a partial `--config` file overrides the defaults.
+pub fn merge_json(base: &mut serde_json::Value, patch: serde_json::Value) {
+    match (base, patch) {
+        (serde_json::Value::Object(b), serde_json::Value::Object(p)) => {
+            for (k, v) in p {
+                match b.get_mut(&k) {
+                    Some(slot) => merge_json(slot, v),
+                    None => {
+                        b.insert(k, v);
+                    }
+                }
+            }
+        }
+        (slot, v) => *slot = v,
     }
 }

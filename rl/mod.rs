@@ -17,22 +17,29 @@
 //! - `mrt`: A_i = (r_i − r̄) + α (r̄ − b): α = 1 is the paper's reward-minus-termination-baseline,
 //!   α = 0 GRPO over the continuations. Terminated continuations form the baseline and are not
 //!   trained. Prefixes that answer before reaching their drawn length are not continued.
-//! - `mrt-dense`: the outcome part is GRPO's (including its all-equal filter on the binary
-//!   outcome), so α = 0 reproduces GRPO exactly; tokens outside episodes get no bonus.
+//! - `mrt-dense`: the outcome part is GRPO's, with the all-equal test on the binary outcome; a
+//!   group whose outcomes are all equal gets outcome advantage 0 but, with α > 0, still trains
+//!   on its progress bonus (with α = 0 it is dropped, so α = 0 reproduces GRPO exactly).
+//!   Tokens outside episodes get no bonus.
 //! - `mrt-star`: correct streams ranked by mean progress per episode, (J_k − J_0) / k; the top
 //!   `star_keep` fraction of each group's correct streams is kept.
 //! - Advantages use token-mean aggregation and one optimizer pass per batch by default
 //!   (ratio ≡ 1, so PPO clipping only acts with `ppo_epochs > 1`); no KL penalty by default.
 
 pub mod advantage;
+pub mod analysis;
 pub mod batch;
+pub mod compare;
 pub mod config;
 pub mod eval;
+pub mod experiment;
 pub mod loss;
 pub mod metrics;
 pub mod optim;
 pub mod pipeline;
+pub mod plots;
 pub mod prover;
+pub mod report;
 pub mod rollout;
 pub mod run;
 pub mod sft;

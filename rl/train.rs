@@ -48,6 +48,12 @@ pub fn score<B: Backend>(engine: &Engine<B>, problems: &[Problem], cfg: &RlConfi
     let rewards: Vec<f32> = rollouts.iter().map(|r| r.reward).collect();
     let (adv, mut keep, degenerate) = grpo(&rewards, g, cfg.scale_by_std);
     let alpha = cfg.alpha as f32;
+    if cfg.algo == Algo::MrtDense && alpha > 0.0 {
+        // A group whose outcomes are all equal has no outcome signal (its outcome advantage is
+        // 0), but its episodes still differ in progress: that is exactly where outcome RL goes
+        // blind once a problem is always solved, and where the bonus should act.
+        keep.iter_mut().for_each(|k| *k = true);
+    }
     let mut token_advantages: Vec<Vec<f32>> = rollouts
         .iter()
         .zip(&adv)
@@ -86,28 +92,51 @@ pub fn score<B: Backend>(engine: &Engine<B>, problems: &[Problem], cfg: &RlConfi
 
 /// The paper's recipe: a prefix of a random number of episodes per problem, then m
 /// continuations of it, the first `terminate_fraction · m` forced to answer at once. A
-/// continuation's advantage is its outcome against the termination baseline of its prefix.
+/// continuation's advantage is its outcome against the termination baseline of its prefix
+/// (the terminated continuations' mean reward, or the prover's J of the prefix when none are
+/// terminated).
+///
+/// A prefix that answers before reaching its drawn length k has only e < k episodes; it is
+/// drawn again with k' uniform in 0..e, so that problems the policy solves quickly still
+/// contribute (otherwise long draws would mostly be wasted on them).
 fn score_mrt<B: Backend>(engine: &Engine<B>, problems: &[Problem], cfg: &RlConfig, rng: &mut StdRng) -> Result<Scored> {
     let m = cfg.group_size;
     let n_term = ((cfg.terminate_fraction * m as f64).round() as usize).min(m - 1);
-    let lengths: Vec<usize> = problems.iter().map(|_| rng.random_range(0..=cfg.max_prefix_episodes)).collect();
-    let mut prefixes = engine.start(problems, 1, rng)?;
-    Engine::pause_at(&mut prefixes, &lengths);
-    engine.run(&mut prefixes, problems, rng)?;
-    let states = Engine::paused(&prefixes);
-    let (mut rows, mut terminate) = (Vec::new(), Vec::new());
-    for (p, &paused) in states.iter().enumerate() {
-        if paused {
-            rows.extend(std::iter::repeat_n(p, m));
-            terminate.extend((0..m).map(|i| i < n_term));
-        }
-    }
-    let prefix_j: Vec<f32> = Engine::rollouts_of(&prefixes).map(|r| r.j.last().copied().unwrap_or(f32::NAN)).collect();
-    let prefixes_finished = states.iter().filter(|&&p| !p).count();
-    let mut cont = Engine::fork(&prefixes, &rows, &terminate);
     let continuation = Engine { model: engine.model, task: engine.task, vocab: engine.vocab, config: engine.config, prover: None };
-    continuation.run(&mut cont, problems, rng)?;
-    let rollouts = Engine::finish(cont);
+    let (mut rollouts, mut baselines) = (Vec::new(), Vec::new());
+    let mut pending: Vec<(usize, usize)> = problems.iter().enumerate().map(|(p, _)| (p, rng.random_range(0..=cfg.max_prefix_episodes))).collect();
+    let mut prefixes_finished = 0;
+    for round in 0..2 {
+        if pending.is_empty() {
+            break;
+        }
+        let subset: Vec<Problem> = pending.iter().map(|&(p, _)| problems[p].clone()).collect();
+        let lengths: Vec<usize> = pending.iter().map(|&(_, k)| k).collect();
+        let mut prefixes = engine.start(&subset, 1, rng)?;
+        Engine::pause_at(&mut prefixes, &lengths);
+        engine.run(&mut prefixes, &subset, rng)?;
+        let paused = Engine::paused(&prefixes);
+        let (mut rows, mut terminate) = (Vec::new(), Vec::new());
+        let mut redraw = Vec::new();
+        for (i, r) in Engine::rollouts_of(&prefixes).enumerate() {
+            if paused[i] {
+                rows.extend(std::iter::repeat_n(i, m));
+                terminate.extend((0..m).map(|c| c < n_term));
+                baselines.push(r.j.last().copied().unwrap_or(f32::NAN));
+            } else if round == 0 && !r.episodes.is_empty() {
+                redraw.push((pending[i].0, rng.random_range(0..r.episodes.len())));
+            } else {
+                prefixes_finished += 1;
+            }
+        }
+        let mut cont = Engine::fork(&prefixes, &rows, &terminate);
+        continuation.run(&mut cont, &subset, rng)?;
+        rollouts.extend(Engine::finish(cont).into_iter().map(|mut r| {
+            r.problem = pending[r.problem].0;
+            r
+        }));
+        pending = redraw;
+    }
 
     let mut token_advantages = Vec::with_capacity(rollouts.len());
     let mut keep = Vec::with_capacity(rollouts.len());
@@ -116,7 +145,7 @@ fn score_mrt<B: Backend>(engine: &Engine<B>, problems: &[Problem], cfg: &RlConfi
     for (group, chunk) in rollouts.chunks(m).enumerate() {
         let term: Vec<f32> = chunk[..n_term].iter().map(|r| r.reward).collect();
         let cont_rewards: Vec<f32> = chunk[n_term..].iter().map(|r| r.reward).collect();
-        let baseline = if n_term > 0 { term.iter().sum::<f32>() / n_term as f32 } else { prefix_j[rows[group * m]] };
+        let baseline = if n_term > 0 { term.iter().sum::<f32>() / n_term as f32 } else { baselines[group] };
         let baseline = if baseline.is_finite() { baseline } else { 0.0 };
         degenerate += chunk.iter().all(|r| r.reward == chunk[0].reward) as usize;
         let adv = mrt_continuations(&cont_rewards, baseline, alpha, cfg.scale_by_std);

@@ -1,0 +1,101 @@
+//! `eval`: evaluate finished runs on their task's held-out set: pass@1 at the training budget
+//! and past it (budget forcing), anytime accuracy against episodes and tokens, cumulative
+//! regret, maj@k against tokens and where episodes made no progress. Writes `eval.json` and
+//! SVG plots into each run directory; with several runs (or `--compare`) also overlays them.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Result};
+use burn::tensor::backend::AutodiffBackend;
+use clap::Parser;
+use mrt::backend::{dispatch, tune_allocator, BackendTask, DeviceChoice};
+use mrt::rl::compare::{plots, table, RunEval};
+use mrt::rl::experiment::evaluate_run;
+use mrt::rl::report::ReportOptions;
+
+/// Evaluate runs (and compare them).
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// Run directories (each with checkpoints/final.ckpt).
+    #[arg(required = true, value_name = "RUN_DIR")]
+    runs: Vec<PathBuf>,
+    /// Overlay the runs in comparison plots and print the comparison table.
+    #[arg(long)]
+    compare: bool,
+    /// Where comparison plots go.
+    #[arg(long, default_value = "runs/compare")]
+    out: PathBuf,
+    /// auto, cpu, wgpu or cuda.
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// Held-out problems.
+    #[arg(long, default_value_t = 96)]
+    problems: usize,
+    /// Samples per problem at the training budget (maj@k goes up to this; at most 16).
+    #[arg(long, default_value_t = 8)]
+    samples: usize,
+    /// Samples per problem past the budget (budget forcing).
+    #[arg(long, default_value_t = 2)]
+    extended_samples: usize,
+    /// Seed of the evaluation's sampling.
+    #[arg(long, default_value_t = 1234)]
+    seed: u64,
+}
+
+struct Job(Vec<PathBuf>, ReportOptions);
+
+impl BackendTask for Job {
+    type Output = mrt::Result<Vec<RunEval>>;
+    fn run<B: AutodiffBackend>(self, device: B::Device, label: String) -> Self::Output {
+        eprintln!("device: {label}");
+        self.0.iter().map(|dir| evaluate_run::<B>(dir, &self.1, None, &device)).collect()
+    }
+}
+
+fn run(args: Args) -> Result<()> {
+    if args.samples == 0 || args.samples > 16 || args.extended_samples == 0 || args.problems == 0 {
+        bail!("--samples must be in 1..=16, --extended-samples and --problems positive");
+    }
+    for r in &args.runs {
+        if !r.is_dir() {
+            bail!("{}: not a directory", r.display());
+        }
+    }
+    let choice: DeviceChoice = args.device.parse()?;
+    let opts = ReportOptions { problems: args.problems, samples: args.samples, extended_samples: args.extended_samples, seed: args.seed };
+    let evals = dispatch(choice, Job(args.runs.clone(), opts))??;
+    for (dir, e) in args.runs.iter().zip(&evals) {
+        let (b, f) = (&e.base.natural, &e.fine_tuned.natural);
+        println!(
+            "{}: {} seed {} | pass@1 {:.3} → {:.3} | regret {:.3} → {:.3} | tokens to solve {:.1} → {:.1} | eval.json and plots written",
+            dir.display(),
+            e.algo,
+            e.seed,
+            b.pass1,
+            f.pass1,
+            b.regret,
+            f.regret,
+            b.tokens_to_solve,
+            f.tokens_to_solve
+        );
+    }
+    if args.compare || evals.len() > 1 {
+        let files = plots(&args.out, &evals, "")?;
+        println!("\n{}", table(&evals));
+        println!("comparison plots in {}: {}", args.out.display(), files.join(", "));
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    tune_allocator();
+    match run(Args::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

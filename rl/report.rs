@@ -1,0 +1,127 @@
+//! Evaluation of one checkpoint, the way the paper measures test-time compute:
+//! - at the training budget (the policy as trained): pass@1, anytime accuracy after each
+//!   episode and against tokens, cumulative regret at each budget (J* ≡ 1 and Bayes-optimal),
+//!   maj@k against total tokens, and where episodes made no or negative progress;
+//! - past it, up to twice the training budget: once letting the policy stop when it wants, and
+//!   once with budget forcing (`</think>` suppressed until the extended budget is spent):
+//!   anytime accuracy and regret at every extended budget.
+
+use burn::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use super::analysis::{maj_at_k, progress_histogram, regret_curve, token_anytime, CostPoint, Vote};
+use super::config::{EvalConfig, RunConfig};
+use super::eval::{eval_problems, evaluate, EvalSummary};
+use crate::data::{Task, Vocab};
+use crate::error::Result;
+use crate::model::Transformer;
+
+/// Everything measured on one checkpoint (`eval.json` holds one per checkpoint of a run).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EvalReport {
+    /// Episode budget of training (the natural evaluation's budget).
+    pub train_budget: usize,
+    pub natural: EvalSummary,
+    /// Regret R(b) for b = 1 … train_budget, against J* ≡ 1.
+    pub regret: Vec<f64>,
+    /// Regret R(b) against the Bayes-optimal policy, when computable.
+    pub regret_vs_optimal: Option<Vec<f64>>,
+    /// Policy-token budget C₀ of the token curves.
+    pub token_budget: usize,
+    /// Anytime accuracy after c = 0 … C₀ policy tokens.
+    pub token_anytime: Vec<f64>,
+    /// Normalised token regret: (1/C₀) Σ_c (1 − acc(c)).
+    pub token_regret: f64,
+    /// maj@k for k = 1 … samples: accuracy against mean total tokens of the k samples.
+    pub maj: Vec<CostPoint>,
+    /// Per episode index: episodes with negative, zero (|r_prg| < 0.01) and positive progress.
+    pub progress_hist: Vec<[usize; 3]>,
+    /// Fraction of all episodes whose progress was zero or negative.
+    pub unproductive_episodes: f64,
+    /// Extended budget: 2 × the training budget.
+    pub extended_budget: usize,
+    /// Anytime accuracy after b = 0 … extended_budget episodes, the policy free to stop.
+    pub extended_anytime: Vec<f64>,
+    pub extended_regret: Vec<f64>,
+    pub extended_optimal: Option<Vec<f64>>,
+    /// The same under budget forcing (`</think>` suppressed until the extended budget).
+    pub forced_anytime: Vec<f64>,
+    pub forced_regret: Vec<f64>,
+}
+
+/// Options of an evaluation.
+#[derive(Debug, Clone)]
+pub struct ReportOptions {
+    pub problems: usize,
+    /// Samples per problem of the natural evaluation (maj@k goes up to this; ≤ 16).
+    pub samples: usize,
+    /// Samples per problem of the two extended-budget evaluations.
+    pub extended_samples: usize,
+    pub seed: u64,
+}
+
+/// Evaluates `model` on the held-out set of `config`'s task.
+pub fn evaluate_report<B: Backend>(model: &Transformer<B>, task: &dyn Task, vocab: &Vocab, config: &RunConfig, opts: &ReportOptions) -> Result<EvalReport> {
+    let problems = eval_problems(task, opts.problems);
+    let budget = config.rl.rollout.max_episodes;
+    let natural_cfg = EvalConfig {
+        problems: problems.len(),
+        samples: opts.samples,
+        max_episodes: budget,
+        max_tokens: config.rl.rollout.max_tokens,
+        ..config.eval.clone()
+    };
+    let (natural, rollouts) = evaluate(model, task, vocab, &problems, &natural_cfg, false, opts.seed)?;
+    let extended_cfg = EvalConfig {
+        samples: opts.extended_samples,
+        max_episodes: 2 * budget,
+        max_tokens: 2 * config.rl.rollout.max_tokens,
+        ..natural_cfg.clone()
+    };
+    let (extended, _) = evaluate(model, task, vocab, &problems, &extended_cfg, false, opts.seed ^ 0xe7e4d)?;
+    let (forced, _) = evaluate(model, task, vocab, &problems, &extended_cfg, true, opts.seed ^ 0xb0d6e7)?;
+
+    let token_budget = config.rl.rollout.max_tokens;
+    let token_curve = token_anytime(&rollouts, token_budget);
+    let token_regret = regret_curve(&token_curve, None).last().copied().unwrap_or(f64::NAN);
+    let votes: Vec<Vec<Vote>> = rollouts
+        .chunks(opts.samples)
+        .map(|group| {
+            group
+                .iter()
+                .map(|r| Vote {
+                    answer: r.answer.as_ref().filter(|a| task.well_formed(a)).map(|a| a.join(" ")),
+                    correct: r.reward > 0.0,
+                    tokens: r.policy_tokens(),
+                })
+                .collect()
+        })
+        .collect();
+    let maj = (1..=opts.samples.min(16))
+        .map(|k| {
+            let (accuracy, tokens) = maj_at_k(&votes, k);
+            CostPoint { tokens, accuracy }
+        })
+        .collect();
+    let progress_hist = progress_histogram(&rollouts, budget, 0.01);
+    let total: usize = progress_hist.iter().map(|h| h.iter().sum::<usize>()).sum();
+    let unproductive: usize = progress_hist.iter().map(|h| h[0] + h[1]).sum();
+    Ok(EvalReport {
+        train_budget: budget,
+        regret: regret_curve(&natural.anytime, None),
+        regret_vs_optimal: natural.optimal.as_ref().map(|o| regret_curve(&natural.anytime, Some(o))),
+        token_budget,
+        token_anytime: token_curve,
+        token_regret,
+        maj,
+        progress_hist,
+        unproductive_episodes: unproductive as f64 / total.max(1) as f64,
+        extended_budget: 2 * budget,
+        extended_regret: regret_curve(&extended.anytime, None),
+        extended_optimal: extended.optimal.clone(),
+        extended_anytime: extended.anytime,
+        forced_regret: regret_curve(&forced.anytime, None),
+        forced_anytime: forced.anytime,
+        natural,
+    })
+}
