@@ -46,6 +46,10 @@ struct Args {
     /// Also write the JSON to this file.
     #[arg(long)]
     out: Option<String>,
+    /// Also check run-to-run determinism: two 3-step training runs from the same seed must give
+    /// bit-identical losses and logits.
+    #[arg(long)]
+    determinism: bool,
     /// Passed by `cargo bench`; ignored.
     #[arg(long, hide = true)]
     bench: bool,
@@ -115,6 +119,26 @@ impl BackendTask for Bench {
             result["train_step_s"] = t.into();
             result["train_tok_s"] = ((tb * ts) as f64 / t).into();
             result["train_tflops"] = (flops_per_tok * (tb * ts) as f64 / t / 1e12).into();
+        }
+
+        if args.determinism {
+            let run = || {
+                let mut rng = StdRng::seed_from_u64(42);
+                let mut model = Transformer::<B>::new(&cfg, 7, &device).expect("valid preset");
+                let mut optim = AdamWConfig::new().with_epsilon(1e-8).with_weight_decay(0.01).init();
+                let mut losses = Vec::new();
+                for _ in 0..3 {
+                    let x = random_tokens::<B>(&mut rng, tb.min(16), ts.min(128) + 1, cfg.vocab_size, &device);
+                    let loss = -token_logprobs(&model, x, None, false).logprobs.mean();
+                    losses.push(loss.clone().into_scalar().elem::<f32>().to_bits());
+                    let grads = GradientsParams::from_grads(loss.backward(), &model);
+                    model = optim.step(3e-4, model, grads);
+                }
+                let probe = random_tokens::<B>(&mut rng, 2, 16, cfg.vocab_size, &device);
+                let logits: Vec<u32> = model.forward(probe).into_data().iter::<f32>().map(f32::to_bits).collect();
+                (losses, logits)
+            };
+            result["deterministic"] = (run() == run()).into();
         }
 
         if !args.no_decode {

@@ -56,6 +56,13 @@ impl Trace {
         })
     }
 
+    /// The words between the last `<answer>` and the `</answer>` after it, if both are there.
+    pub fn answer(&self) -> Option<&[String]> {
+        let start = self.words.iter().rposition(|w| w == "<answer>")? + 1;
+        let end = start + self.words[start..].iter().position(|w| w == "</answer>")?;
+        Some(&self.words[start..end])
+    }
+
     /// The words as one line, for logs and test messages.
     pub fn text(&self) -> String {
         self.words.join(" ")

@@ -153,3 +153,17 @@ pub fn evaluate<B: Backend>(
     }
     Ok((summarize(task, problems, &rollouts, config.max_episodes), rollouts))
 }
+
+/// pass@1 of a scripted strategy on `problems` (within the task's episode budget), verified
+/// like the policy's answers: a reference point for what the warm-start data teaches.
+pub fn scripted_pass1(task: &dyn Task, problems: &[Problem], strategy: &str, samples: usize, seed: u64) -> f64 {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut solved = 0usize;
+    for p in problems {
+        for _ in 0..samples {
+            let trace = task.scripted_trace(p, strategy, None, &mut rng);
+            solved += trace.answer().is_some_and(|a| task.verify(p, a)) as usize;
+        }
+    }
+    solved as f64 / (problems.len() * samples).max(1) as f64
+}

@@ -188,6 +188,20 @@ fn render_report(opts: &ExperimentOptions, evals: &[RunEval], files: &[String], 
         "- Evaluation: {} held-out problems (never trained on) × {} samples at temperature {}; meta-prover `{:?}`; past the budget (to {} episodes, free to stop and with budget forcing) with {} samples.",
         opts.report.problems, opts.report.samples, c.eval.temperature, c.eval.prover.mode, 2 * c.rl.rollout.max_episodes, opts.report.extended_samples
     );
+    if let Ok(task) = c.task.build() {
+        let problems = super::eval::eval_problems(task.as_ref(), opts.report.problems);
+        let scripted: Vec<String> = task
+            .strategies()
+            .iter()
+            .map(|st| format!("`{st}` {:.3}", super::eval::scripted_pass1(task.as_ref(), &problems, st, opts.report.samples, 7)))
+            .collect();
+        let _ = writeln!(s, "- Reference points on the same held-out problems, pass@1 within the budget of the scripted strategies the warm-start data mixes: {}.", scripted.join(", "));
+        if let Some(first) = evals.first() {
+            if let Some(opt) = &first.fine_tuned.natural.optimal {
+                let _ = writeln!(s, "- The Bayes-optimal policy (bisection) solves {:.3} within the budget.", opt.last().copied().unwrap_or(f64::NAN));
+            }
+        }
+    }
     let _ = writeln!(s, "\nMean ± standard error over seeds. Regrets are normalised (per episode or token) cumulative regrets over the budget; lower is better.\n");
     let _ = writeln!(s, "## Results\n");
     s.push_str(&table(evals));
