@@ -183,3 +183,15 @@ pub fn tune_allocator() {
         libc::mallopt(libc::M_TRIM_THRESHOLD, -1); // -1: never trim
     }
 }
+
+/// The end of every binary's `main`: an error is printed as `error: …` (with its causes) and
+/// turned into a failing exit code, never a panic backtrace.
+pub fn exit_code<E: std::fmt::Display>(result: std::result::Result<(), E>) -> std::process::ExitCode {
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

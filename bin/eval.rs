@@ -9,7 +9,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Result};
 use burn::tensor::backend::AutodiffBackend;
 use clap::Parser;
-use mrt::backend::{dispatch, tune_allocator, BackendTask, DeviceChoice};
+use mrt::backend::{dispatch, exit_code, tune_allocator, BackendTask, DeviceChoice};
 use mrt::rl::compare::{plots, table, RunEval};
 use mrt::rl::experiment::evaluate_run;
 use mrt::rl::report::ReportOptions;
@@ -91,11 +91,5 @@ fn run(args: Args) -> Result<()> {
 
 fn main() -> ExitCode {
     tune_allocator();
-    match run(Args::parse()) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    exit_code(run(Args::parse()))
 }

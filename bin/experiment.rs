@@ -9,7 +9,7 @@ use std::process::ExitCode;
 use anyhow::Result;
 use burn::tensor::backend::AutodiffBackend;
 use clap::Parser;
-use mrt::backend::{dispatch, tune_allocator, BackendTask, DeviceChoice};
+use mrt::backend::{dispatch, exit_code, tune_allocator, BackendTask, DeviceChoice};
 use mrt::rl::config::{Algo, RunConfig};
 use mrt::rl::experiment::{run_experiment, ExperimentOptions};
 use mrt::rl::report::ReportOptions;
@@ -100,11 +100,5 @@ fn run(args: Args) -> Result<()> {
 
 fn main() -> ExitCode {
     tune_allocator();
-    match run(Args::parse()) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    exit_code(run(Args::parse()))
 }

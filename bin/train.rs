@@ -10,7 +10,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use burn::tensor::backend::AutodiffBackend;
 use clap::Parser;
-use mrt::backend::{dispatch, tune_allocator, BackendTask, DeviceChoice};
+use mrt::backend::{dispatch, exit_code, tune_allocator, BackendTask, DeviceChoice};
 use mrt::rl::config::{Algo, RunConfig};
 use mrt::rl::eval::EvalSummary;
 use mrt::rl::pipeline::{run_pipeline, Outcome, PipelineOptions};
@@ -96,7 +96,8 @@ fn print_summary(outcome: &Outcome) {
     let (Some(base), Some(ft)) = (&outcome.base, &outcome.fine_tuned) else {
         return;
     };
-    let row = |name: &str, f: &dyn Fn(&EvalSummary) -> f64| println!("{name:<28} {:>10.3} {:>12.3}", f(base), f(ft));
+    let cell = |v: f64| if v.is_finite() { format!("{v:.3}") } else { "n/a".into() };
+    let row = |name: &str, f: &dyn Fn(&EvalSummary) -> f64| println!("{name:<28} {:>10} {:>12}", cell(f(base)), cell(f(ft)));
     println!();
     println!("{:<28} {:>10} {:>12}", "held-out", "warm start", "fine-tuned");
     row("pass@1", &|s| s.pass1);
@@ -146,11 +147,5 @@ fn run(args: Args) -> Result<()> {
 
 fn main() -> ExitCode {
     tune_allocator();
-    match run(Args::parse()) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    exit_code(run(Args::parse()))
 }

@@ -108,7 +108,6 @@ pub fn run_experiment<B: AutodiffBackend>(opts: &ExperimentOptions, device: &B::
     let warm_s = t0.elapsed().as_secs_f64();
 
     // 2. Every algorithm × seed from it.
-    let mut timings = Vec::new();
     let mut run_dirs = Vec::new();
     for &seed in &opts.seeds {
         for &algo in &opts.algos {
@@ -122,9 +121,7 @@ pub fn run_experiment<B: AutodiffBackend>(opts: &ExperimentOptions, device: &B::
             cfg.rl.algo = algo;
             let resume = dir.join("config.json").exists();
             say(format!("experiment: {} seed {seed} → {}", algo.name(), dir.display()));
-            let t = Instant::now();
             run_pipeline::<B>(&PipelineOptions { config: cfg, run_dir: dir.clone(), resume, init: Some(ws_ckpt.clone()), quiet: opts.quiet, interrupt_after: None }, device)?;
-            timings.push((algo.name().to_string(), t.elapsed().as_secs_f64()));
         }
     }
 
@@ -152,11 +149,21 @@ pub fn run_experiment<B: AutodiffBackend>(opts: &ExperimentOptions, device: &B::
 
     // 4. Compare and report.
     let files = plots(&opts.out, &evals, &format!(" — {}", opts.config.task.name()))?;
-    let report = render_report(opts, &evals, &files, warm_s, &timings, t_all.elapsed().as_secs_f64());
+    let report = render_report(opts, &evals, &files, warm_s, t_all.elapsed().as_secs_f64());
     let path = opts.out.join("REPORT.md");
     write_atomic(&path, report.as_bytes())?;
     write_json(&opts.out.join("evals.json"), &evals)?;
     Ok(path)
+}
+
+/// Seconds a run spent in training steps and evaluations, from its metrics (so the figure
+/// survives resumes and cached re-renders of the report).
+fn run_seconds(dir: &Path) -> f64 {
+    read_metrics(&RunDir::new(dir).metrics_path())
+        .unwrap_or_default()
+        .iter()
+        .map(|r| r.get("perf/step_s").and_then(Value::as_f64).unwrap_or(0.0) + r.get("eval/seconds").and_then(Value::as_f64).unwrap_or(0.0))
+        .sum()
 }
 
 /// Mean RL step time of the runs of an algorithm, from their metrics.
@@ -169,7 +176,7 @@ fn mean_step_seconds(out: &Path, algo: &str, seeds: &[u64]) -> Option<f64> {
     (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
 }
 
-fn render_report(opts: &ExperimentOptions, evals: &[RunEval], files: &[String], warm_s: f64, timings: &[(String, f64)], total_s: f64) -> String {
+fn render_report(opts: &ExperimentOptions, evals: &[RunEval], files: &[String], warm_s: f64, total_s: f64) -> String {
     let c = &opts.config;
     let mut s = String::new();
     let _ = writeln!(s, "# MRT vs GRPO on `{}`\n", c.task.name());
@@ -206,19 +213,27 @@ fn render_report(opts: &ExperimentOptions, evals: &[RunEval], files: &[String], 
     let _ = writeln!(s, "## Results\n");
     s.push_str(&table(evals));
     let _ = writeln!(s, "\n## Cost\n");
-    let _ = writeln!(s, "- Warm start: {warm_s:.0} s; whole experiment: {total_s:.0} s.");
+    let _ = writeln!(
+        s,
+        "- Warm start: {:.0} s of steps and evaluations; this invocation of `experiment`: {total_s:.0} s (the warm start {warm_s:.0} s of it).",
+        run_seconds(&opts.out.join("warm-start"))
+    );
     for algo in opts.algos.iter().map(|a| a.name()) {
-        let runs: Vec<f64> = timings.iter().filter(|t| t.0 == algo).map(|t| t.1).collect();
+        let runs: Vec<f64> = opts.seeds.iter().map(|seed| run_seconds(&opts.out.join(format!("{algo}-s{seed}")))).collect();
         let step = mean_step_seconds(&opts.out, algo, &opts.seeds);
         let _ = writeln!(
             s,
-            "- `{algo}`: {} s per run (this invocation), {} per RL step.",
-            if runs.is_empty() { "cached".into() } else { format!("{:.0}", runs.iter().sum::<f64>() / runs.len() as f64) },
+            "- `{algo}`: {:.0} s per run (steps and evaluations), {} per RL step.",
+            runs.iter().sum::<f64>() / runs.len().max(1) as f64,
             step.map(|x| format!("{:.3} s", x)).unwrap_or_else(|| "n/a".into())
         );
     }
-    if let (Some(m), Some(g)) = (mean_step_seconds(&opts.out, "mrt", &opts.seeds), mean_step_seconds(&opts.out, "grpo", &opts.seeds)) {
-        let _ = writeln!(s, "- One MRT step costs {:.2}× one GRPO step.", m / g);
+    if let Some(g) = mean_step_seconds(&opts.out, "grpo", &opts.seeds) {
+        for variant in ["mrt", "mrt-dense", "mrt-star"] {
+            if let Some(m) = mean_step_seconds(&opts.out, variant, &opts.seeds) {
+                let _ = writeln!(s, "- One `{variant}` step costs {:.2}× one GRPO step (rollouts, meta-prover and update together).", m / g);
+            }
+        }
     }
     let _ = writeln!(s, "\n## Plots\n");
     for f in files {
