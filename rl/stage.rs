@@ -45,9 +45,15 @@ impl Ctx<'_> {
         bar
     }
 
-    /// Prints a line above the progress bar (nothing when quiet).
+    /// Prints a line above the progress bar (nothing when quiet). When stderr is not a
+    /// terminal the bar is hidden and would swallow the line, so it goes to stderr directly.
     pub fn say(&self, bar: &ProgressBar, line: String) {
-        if !self.quiet {
+        if self.quiet {
+            return;
+        }
+        if bar.is_hidden() {
+            eprintln!("{line}");
+        } else {
             bar.println(line);
         }
     }

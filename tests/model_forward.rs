@@ -150,6 +150,33 @@ fn forked_and_replicated_cache_rows_continue_like_recomputation() {
 }
 
 #[test]
+fn grown_and_concatenated_caches_continue_like_recomputation() {
+    let dev = Default::default();
+    let model = Transformer::<B>::new(&config(2, false), 4, &dev).unwrap();
+    let rows: Vec<Vec<u32>> = vec![vec![1, 2, 3], vec![4, 5, 6, 7, 8]];
+    let (tok, _) = ids(&rows, 5);
+    let mut cache = model.new_cache(2, 6);
+    model.forward_cached(tok, &mut cache, Some(&[3, 5])).unwrap();
+    let a = cache.select_rows(&[0]);
+    // One more token in row 1 only, in a second cache that then grows past its capacity.
+    let mut b = cache.select_rows(&[1]);
+    let (tok, _) = ids(&[vec![9]], 1);
+    model.forward_cached(tok, &mut b, None).unwrap();
+    b.ensure_capacity(4);
+    assert!(b.capacity() >= 10 && b.slots() == 6);
+    // Stacked: the caches were made at different steps (5 and 6 slots used).
+    let mut both = KvCache::cat(vec![a, b]);
+    assert_eq!(both.lengths(), &[3, 6]);
+    let next: Vec<Vec<u32>> = vec![vec![10], vec![11]];
+    let (tok, _) = ids(&next, 1);
+    let cached = last_logits(model.forward_cached(tok, &mut both, None).unwrap(), &[1, 1]);
+    let full_rows: Vec<Vec<u32>> = vec![vec![1, 2, 3, 10], vec![4, 5, 6, 7, 8, 9, 11]];
+    let lens: Vec<usize> = full_rows.iter().map(|r| r.len() - 1).collect();
+    let d = max_abs_diff(cached, full_logits_at(&model, &full_rows, &lens));
+    assert!(d < 1e-4, "grown/concatenated cache differs by {d}");
+}
+
+#[test]
 fn cache_overflow_is_an_error_not_a_panic() {
     let dev = Default::default();
     let model = Transformer::<B>::new(&config(4, false), 3, &dev).unwrap();

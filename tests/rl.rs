@@ -296,3 +296,27 @@ fn mrt_continuations_branch_from_their_prefix() {
         }
     }
 }
+
+#[test]
+fn budget_forcing_suppresses_end_of_thinking_until_the_budget_is_spent() {
+    let f = search_policy();
+    let ps = problems(8, 21);
+    let mut rc = rollout_config();
+    rc.max_episodes = 8;
+    rc.max_tokens = 64;
+    rc.budget_forcing = true;
+    let engine = Engine { model: &f.model, task: f.task.as_ref(), vocab: &f.vocab, config: &rc, prover: None };
+    let rs = engine.rollouts(&ps, 2, &mut StdRng::seed_from_u64(4)).unwrap();
+    let end_think = f.vocab.specials.end_think;
+    for r in &rs {
+        // `</think>` only ever appears inside the forced suffix, never sampled by the policy.
+        for (t, role) in r.tokens.iter().zip(&r.roles) {
+            assert!(!(*t == end_think && *role == Role::Policy), "{}", f.vocab.decode(&r.tokens).join(" "));
+        }
+    }
+    // Without forcing, the same policy does end its thinking by itself.
+    rc.budget_forcing = false;
+    let engine = Engine { model: &f.model, task: f.task.as_ref(), vocab: &f.vocab, config: &rc, prover: None };
+    let free = engine.rollouts(&ps, 2, &mut StdRng::seed_from_u64(4)).unwrap();
+    assert!(free.iter().any(|r| r.tokens.iter().zip(&r.roles).any(|(t, role)| *t == end_think && *role == Role::Policy)));
+}
