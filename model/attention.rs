@@ -7,6 +7,7 @@ use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 
 use super::cache::LayerKv;
+use super::flex::masked_attention;
 use super::init::HostInit;
 use super::rope::Rope;
 
@@ -61,13 +62,16 @@ impl<B: Backend> Attention<B> {
     ) -> Tensor<B, 2> {
         let (b, w) = (batch, x.dims()[0] / batch);
         let (h, kvh, d) = (self.n_heads, self.n_kv_heads, self.head_dim);
-        let q = rope.apply_q(self.q.forward(x.clone())).reshape([b, w, h, d]).swap_dims(1, 2);
-        let k = rope.apply_k(self.k.forward(x.clone())).reshape([b, w, kvh, d]).swap_dims(1, 2);
-        let v = self.v.forward(x).reshape([b, w, kvh, d]).swap_dims(1, 2);
+        let q = split_heads(rope.apply_q(self.q.forward(x.clone())), b, h);
+        let k = split_heads(rope.apply_k(self.k.forward(x.clone())), b, kvh);
+        let v = split_heads(self.v.forward(x), b, kvh);
         let (k, v) = match cache {
             Some((kv, slot)) => kv.write(slot, k, v),
             None => (k, v),
         };
+        if let Some(y) = mask.as_ref().filter(|_| !causal).and_then(|m| masked_attention(&q, &k, &v, m)) {
+            return self.output(y, b, w);
+        }
         let tk = k.dims()[2];
         let (k, v) = if kvh == h {
             (k, v)
@@ -82,7 +86,26 @@ impl<B: Backend> Attention<B> {
             softcap: None,
             is_causal: causal,
         };
-        let y = attention(q, k, v, mask, None, options);
-        self.o.forward(y.swap_dims(1, 2).reshape([b * w, h * d]))
+        self.output(attention(q, k, v, mask, None, options), b, w)
+    }
+
+    /// Heads `[B, H, W, D]` → output projection `[B·W, C]`.
+    fn output(&self, y: Tensor<B, 4>, b: usize, w: usize) -> Tensor<B, 2> {
+        let hd = self.n_heads * self.head_dim;
+        let y = if w == 1 { y.reshape([b, hd]) } else { y.swap_dims(1, 2).reshape([b * w, hd]) };
+        self.o.forward(y)
+    }
+}
+
+/// `[B·W, N·D]` → `[B, N, W, D]`. With one token per row (decoding) this is a plain reshape:
+/// the memory order is already right, and a `swap_dims` would leave a layout that the CPU
+/// backend does not recognise as contiguous and copies element by element in every op after.
+fn split_heads<B: Backend>(t: Tensor<B, 2>, b: usize, n: usize) -> Tensor<B, 4> {
+    let [rows, width] = t.dims();
+    let (w, d) = (rows / b, width / n);
+    if w == 1 {
+        t.reshape([b, n, 1, d])
+    } else {
+        t.reshape([b, w, n, d]).swap_dims(1, 2)
     }
 }

@@ -1,6 +1,7 @@
-//! The KV cache: preallocated, shared slot counter, per-row positions.
+//! The KV cache: buffers grown in steps and written in place, a shared slot counter, per-row
+//! positions.
 //!
-//! Every row writes its next chunk at the same *slot* range, so a write is one `slice_assign`
+//! Every row writes its next chunk at the same *slot* range, so a write is one in-place copy
 //! for the whole batch. A row that has fewer real tokens than the chunk width leaves *holes*:
 //! slots marked invalid and never attended. A slot is therefore not a position: each row keeps
 //! its own position counter (the number of real tokens it holds), which is what rotary
@@ -11,13 +12,14 @@
 use burn::prelude::*;
 
 use super::config::TransformerConfig;
+use super::flex::write_slots;
 use crate::error::{Error, Result};
 
 /// Keys and values of one layer, each `[B, KVH, S, D]`.
 ///
-/// The tensors sit in an `Option` so that a write can take them out and hand the backend the
-/// only reference: `slice_assign` then updates the buffer in place instead of copying the
-/// whole cache every token.
+/// The tensors sit in an `Option` so that a write can take them out and hold the only
+/// reference to the buffer: the write then updates it in place (see `flex::write`) instead of
+/// copying the whole cache every token.
 #[derive(Debug, Clone)]
 pub struct LayerKv<B: Backend> {
     k: Option<Tensor<B, 4>>,
@@ -42,10 +44,8 @@ impl<B: Backend> LayerKv<B> {
     /// the filled ones: a slice along S is a strided view that the attention kernel would copy
     /// to contiguous memory at every step, which costs more than attending to empty slots.
     pub fn write(&mut self, slot: usize, k: Tensor<B, 4>, v: Tensor<B, 4>) -> (Tensor<B, 4>, Tensor<B, 4>) {
-        let [b, kvh, w, d] = k.dims();
-        let end = slot + w;
-        let k_all = self.k.take().expect("present").slice_assign([0..b, 0..kvh, slot..end, 0..d], k);
-        let v_all = self.v.take().expect("present").slice_assign([0..b, 0..kvh, slot..end, 0..d], v);
+        let k_all = write_slots(self.k.take().expect("present"), slot, k);
+        let v_all = write_slots(self.v.take().expect("present"), slot, v);
         self.k = Some(k_all.clone());
         self.v = Some(v_all.clone());
         (k_all, v_all)
@@ -64,22 +64,32 @@ pub struct KvCache<B: Backend> {
     lengths: Vec<usize>,
     /// Slots used, equal for all rows.
     slots: usize,
+    /// Slots that may be used (the logical limit; `ensure_capacity` raises it).
     capacity: usize,
+    /// Slots backed by memory (the S dimension of the tensors), ≤ `capacity`. Grows in steps
+    /// as slots fill up: attention reads every allocated slot, so a cache sized for the worst
+    /// case would make every decoding step pay for the slots it never uses.
+    allocated: usize,
 }
+
+/// Allocation granularity in slots.
+const GRANULE: usize = 16;
 
 impl<B: Backend> KvCache<B> {
     /// An empty cache for `rows` sequences of up to `capacity` slots.
     pub fn new(config: &TransformerConfig, rows: usize, capacity: usize, device: &B::Device) -> Self {
         let (kvh, d) = (config.n_kv_heads, config.head_dim());
+        let allocated = capacity.min(GRANULE);
         Self {
             layers: (0..config.n_layers)
-                .map(|_| LayerKv::new(Tensor::zeros([rows, kvh, capacity, d], device), Tensor::zeros([rows, kvh, capacity, d], device)))
+                .map(|_| LayerKv::new(Tensor::zeros([rows, kvh, allocated, d], device), Tensor::zeros([rows, kvh, allocated, d], device)))
                 .collect(),
-            valid: Tensor::<B, 2, Int>::zeros([rows, capacity], device).bool(),
+            valid: Tensor::<B, 2, Int>::zeros([rows, allocated], device).bool(),
             positions: Tensor::zeros([rows], device),
             lengths: vec![0; rows],
             slots: 0,
             capacity,
+            allocated,
         }
     }
 
@@ -122,6 +132,11 @@ impl<B: Backend> KvCache<B> {
                 self.slots, width, self.capacity
             )));
         }
+        if self.slots + width > self.allocated {
+            // Grow by a quarter at least, so that growth (a copy) stays rare.
+            let want = (self.slots + width).max(self.allocated + self.allocated / 4);
+            self.allocate(want.div_ceil(GRANULE) * GRANULE);
+        }
         let device = self.valid.device();
         let slot = self.slots;
         let offsets = Tensor::<B, 1, Int>::arange(0..width as i64, &device).reshape([1, width]);
@@ -149,7 +164,7 @@ impl<B: Backend> KvCache<B> {
         let valid = std::mem::replace(&mut self.valid, chunk_valid.clone());
         self.valid = valid.slice_assign([0..rows, slot..slot + width], chunk_valid);
         self.slots += width;
-        let cap = self.capacity;
+        let cap = self.allocated;
         let empty = self.valid.clone().bool_not().reshape([rows, 1, 1, cap]).expand([rows, 1, width, cap]);
         let slot_ids = Tensor::<B, 1, Int>::arange(0..cap as i64, &device).reshape([1, cap]).expand([width, cap]);
         let query_slots = Tensor::<B, 1, Int>::arange(slot as i64..(slot + width) as i64, &device)
@@ -176,6 +191,7 @@ impl<B: Backend> KvCache<B> {
             lengths: rows.iter().map(|&r| self.lengths[r]).collect(),
             slots: self.slots,
             capacity: self.capacity,
+            allocated: self.allocated,
         }
     }
 
@@ -184,33 +200,37 @@ impl<B: Backend> KvCache<B> {
         if self.remaining() >= extra {
             return;
         }
-        let capacity = (self.capacity * 2).max(self.slots + extra);
-        self.grow_to(capacity);
+        self.capacity = (self.capacity * 2).max(self.slots + extra);
     }
 
-    fn grow_to(&mut self, capacity: usize) {
-        if capacity <= self.capacity {
+    /// Backs `slots` slots with memory (copying what is held into a larger buffer), within
+    /// the capacity.
+    fn allocate(&mut self, slots: usize) {
+        let slots = slots.min(self.capacity);
+        if slots <= self.allocated {
             return;
         }
         let rows = self.rows();
         let device = self.valid.device();
-        let old = self.capacity;
         for layer in &mut self.layers {
             let [_, kvh, _, d] = layer.k().dims();
-            let widen = |t: Tensor<B, 4>| Tensor::zeros([rows, kvh, capacity, d], &device).slice_assign([0..rows, 0..kvh, 0..old, 0..d], t);
-            *layer = LayerKv::new(widen(layer.k().clone()), widen(layer.v().clone()));
+            let widen = |t: Tensor<B, 4>| write_slots(Tensor::zeros([rows, kvh, slots, d], &device), 0, t);
+            *layer = LayerKv::new(widen(layer.k.take().expect("present")), widen(layer.v.take().expect("present")));
         }
-        let valid = Tensor::<B, 2, Int>::zeros([rows, capacity], &device).slice_assign([0..rows, 0..old], self.valid.clone().int());
+        let old = self.allocated;
+        let valid = Tensor::<B, 2, Int>::zeros([rows, slots], &device).slice_assign([0..rows, 0..old], self.valid.clone().int());
         self.valid = valid.bool();
-        self.capacity = capacity;
+        self.allocated = slots;
     }
 
     /// Stacks caches row-wise (e.g. snapshots taken at different steps). Slots a cache never
     /// used are invalid in it, so the result simply uses the largest slot count.
     pub fn cat(mut caches: Vec<Self>) -> Self {
         let capacity = caches.iter().map(|c| c.capacity).max().expect("at least one cache");
+        let allocated = caches.iter().map(|c| c.allocated).max().expect("at least one cache");
         for c in &mut caches {
-            c.grow_to(capacity);
+            c.capacity = capacity;
+            c.allocate(allocated);
         }
         let n_layers = caches[0].layers.len();
         let layers = (0..n_layers)
@@ -227,6 +247,7 @@ impl<B: Backend> KvCache<B> {
             lengths: caches.iter().flat_map(|c| c.lengths.iter().copied()).collect(),
             slots: caches.iter().map(|c| c.slots).max().unwrap_or(0),
             capacity,
+            allocated,
         }
     }
 

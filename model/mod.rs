@@ -7,6 +7,7 @@ pub mod cache;
 pub mod checkpoint;
 pub mod config;
 pub mod generate;
+mod flex;
 pub mod init;
 pub mod logprobs;
 pub mod rope;

@@ -176,6 +176,64 @@ fn grown_and_concatenated_caches_continue_like_recomputation() {
     assert!(d < 1e-4, "grown/concatenated cache differs by {d}");
 }
 
+/// Feeds one token per row and returns the logits of that token, `[rows, V]`.
+fn step(model: &Transformer<B>, cache: &mut KvCache<B>, tokens: &[u32]) -> Tensor<B, 2> {
+    let next: Vec<Vec<u32>> = tokens.iter().map(|&t| vec![t]).collect();
+    let (tok, _) = ids(&next, 1);
+    last_logits(model.forward_cached(tok, cache, None).unwrap(), &vec![1; tokens.len()])
+}
+
+#[test]
+fn long_decoding_across_cache_growth_matches_full_forward() {
+    let model = Transformer::<B>::new(&config(2, false), 5, &Default::default()).unwrap();
+    let mut rows: Vec<Vec<u32>> = vec![vec![1, 5, 9, 2, 3], vec![4, 8]];
+    let (tok, _) = ids(&rows, 5);
+    let mut cache = model.new_cache(2, 64);
+    model.forward_cached(tok, &mut cache, Some(&[5, 2])).unwrap();
+    // 50 single-token steps: the buffers grow several times on the way from 5 to 55 slots.
+    for t in 0..50u32 {
+        let next = [(t * 7 + 3) % 37, (t * 11 + 1) % 37];
+        let cached = step(&model, &mut cache, &next);
+        for (r, &n) in rows.iter_mut().zip(&next) {
+            r.push(n);
+        }
+        if t % 7 == 0 || t == 49 {
+            let lens: Vec<usize> = rows.iter().map(|r| r.len() - 1).collect();
+            let d = max_abs_diff(cached, full_logits_at(&model, &rows, &lens));
+            assert!(d < 1e-4, "step {t} differs by {d}");
+        }
+    }
+    assert_eq!((cache.slots(), cache.capacity()), (55, 64));
+    assert_eq!(cache.lengths(), &[55, 52]);
+}
+
+#[test]
+fn in_place_cache_writes_equal_copying_writes_and_never_touch_a_shared_fork() {
+    let model = Transformer::<B>::new(&config(2, false), 6, &Default::default()).unwrap();
+    let prompt: Vec<Vec<u32>> = vec![vec![3, 1, 4, 1], vec![5, 9]];
+    let (tok, _) = ids(&prompt, 4);
+    let mut own = model.new_cache(2, 32);
+    model.forward_cached(tok, &mut own, Some(&[4, 2])).unwrap();
+    // `shared` and `twin` hold the same buffers, so their writes must copy; `own` holds its
+    // buffers alone and is written in place. All three must behave like separate caches.
+    let mut shared = own.select_rows(&[0, 1]);
+    let mut twin = shared.clone();
+    let a = step(&model, &mut own, &[9, 10]);
+    let b = step(&model, &mut shared, &[9, 10]);
+    assert_eq!(max_abs_diff(a, b), 0.0, "in-place and copying writes differ");
+    // The twin writes the same slot with other tokens; `shared` must not see them.
+    let t = step(&model, &mut twin, &[20, 21]);
+    let a = step(&model, &mut own, &[11, 12]);
+    let b = step(&model, &mut shared, &[11, 12]);
+    assert_eq!(max_abs_diff(a, b.clone()), 0.0, "in-place and copying writes differ");
+    let rows: Vec<Vec<u32>> = vec![vec![3, 1, 4, 1, 9, 11], vec![5, 9, 10, 12]];
+    let d = max_abs_diff(b, full_logits_at(&model, &rows, &[5, 3]));
+    assert!(d < 1e-4, "fork was overwritten: differs by {d}");
+    let rows: Vec<Vec<u32>> = vec![vec![3, 1, 4, 1, 20], vec![5, 9, 21]];
+    let d = max_abs_diff(t, full_logits_at(&model, &rows, &[4, 2]));
+    assert!(d < 1e-4, "twin differs by {d}");
+}
+
 #[test]
 fn cache_overflow_is_an_error_not_a_panic() {
     let dev = Default::default();
