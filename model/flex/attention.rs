@@ -35,9 +35,12 @@ pub(crate) fn masked_attention<B: Backend>(
     let (q, k, v) = (contiguous(flex_f32(q)?), contiguous(flex_f32(k)?), contiguous(flex_f32(v)?));
     let mask_prim = mask.clone().into_primitive();
     let mask = contiguous((&mask_prim as &dyn Any).downcast_ref::<FlexTensor>()?.clone());
-    let ([b, h, w, d], [_, kvh, s, _], mask_heads) = (dims(&q), dims(&k), dims(&mask)[1]);
+    let ([b, h, w, d], [kb, kvh, s, k_width], [mb, mask_heads, mw, ms]) = (dims(&q), dims(&k), dims(&mask));
+    let shapes_fit = kb == b && k_width == d && dims(&v) == dims(&k) && kvh > 0 && h % kvh == 0;
+    let mask_fits = mb == b && (mask_heads == 1 || mask_heads == h) && mw == w && ms == s;
     // Flex keeps booleans as one byte each; anything else is not what the kernel reads.
-    if !matches!(mask.dtype(), DType::Bool(_)) || mask.bytes().len() != b * mask_heads * w * s || h % kvh != 0 {
+    let mask_bytes = matches!(mask.dtype(), DType::Bool(_)) && mask.bytes().len() == b * mask_heads * w * s;
+    if !(shapes_fit && mask_fits && mask_bytes) {
         return None;
     }
     let (qd, kd, vd, md): (&[f32], &[f32], &[f32], &[u8]) = (q.storage(), k.storage(), v.storage(), mask.bytes());
