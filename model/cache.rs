@@ -40,8 +40,8 @@ impl<B: Backend> LayerKv<B> {
     }
 
     /// Stores `k`, `v` (`[B, KVH, W, D]`) at `slot..slot + W` and returns the whole cache
-    /// (`[B, KVH, S, D]`). Attention reads all S slots under a mask rather than a slice of
-    /// the filled ones: a slice along S is a strided view that the attention kernel would copy
+    /// (`[B, KVH, S, D]`, S the allocated slots). Attention reads all S slots under a mask
+    /// rather than a slice of the filled ones: a slice along S is a strided view that the attention kernel would copy
     /// to contiguous memory at every step, which costs more than attending to empty slots.
     pub fn write(&mut self, slot: usize, k: Tensor<B, 4>, v: Tensor<B, 4>) -> (Tensor<B, 4>, Tensor<B, 4>) {
         let k_all = write_slots(self.k.take().expect("present"), slot, k);
