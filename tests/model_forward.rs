@@ -214,8 +214,9 @@ fn in_place_cache_writes_equal_copying_writes_and_never_touch_a_shared_fork() {
     let (tok, _) = ids(&prompt, 4);
     let mut own = model.new_cache(2, 32);
     model.forward_cached(tok, &mut own, Some(&[4, 2])).unwrap();
-    // `shared` and `twin` hold the same buffers, so their writes must copy; `own` holds its
-    // buffers alone and is written in place. All three must behave like separate caches.
+    // `shared` and `twin` hold the same buffers, so the first of them to write must copy;
+    // `own` holds its buffers alone and is written in place. All three must behave like
+    // separate caches.
     let mut shared = own.select_rows(&[0, 1]);
     let mut twin = shared.clone();
     let a = step(&model, &mut own, &[9, 10]);

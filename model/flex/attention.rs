@@ -10,12 +10,11 @@
 //! order, so results do not depend on scheduling.
 
 use burn::prelude::*;
-use burn::tensor::DType;
+use burn::tensor::{DType, TensorPrimitive};
 use burn_flex::FlexTensor;
 use rayon::prelude::*;
 use std::any::Any;
 
-use super::{flex_f32, whole};
 
 /// softmax(q·kᵀ / √D, masked) · v, or `None` when the tensors are not flex f32 (the caller
 /// then takes the portable path).
@@ -32,9 +31,10 @@ pub(crate) fn masked_attention<B: Backend>(
     mask: &Tensor<B, 4, Bool>,
 ) -> Option<Tensor<B, 4>> {
     let device = q.device();
-    let (q, k, v) = (contiguous(flex_f32(q)?), contiguous(flex_f32(k)?), contiguous(flex_f32(v)?));
+    // `to_contiguous` copies only what is not laid out row-major already.
+    let (q, k, v) = (flex_f32(q)?.to_contiguous(), flex_f32(k)?.to_contiguous(), flex_f32(v)?.to_contiguous());
     let mask_prim = mask.clone().into_primitive();
-    let mask = contiguous((&mask_prim as &dyn Any).downcast_ref::<FlexTensor>()?.clone());
+    let mask = (&mask_prim as &dyn Any).downcast_ref::<FlexTensor>()?.to_contiguous();
     let ([b, h, w, d], [kb, kvh, s, k_width], [mb, mask_heads, mw, ms]) = (dims(&q), dims(&k), dims(&mask));
     let shapes_fit = kb == b && k_width == d && dims(&v) == dims(&k) && kvh > 0 && h % kvh == 0;
     let mask_fits = mb == b && (mask_heads == 1 || mask_heads == h) && mw == w && ms == s;
@@ -129,12 +129,14 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
-fn contiguous(t: FlexTensor) -> FlexTensor {
-    if whole(&t) {
-        t
-    } else {
-        t.to_contiguous()
-    }
+/// The flex tensor behind a float tensor, when the backend is flex and the data is f32.
+fn flex_f32<B: Backend, const D: usize>(t: &Tensor<B, D>) -> Option<FlexTensor> {
+    let prim = t.clone().into_primitive();
+    let TensorPrimitive::Float(prim) = prim else {
+        return None;
+    };
+    let flex = (&prim as &dyn Any).downcast_ref::<FlexTensor>()?;
+    (flex.dtype() == DType::F32).then(|| flex.clone())
 }
 
 fn dims(t: &FlexTensor) -> [usize; 4] {

@@ -18,8 +18,6 @@ use burn::prelude::*;
 use burn::tensor::{DType, TensorPrimitive};
 use burn_flex::FlexTensor;
 
-use super::whole;
-
 /// Writes `value` (`[B, H, W, D]`) into `dst` (`[B, H, S, D]`) at `slot..slot + W` along
 /// dimension 2 and returns the updated tensor.
 pub(crate) fn write_slots<B: Backend>(dst: Tensor<B, 4>, slot: usize, value: Tensor<B, 4>) -> Tensor<B, 4> {
@@ -44,7 +42,9 @@ pub(crate) fn write_slots<B: Backend>(dst: Tensor<B, 4>, slot: usize, value: Ten
 
 /// The in-place write; false (nothing written) when it does not apply.
 fn write(dst: &mut FlexTensor, value: &FlexTensor, slot: usize, [b, h, w, d]: [usize; 4], s: usize) -> bool {
-    if dst.dtype() != DType::F32 || value.dtype() != DType::F32 || !whole(dst) || slot + w > s {
+    let shape = dst.layout().shape();
+    let fits = shape.num_dims() == 4 && [shape[0], shape[1], shape[2], shape[3]] == [b, h, s, d] && slot + w <= s;
+    if dst.dtype() != DType::F32 || value.dtype() != DType::F32 || !whole(dst) || !fits {
         return false;
     }
     let value = value.to_contiguous();
@@ -58,4 +58,9 @@ fn write(dst: &mut FlexTensor, value: &FlexTensor, slot: usize, [b, h, w, d]: [u
         out[at..at + run].copy_from_slice(&src[bh * run..(bh + 1) * run]);
     }
     true
+}
+
+/// True when the tensor's elements are exactly its buffer, in row-major order.
+fn whole(t: &FlexTensor) -> bool {
+    t.is_contiguous() && t.layout().start_offset() == 0 && t.bytes().len() == t.layout().num_elements() * t.dtype().size()
 }
