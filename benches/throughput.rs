@@ -98,7 +98,7 @@ impl BackendTask for Bench {
             let mut optim = AdamWConfig::new().with_epsilon(1e-8).with_weight_decay(0.01).init();
             let x = random_tokens::<B>(&mut rng, tb, ts + 1, cfg.vocab_size, &device);
             let mut step = |model: Transformer<B>| {
-                let lp = token_logprobs(&model, x.clone(), None, false);
+                let lp = token_logprobs(&model, x.clone(), None, false, 1.0);
                 let loss = -lp.logprobs.mean();
                 let grads = GradientsParams::from_grads(loss.backward(), &model);
                 let model = optim.step(3e-4, model, grads);
@@ -129,7 +129,7 @@ impl BackendTask for Bench {
                 let mut losses = Vec::new();
                 for _ in 0..3 {
                     let x = random_tokens::<B>(&mut rng, tb.min(16), ts.min(128) + 1, cfg.vocab_size, &device);
-                    let loss = -token_logprobs(&model, x, None, false).logprobs.mean();
+                    let loss = -token_logprobs(&model, x, None, false, 1.0).logprobs.mean();
                     losses.push(loss.clone().into_scalar().elem::<f32>().to_bits());
                     let grads = GradientsParams::from_grads(loss.backward(), &model);
                     model = optim.step(3e-4, model, grads);

@@ -10,9 +10,10 @@ use anyhow::{bail, Result};
 use burn::tensor::backend::AutodiffBackend;
 use clap::Parser;
 use mrt::backend::{dispatch, exit_code, tune_allocator, BackendTask, DeviceChoice};
-use mrt::rl::compare::{plots, table, RunEval};
-use mrt::rl::experiment::evaluate_run;
-use mrt::rl::report::ReportOptions;
+use mrt::rl::eval::compare::{table, verdicts, RunEval};
+use mrt::rl::eval::experiment::evaluate_run;
+use mrt::rl::eval::figures::plots;
+use mrt::rl::eval::report::ReportOptions;
 
 /// Evaluate runs (and compare them).
 #[derive(Parser, Debug)]
@@ -50,7 +51,7 @@ impl BackendTask for Job {
     type Output = mrt::Result<Vec<RunEval>>;
     fn run<B: AutodiffBackend>(self, device: B::Device, label: String) -> Self::Output {
         eprintln!("device: {label}");
-        self.0.iter().map(|dir| evaluate_run::<B>(dir, &self.1, None, &device)).collect()
+        self.0.iter().map(|dir| evaluate_run::<B>(dir, &self.1, None, 0, &device)).collect()
     }
 }
 
@@ -84,6 +85,7 @@ fn run(args: Args) -> Result<()> {
     if args.compare || evals.len() > 1 {
         let files = plots(&args.out, &evals, "")?;
         println!("\n{}", table(&evals));
+        println!("{}", verdicts(&evals));
         println!("comparison plots in {}: {}", args.out.display(), files.join(", "));
     }
     Ok(())

@@ -1,100 +1,112 @@
-//! `experiment`: the MRT-vs-GRPO experiment in one command. Warm start once, fine-tune with
-//! each algorithm for several seeds from that warm start, evaluate every run on the same
-//! held-out set and write `REPORT.md` (mean ± standard error over seeds) with plots.
-//! Interrupted experiments continue where they stopped when re-run with the same `--out`.
+//! `experiment`: the MRT-vs-GRPO experiment in one command, over named regimes (the JSON files
+//! in `experiments/`): warm starts, every algorithm × RL seed from them, every checkpoint
+//! evaluated on the same held-out problems, and `REPORT.md` with 95 % intervals, paired
+//! differences and the verdicts fixed in advance. `--sweep` chooses α on the validation split
+//! instead. Interrupted experiments continue where they stopped when re-run with the same `--out`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Instant;
 
-use anyhow::Result;
+use anyhow::{bail, Context, Result};
 use burn::tensor::backend::AutodiffBackend;
 use clap::Parser;
 use mrt::backend::{dispatch, exit_code, tune_allocator, BackendTask, DeviceChoice};
-use mrt::rl::config::{Algo, RunConfig};
-use mrt::rl::experiment::{run_experiment, ExperimentOptions};
-use mrt::rl::report::ReportOptions;
+use mrt::rl::eval::experiment::{render_overview, run_regime, run_sweep, ExperimentOptions, RegimeSummary};
+use mrt::rl::eval::regime::{names, Regime};
 
-/// Compare MRT with GRPO (or any algorithms) over seeds from one shared warm start.
+/// Compare MRT with GRPO over seeds, per regime, with intervals and pre-registered verdicts.
 #[derive(Parser, Debug)]
 #[command(version, about)]
 struct Args {
-    /// Task family: search or countdown.
-    #[arg(long, default_value = "search")]
-    task: String,
-    /// Model preset: cpu-tiny, tiny, small.
-    #[arg(long, default_value = "cpu-tiny")]
-    preset: String,
-    /// Algorithms, comma-separated.
-    #[arg(long, default_value = "grpo,mrt-dense,mrt", value_delimiter = ',')]
-    algos: Vec<String>,
-    /// Number of RL seeds (1, 2, …).
-    #[arg(long, default_value_t = 3)]
-    seeds: u64,
+    /// Regime: search, search-tight, countdown, or all (the three in turn, then an overview).
+    #[arg(long, default_value = "all")]
+    regime: String,
+    /// A regime of your own: a JSON file in the format of experiments/*.json (overrides --regime).
+    #[arg(long, value_name = "FILE")]
+    regime_file: Option<PathBuf>,
+    /// Choose α on the validation split (writes sweep/REPORT.md and sweep/choice.json) instead
+    /// of running the headline experiment.
+    #[arg(long)]
+    sweep: bool,
+    /// Smoke mode: every stage with tiny step counts and two seeds (the numbers mean nothing).
+    #[arg(long)]
+    quick: bool,
+    /// RL seeds per algorithm (override of the regime's).
+    #[arg(long)]
+    seeds: Option<u64>,
     /// auto, cpu, wgpu or cuda.
     #[arg(long, default_value = "auto")]
     device: String,
-    /// JSON overrides of the run config (as for `train --config`).
-    #[arg(long)]
-    config: Option<PathBuf>,
-    /// Warm-start steps (override).
-    #[arg(long)]
-    warm_start_steps: Option<usize>,
-    /// RL steps per run (override).
-    #[arg(long)]
-    rl_steps: Option<usize>,
-    /// Held-out problems in the final evaluation.
-    #[arg(long, default_value_t = 96)]
-    problems: usize,
-    /// Samples per problem in the final evaluation (maj@k goes up to this; at most 16).
-    #[arg(long, default_value_t = 8)]
-    samples: usize,
-    /// Output directory (default: runs/experiment-{task}).
-    #[arg(long)]
-    out: Option<PathBuf>,
+    /// Output directory; each regime gets a folder inside it.
+    #[arg(long, default_value = "runs/experiment")]
+    out: PathBuf,
     /// No progress bars.
     #[arg(long)]
     quiet: bool,
 }
 
-struct Job(ExperimentOptions);
+struct Job {
+    regimes: Vec<Regime>,
+    args: Args,
+    command: String,
+}
 
 impl BackendTask for Job {
-    type Output = mrt::Result<PathBuf>;
-    fn run<B: AutodiffBackend>(mut self, device: B::Device, label: String) -> Self::Output {
+    type Output = mrt::Result<()>;
+    fn run<B: AutodiffBackend>(self, device: B::Device, label: String) -> Self::Output {
         eprintln!("device: {label}");
-        self.0.device_label = label;
-        run_experiment::<B>(&self.0, &device)
+        let t0 = Instant::now();
+        let mut summaries: Vec<RegimeSummary> = Vec::new();
+        for regime in self.regimes {
+            let out = self.args.out.join(&regime.name);
+            let opts = ExperimentOptions { regime, out: out.clone(), quiet: self.args.quiet, device_label: label.clone(), command: self.command.clone() };
+            if self.args.sweep {
+                let report = run_sweep::<B>(&opts, &device)?;
+                println!("{}", std::fs::read_to_string(&report).unwrap_or_default());
+                println!("sweep report: {}", report.display());
+            } else {
+                let summary = run_regime::<B>(&opts, &device)?;
+                println!("report: {}", out.join("REPORT.md").display());
+                summaries.push(summary);
+            }
+        }
+        if !summaries.is_empty() {
+            let overview = render_overview(&summaries, &self.command, &label, t0.elapsed().as_secs_f64() / 60.0);
+            if summaries.len() > 1 {
+                let path = self.args.out.join("REPORT.md");
+                mrt::fsutil::write_atomic(&path, overview.as_bytes())?;
+                println!("overview: {}", path.display());
+            }
+            println!("\n{overview}");
+        }
+        Ok(())
     }
 }
 
 fn run(args: Args) -> Result<()> {
-    let algos: Vec<Algo> = args.algos.iter().map(|a| Algo::parse(a)).collect::<mrt::Result<_>>()?;
-    if args.seeds == 0 || args.samples == 0 || args.samples > 16 {
-        anyhow::bail!("--seeds must be positive and --samples in 1..=16");
-    }
-    let patch = args.config.as_deref().map(RunConfig::read_patch).transpose()?;
-    let mut config = RunConfig::with_patch(&args.task, &args.preset, algos[0], 0, true, patch)?;
-    if let Some(n) = args.warm_start_steps {
-        config.warm_start.steps = n;
-    }
-    if let Some(n) = args.rl_steps {
-        config.rl.steps = n;
-    }
-    config.validate()?;
-    let out = args.out.clone().unwrap_or_else(|| PathBuf::from(format!("runs/experiment-{}", args.task)));
-    let opts = ExperimentOptions {
-        config,
-        algos,
-        seeds: (0..args.seeds).collect(),
-        out,
-        report: ReportOptions { problems: args.problems, samples: args.samples, extended_samples: 2, seed: 1234 },
-        quiet: args.quiet,
-        device_label: String::new(),
-        command: std::env::args().map(|a| if a.contains(' ') { format!("'{a}'") } else { a }).collect::<Vec<_>>().join(" "),
+    let mut regimes = match &args.regime_file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("--regime-file {}", path.display()))?;
+            vec![Regime::parse(&text, &path.display().to_string())?]
+        }
+        None if args.regime == "all" => names().into_iter().map(Regime::named).collect::<mrt::Result<_>>()?,
+        None => vec![Regime::named(&args.regime)?],
     };
-    let report = dispatch(args.device.parse::<DeviceChoice>()?, Job(opts))??;
-    println!("{}", std::fs::read_to_string(&report).unwrap_or_default());
-    println!("report: {}", report.display());
+    if args.seeds == Some(0) {
+        bail!("--seeds must be positive");
+    }
+    for r in &mut regimes {
+        if args.quick {
+            *r = r.quick();
+        }
+        if let Some(n) = args.seeds {
+            r.rl_seeds = n;
+        }
+    }
+    let command = std::env::args().map(|a| if a.contains(' ') { format!("'{a}'") } else { a }).collect::<Vec<_>>().join(" ");
+    let choice: DeviceChoice = args.device.parse()?;
+    dispatch(choice, Job { regimes, args, command })??;
     Ok(())
 }
 

@@ -10,7 +10,7 @@ use rand::seq::IndexedRandom;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
-use super::task::{push_forced_suffix, Problem, Task, WarmStartMix};
+use super::task::{push_forced_suffix, validate_split_fractions, Problem, Task, WarmStartMix, MAX_NUMBER_TOKENS};
 use super::trace::{Role, Trace};
 use crate::error::{Error, Result};
 
@@ -28,7 +28,10 @@ pub struct CountdownConfig {
     pub min_target: u32,
     /// Episode (attempt) budget of a training rollout.
     pub max_episodes: usize,
+    /// Fraction of problems (number sets and targets) held out from training.
     pub held_out_fraction: f64,
+    /// Fraction of problems kept apart for choosing hyper-parameters.
+    pub validation_fraction: f64,
     pub warm_start: WarmStartMix,
 }
 
@@ -41,6 +44,7 @@ impl Default for CountdownConfig {
             min_target: 5,
             max_episodes: 6,
             held_out_fraction: 0.2,
+            validation_fraction: 0.1,
             warm_start: WarmStartMix {
                 weights: [("pruned", 0.4), ("random", 0.6)].into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
                 cut_fraction: 0.3,
@@ -154,6 +158,13 @@ impl Countdown {
         if !(2..=4).contains(&config.count) {
             return Err(Error::config("task.count", config.count, "must be 2, 3 or 4"));
         }
+        if config.max_value as usize >= MAX_NUMBER_TOKENS {
+            return Err(Error::config(
+                "task.max_value",
+                config.max_value,
+                format!("must be below {MAX_NUMBER_TOKENS}: every number in 0..=max_value is a token of the vocabulary"),
+            ));
+        }
         if config.max_number < 1 || config.max_number > config.max_value {
             return Err(Error::config("task.max_number", config.max_number, "must be in 1..=max_value"));
         }
@@ -163,9 +174,7 @@ impl Countdown {
         if config.max_episodes == 0 {
             return Err(Error::config("task.max_episodes", 0, "must be positive"));
         }
-        if !(0.0..1.0).contains(&config.held_out_fraction) {
-            return Err(Error::config("task.held_out_fraction", config.held_out_fraction, "must be in [0, 1)"));
-        }
+        validate_split_fractions(config.held_out_fraction, config.validation_fraction)?;
         let task = Self { config };
         task.config.warm_start.validate(&task)?;
         Ok(task)
@@ -225,6 +234,10 @@ impl Task for Countdown {
 
     fn held_out_fraction(&self) -> f64 {
         self.config.held_out_fraction
+    }
+
+    fn validation_fraction(&self) -> f64 {
+        self.config.validation_fraction
     }
 
     fn key(&self, p: &Problem) -> String {
@@ -296,11 +309,12 @@ impl Task for Countdown {
         let attempts = self.attempts(cp, strategy, rng);
         let budget = cut_after.unwrap_or(attempts.len()).min(attempts.len());
         let mut best: Option<&Vec<Step>> = None;
-        for line in &attempts[..budget] {
+        for (done, line) in attempts[..budget].iter().enumerate() {
             trace.push(Role::Policy, line_words(line));
             trace.push(Role::Policy, ["<ep>"]);
             let value = line.last().map(|s| s.c).unwrap_or(0);
-            if value == cp.target {
+            let cut = cut_after == Some(done + 1);
+            if value == cp.target && !cut {
                 trace.push(Role::Policy, ["</think>", "<answer>"]);
                 trace.push(Role::Policy, line_words(line));
                 trace.push(Role::Policy, ["</answer>"]);

@@ -13,7 +13,7 @@ use rand::rngs::StdRng;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
-use super::task::{push_forced_suffix, Problem, Task, WarmStartMix};
+use super::task::{push_forced_suffix, validate_split_fractions, Problem, Task, WarmStartMix, MAX_NUMBER_TOKENS};
 use super::trace::{Role, Trace};
 use crate::error::{Error, Result};
 
@@ -29,8 +29,11 @@ pub struct SearchConfig {
     /// needs at most 5 on a 17-wide window): as in the paper's long-budget regime, outcome
     /// reward then no longer says how fast a stream gets there.
     pub max_episodes: usize,
-    /// Fraction of (x, h) problems held out from training.
+    /// Fraction of hint windows (prompts) held out from training, for reported numbers.
     pub held_out_fraction: f64,
+    /// Fraction of hint windows kept apart for choosing hyper-parameters. The default n = 32
+    /// has only 48 distinct windows, hence 0.2 (5 of them; 10 % would leave 2).
+    pub validation_fraction: f64,
     /// Scripted strategies of the warm-start data.
     pub warm_start: WarmStartMix,
 }
@@ -42,6 +45,7 @@ impl Default for SearchConfig {
             hint_noise: 8,
             max_episodes: 10,
             held_out_fraction: 0.2,
+            validation_fraction: 0.2,
             warm_start: WarmStartMix {
                 weights: [("bisect", 0.2), ("random", 0.3), ("scan", 0.3), ("blind", 0.2)]
                     .into_iter()
@@ -160,8 +164,12 @@ pub struct Search {
 
 impl Search {
     pub fn new(config: SearchConfig) -> Result<Self> {
-        if config.n < 2 {
-            return Err(Error::config("task.n", config.n, "must be at least 2"));
+        if !(2..=MAX_NUMBER_TOKENS).contains(&config.n) {
+            return Err(Error::config(
+                "task.n",
+                config.n,
+                format!("must be in 2..={MAX_NUMBER_TOKENS}: every number in [0, n) is a token of the vocabulary"),
+            ));
         }
         if config.n < 2 * config.hint_noise + 1 {
             return Err(Error::config(
@@ -173,9 +181,7 @@ impl Search {
         if config.max_episodes == 0 {
             return Err(Error::config("task.max_episodes", 0, "must be positive"));
         }
-        if !(0.0..1.0).contains(&config.held_out_fraction) {
-            return Err(Error::config("task.held_out_fraction", config.held_out_fraction, "must be in [0, 1)"));
-        }
+        validate_split_fractions(config.held_out_fraction, config.validation_fraction)?;
         let task = Self { config };
         task.config.warm_start.validate(&task)?;
         Ok(task)
@@ -238,9 +244,19 @@ impl Task for Search {
         self.config.held_out_fraction
     }
 
+    fn validation_fraction(&self) -> f64 {
+        self.config.validation_fraction
+    }
+
     fn key(&self, p: &Problem) -> String {
         let p = self.problem(p);
         format!("search:{}:{}:{}", p.hidden, p.lo, p.hi)
+    }
+
+    /// The prompt is the hint window only: problems that share a window share a split.
+    fn split_key(&self, p: &Problem) -> String {
+        let p = self.problem(p);
+        format!("search:{}:{}", p.lo, p.hi)
     }
 
     fn generate(&self, rng: &mut StdRng) -> Problem {
@@ -273,6 +289,11 @@ impl Task for Search {
         Some(vec![word.to_string()])
     }
 
+    fn confirms_solution(&self, p: &Problem, episode: &[String]) -> bool {
+        let p = self.problem(p);
+        matches!(episode, [g] if self.number(g) == Some(p.hidden))
+    }
+
     fn exact_answer(&self, p: &Problem) -> Option<String> {
         Some(self.problem(p).hidden.to_string())
     }
@@ -297,12 +318,15 @@ impl Task for Search {
         let mut trace = Trace::default();
         trace.push(Role::Prompt, self.prompt(p));
         let budget = cut_after.unwrap_or(self.config.max_episodes).min(self.config.max_episodes);
-        for _ in 0..budget {
+        for done in 1..=budget {
             let g = self.guess(strategy, window, interval, rng);
             let fb = Feedback::of(g, sp.hidden);
             trace.push(Role::Policy, [g.to_string(), "<ep>".into()]);
             trace.push(Role::Env, [fb.word()]);
             interval.update(g, fb);
+            if cut_after == Some(done) {
+                break;
+            }
             if fb == Feedback::Correct {
                 trace.push(Role::Policy, ["</think>".to_string(), "<answer>".into(), g.to_string(), "</answer>".into()]);
                 return trace;

@@ -30,10 +30,17 @@ pub trait Task: Send + Sync {
     fn words(&self) -> Vec<String>;
     /// Episode budget of a training rollout.
     fn max_episodes(&self) -> usize;
-    /// Fraction of the problem space held out from training.
+    /// Fraction of the problem space held out from training (for reported numbers).
     fn held_out_fraction(&self) -> f64;
+    /// Fraction of the problem space kept apart for choosing hyper-parameters.
+    fn validation_fraction(&self) -> f64;
     /// Canonical identity of a problem: equal keys are the same problem.
     fn key(&self, problem: &Problem) -> String;
+    /// What decides a problem's split: everything the model is shown, so that no prompt of
+    /// one split is ever seen in another. Problems whose prompts are equal share a split key.
+    fn split_key(&self, problem: &Problem) -> String {
+        self.key(problem)
+    }
     /// A random problem, from either split.
     fn generate(&self, rng: &mut StdRng) -> Problem;
     /// Prompt words, from `<bos>` to `<think>` inclusive.
@@ -45,6 +52,13 @@ pub trait Task: Send + Sync {
     /// Environment reply after an episode (its words without the delimiter); `None` for tasks
     /// that are not interactive.
     fn reply(&self, problem: &Problem, episode: &[String]) -> Option<Vec<String>>;
+    /// Whether the environment has told the policy that this episode solved the problem (an
+    /// interactive task's `correct`). Budget forcing never keeps such a row thinking: after a
+    /// confirmed solution, more episodes can only push it off its training distribution.
+    /// Non-interactive tasks confirm nothing, so the default is `false`.
+    fn confirms_solution(&self, _problem: &Problem, _episode: &[String]) -> bool {
+        false
+    }
     /// The single-token answer when the answer is one token from a known set, which lets the
     /// meta-prover read J exactly from the softmax.
     fn exact_answer(&self, problem: &Problem) -> Option<String>;
@@ -57,25 +71,49 @@ pub trait Task: Send + Sync {
     }
     /// Names of the scripted strategies, from good to wasteful.
     fn strategies(&self) -> &'static [&'static str];
-    /// A scripted trace with `strategy`; with `cut_after = Some(j)` (j below the strategy's
-    /// natural episode count) it stops after j episodes and ends with the forced suffix and the
-    /// strategy's best guess so far.
+    /// A scripted trace with `strategy`; with `cut_after = Some(j)` (j at most the strategy's
+    /// natural episode count) it stops after j episodes, even when the j-th solved the problem,
+    /// and ends with the forced suffix and the strategy's best guess so far.
     fn scripted_trace(&self, problem: &Problem, strategy: &str, cut_after: Option<usize>, rng: &mut StdRng) -> Trace;
 }
 
 /// The problem's side of the train / held-out split.
 pub fn split_of(task: &dyn Task, problem: &Problem) -> Split {
-    split_of_key(&task.key(problem), task.held_out_fraction())
+    split_of_key(&task.split_key(problem), task.held_out_fraction(), task.validation_fraction())
 }
 
-/// A random problem from one side of the split (rejection sampling).
-pub fn sample_problem(task: &dyn Task, split: Split, rng: &mut StdRng) -> Problem {
-    loop {
+/// Largest number of number tokens a task may put in the vocabulary (`search`'s n,
+/// `countdown`'s max_value + 1): past it the embedding alone would not fit a small machine.
+pub const MAX_NUMBER_TOKENS: usize = 10_000;
+
+/// Draws a task generates before [`sample_problem`] gives up on a split.
+const MAX_DRAWS: usize = 100_000;
+
+/// A random problem from one split (rejection sampling). An error when the split is empty
+/// (its fraction is 0, or too small for a small problem space).
+pub fn sample_problem(task: &dyn Task, split: Split, rng: &mut StdRng) -> Result<Problem> {
+    for _ in 0..MAX_DRAWS {
         let p = task.generate(rng);
         if split_of(task, &p) == split {
-            return p;
+            return Ok(p);
         }
     }
+    Err(Error::config(
+        "task",
+        task.name(),
+        format!("no problem of the {split:?} split in {MAX_DRAWS} draws: raise held_out_fraction / validation_fraction or enlarge the task"),
+    ))
+}
+
+/// Checks the held-out and validation fractions of a task configuration.
+pub fn validate_split_fractions(held_out: f64, validation: f64) -> Result<()> {
+    if !(0.0..1.0).contains(&held_out) {
+        return Err(Error::config("task.held_out_fraction", held_out, "must be in [0, 1)"));
+    }
+    if !(0.0..1.0).contains(&validation) || held_out + validation >= 1.0 {
+        return Err(Error::config("task.validation_fraction", validation, format!("must be ≥ 0 and leave training problems (held_out_fraction is {held_out})")));
+    }
+    Ok(())
 }
 
 /// Appends the forced termination suffix `<timeup> </think> <answer>`.
@@ -89,8 +127,9 @@ pub fn push_forced_suffix(trace: &mut Trace) {
 pub struct WarmStartMix {
     /// Strategy name → relative weight.
     pub weights: BTreeMap<String, f64>,
-    /// Fraction of traces cut after a random episode and ended with the forced suffix and a
-    /// best guess, so the meta-prover's forced answers mean something from the start.
+    /// Fraction of traces cut at a random episode boundary (including the one after the last
+    /// episode, even a solving one) and ended with the forced suffix and a best guess, so the
+    /// meta-prover's forced answers mean something from the start at every boundary it scores.
     pub cut_fraction: f64,
 }
 
@@ -132,7 +171,10 @@ impl WarmStartMix {
 }
 
 /// One warm-start trace: a strategy drawn from the mix, cut with probability `cut_fraction`
-/// after a uniformly drawn number of its episodes.
+/// after a uniformly drawn number j ∈ {0 … e} of its e episodes. j = e cuts after the last
+/// episode too, so `… correct <timeup> </think> <answer> x </answer>` is in the data: the
+/// meta-prover scores that boundary (the solving episode's progress, `mrt`'s termination
+/// baselines, token-level anytime accuracy) and must not be out of distribution there.
 pub fn warm_start_trace(task: &dyn Task, problem: &Problem, mix: &WarmStartMix, rng: &mut StdRng) -> Trace {
     let strategy = mix.pick(rng).to_string();
     let cut = rng.random::<f64>() < mix.cut_fraction;
@@ -144,7 +186,7 @@ pub fn warm_start_trace(task: &dyn Task, problem: &Problem, mix: &WarmStartMix, 
         return full;
     }
     let natural = full.words.iter().filter(|w| *w == "<ep>").count();
-    let j = rng.random_range(0..natural.max(1));
+    let j = rng.random_range(0..=natural);
     task.scripted_trace(problem, &strategy, Some(j), &mut StdRng::seed_from_u64(child))
 }
 

@@ -16,7 +16,9 @@ pub struct TokenLogprobs<B: Backend> {
     pub entropy: Option<Tensor<B, 2>>,
 }
 
-/// Scores `tokens` under `model`. Gradients flow into `logprobs` when `B` is an autodiff backend.
+/// Scores `tokens` under `model` at sampling temperature `temperature` (log-probs of
+/// softmax(logits / T), the distribution the tokens were sampled from; T = 1 for supervised
+/// data). Gradients flow into `logprobs` when `B` is an autodiff backend.
 ///
 /// # Shapes
 /// - `tokens`: `[B, T]` right-padded, T ≥ 2
@@ -28,9 +30,14 @@ pub fn token_logprobs<B: Backend>(
     tokens: Tensor<B, 2, Int>,
     mask: Option<Tensor<B, 2>>,
     with_entropy: bool,
+    temperature: f64,
 ) -> TokenLogprobs<B> {
+    assert!(temperature > 0.0, "log-probs need a positive temperature, got {temperature}");
     let [b, t] = tokens.dims();
-    let logits = model.forward(tokens.clone()).narrow(1, 0, t - 1);
+    let mut logits = model.forward(tokens.clone()).narrow(1, 0, t - 1);
+    if temperature != 1.0 {
+        logits = logits / temperature;
+    }
     let logp = log_softmax(logits, 2);
     let targets = tokens.narrow(1, 1, t - 1).reshape([b, t - 1, 1]);
     let mut logprobs = logp.clone().gather(2, targets).reshape([b, t - 1]);

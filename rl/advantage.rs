@@ -3,14 +3,20 @@
 //!
 //! - GRPO: `A_i = (r_i − mean_g r) / (std_g r + ε)` (std division switchable); a group whose
 //!   0/1 outcomes are all equal gets no gradient and is counted.
-//! - MRT dense (MRT.md): `A_{i,t} = A_i + α · r_prg(episode(t))`, with
-//!   `r_prg(z_j) = J_j − J_{j−1}`; tokens outside episodes (the answer) get the outcome term
-//!   only. The all-equal filter applies to the *outcome*, never the shaped reward, so α = 0 is
-//!   GRPO exactly.
-//! - MRT (the paper's recipe): continuations of one prefix; `A_i = (r_i − r̄) + α · (r̄ − b)`
-//!   with r̄ the continuations' mean reward and b the termination baseline of the prefix (mean
-//!   reward of the continuations forced to answer at once, or the exact J). α = 1 is the
-//!   paper's `r_i − b`; α = 0 is GRPO over the continuations.
+//! - MRT dense (MRT.md): the GRPO advantage on every token, plus the bonus `α · r_prg(z_j)` on
+//!   the tokens of episode j, `r_prg(z_j) = J_j − J_{j−1}`; tokens outside episodes (the
+//!   answer) get the outcome term only. The all-equal filter applies to the *outcome* term,
+//!   never the bonus, so α = 0 is GRPO exactly. The two terms are normalised separately in
+//!   the loss (`rl/batch.rs`).
+//! - MRT (the paper's recipe): m continuations of one prefix c with termination baseline
+//!   b = J(c), the meta-prover's success probability if the stream stopped at c;
+//!   `A_i = (r_i − r̄) + α · (r̄ − b)`, r̄ the continuations' mean reward. α = 1 is the paper's
+//!   `r_i − b` (outcome plus the progress of continuing over stopping); α = 0 is GRPO's
+//!   centring over the continuations. With std scaling, *one* scale for the whole step: the
+//!   standard deviation of all its raw advantages, so that mixed and all-equal groups keep
+//!   their relative weight.
+
+use std::ops::Range;
 
 /// Small constant in the std division.
 pub const STD_EPS: f32 = 1e-4;
@@ -54,25 +60,62 @@ pub fn progress(j: &[f32]) -> Vec<f32> {
     j.windows(2).map(|w| w[1] - w[0]).collect()
 }
 
-/// Per-token advantages of one rollout for MRT dense: the outcome advantage on every token, plus
-/// `alpha · progress[e]` on the tokens of episode e (`episodes[e]` is its token range).
-pub fn dense_token_advantages(len: usize, outcome: f32, episodes: &[std::ops::Range<usize>], progress: &[f32], alpha: f32) -> Vec<f32> {
-    let mut adv = vec![outcome; len];
+/// MRT dense's per-token bonus of one rollout: `alpha · progress[e]` on the tokens of episode
+/// e (`episodes[e]` is its token range), 0 elsewhere. Non-finite progress counts as 0.
+pub fn progress_bonus(len: usize, episodes: &[Range<usize>], progress: &[f32], alpha: f32) -> Vec<f32> {
+    let mut bonus = vec![0.0; len];
     for (span, &p) in episodes.iter().zip(progress) {
-        for a in &mut adv[span.clone()] {
-            *a += alpha * p;
+        let p = if p.is_finite() { p } else { 0.0 };
+        for b in &mut bonus[span.clone()] {
+            *b = alpha * p;
         }
     }
-    adv
+    bonus
 }
 
-/// Advantages of the continuations of one prefix (the paper's MRT recipe).
-/// `continued` are the rewards of the continuations that thought on, `baseline` the
-/// termination reward of the prefix.
-pub fn mrt_continuations(continued: &[f32], baseline: f32, alpha: f32, scale_by_std: bool) -> Vec<f32> {
-    let (mean, std) = mean_std(continued);
-    let scale = if scale_by_std && std > 0.0 { std + STD_EPS } else { 1.0 };
-    continued.iter().map(|&r| ((r - mean) + alpha * (mean - baseline)) / scale).collect()
+/// MRT advantages of one step, split into their two terms.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MrtAdvantages {
+    /// `A_i` per continuation (after scaling).
+    pub advantage: Vec<f32>,
+    /// Its outcome term `(r_i − r̄) / s`.
+    pub outcome: Vec<f32>,
+    /// Its progress term `α (r̄ − b) / s`.
+    pub progress: Vec<f32>,
+    /// The scale s (1 without std scaling).
+    pub scale: f32,
+}
+
+/// Advantages of the paper's recipe for continuations laid out as consecutive groups of `m`
+/// (one group per prefix), `baselines[g]` the termination baseline b of group g's prefix.
+pub fn mrt(rewards: &[f32], baselines: &[f32], m: usize, alpha: f32, scale_by_std: bool) -> MrtAdvantages {
+    assert!(m > 0 && rewards.len() == m * baselines.len(), "one baseline per group of m continuations");
+    let mut outcome = Vec::with_capacity(rewards.len());
+    let mut prg = Vec::with_capacity(rewards.len());
+    for (g, &b) in rewards.chunks(m).zip(baselines) {
+        let (mean, _) = mean_std(g);
+        for &r in g {
+            outcome.push(r - mean);
+            prg.push(alpha * (mean - b));
+        }
+    }
+    let raw: Vec<f32> = outcome.iter().zip(&prg).map(|(o, p)| o + p).collect();
+    let scale = if scale_by_std {
+        let (_, std) = mean_std(&raw);
+        if std > 0.0 {
+            std + STD_EPS
+        } else {
+            1.0
+        }
+    } else {
+        1.0
+    };
+    MrtAdvantages {
+        advantage: raw.iter().map(|a| a / scale).collect(),
+        outcome: outcome.iter().map(|a| a / scale).collect(),
+        progress: prg.iter().map(|a| a / scale).collect(),
+        scale,
+    }
 }
 
 /// MRT-STaR selection score of a correct rollout: mean progress per episode,
@@ -101,27 +144,36 @@ mod tests {
     }
 
     #[test]
-    fn progress_telescopes_and_dense_bonus_lands_on_episode_tokens() {
+    fn progress_telescopes_and_the_bonus_lands_on_episode_tokens() {
         let j = [0.1, 0.3, 0.25, 0.9];
         let p = progress(&j);
         assert_eq!(p.len(), 3);
         assert!((p.iter().sum::<f32>() - (0.9 - 0.1)).abs() < 1e-6);
-        let adv = dense_token_advantages(10, 1.0, &[2..4, 5..7, 7..8], &p, 0.5);
-        let expect = [1.0, 1.0, 1.1, 1.1, 1.0, 0.975, 0.975, 1.325, 1.0, 1.0];
-        for (a, e) in adv.iter().zip(expect) {
-            assert!((a - e).abs() < 1e-6, "{adv:?}");
+        let bonus = progress_bonus(10, &[2..4, 5..7, 7..8], &p, 0.5);
+        let expect = [0.0, 0.0, 0.1, 0.1, 0.0, -0.025, -0.025, 0.325, 0.0, 0.0];
+        for (a, e) in bonus.iter().zip(expect) {
+            assert!((a - e).abs() < 1e-6, "{bonus:?}");
         }
-        assert_eq!(dense_token_advantages(4, -0.5, &[0..2], &[0.3], 0.0), vec![-0.5; 4]);
+        assert_eq!(progress_bonus(4, &[0..2], &[f32::NAN], 1.0), vec![0.0; 4]);
     }
 
     #[test]
-    fn mrt_continuation_advantages_by_hand() {
-        // α = 1: reward minus termination baseline.
-        assert_eq!(mrt_continuations(&[1.0, 0.0, 1.0, 1.0], 0.5, 1.0, false), vec![0.5, -0.5, 0.5, 0.5]);
-        // α = 0: GRPO over the continuations (mean 0.75).
-        assert_eq!(mrt_continuations(&[1.0, 0.0, 1.0, 1.0], 0.5, 0.0, false), vec![0.25, -0.75, 0.25, 0.25]);
-        // All continuations succeed where stopping would fail: still a positive signal.
-        assert_eq!(mrt_continuations(&[1.0, 1.0], 0.0, 1.0, true), vec![1.0, 1.0]);
+    fn mrt_advantages_by_hand() {
+        // Two prefixes, m = 2. Group 0: rewards (1, 0), b = 0.25 → r̄ = 0.5; group 1: (1, 1),
+        // b = 0.5 → r̄ = 1.
+        let a = mrt(&[1.0, 0.0, 1.0, 1.0], &[0.25, 0.5], 2, 1.0, false);
+        // α = 1: r_i − b.
+        assert_eq!(a.advantage, vec![0.75, -0.25, 0.5, 0.5]);
+        assert_eq!(a.outcome, vec![0.5, -0.5, 0.0, 0.0]);
+        assert_eq!(a.progress, vec![0.25, 0.25, 0.5, 0.5]);
+        // α = 0: centring over each group's continuations, as GRPO.
+        assert_eq!(mrt(&[1.0, 0.0, 1.0, 1.0], &[0.25, 0.5], 2, 0.0, false).advantage, vec![0.5, -0.5, 0.0, 0.0]);
+        // With std scaling, one scale for the whole step: the std of (0.75, −0.25, 0.5, 0.5).
+        let s = mrt(&[1.0, 0.0, 1.0, 1.0], &[0.25, 0.5], 2, 1.0, true);
+        let (_, std) = mean_std(&[0.75, -0.25, 0.5, 0.5]);
+        assert!((s.scale - (std + STD_EPS)).abs() < 1e-7);
+        // The all-correct group keeps the same ratio to the mixed group as without scaling.
+        assert!((s.advantage[2] / s.advantage[0] - 0.5 / 0.75).abs() < 1e-6);
         assert!((progress_per_episode(&[0.2, 0.5, 1.0]) - 0.4).abs() < 1e-6);
     }
 }

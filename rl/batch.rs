@@ -1,52 +1,94 @@
-//! Rollouts → padded training tensors. A rollout's sampled-token mask drives every loss mask:
-//! the prompt, environment replies, forced suffixes, an MRT prefix and padding are never trained.
+//! Rollouts and their training signal → padded training tensors. A rollout's sampled-token mask
+//! drives every loss mask: the prompt, environment replies, forced suffixes, an MRT prefix and
+//! padding are never trained.
+//!
+//! The loss is `Σ_t c_t · ℓ_t` with a per-token coefficient c_t that carries each term's own
+//! normalisation: `c_t = [outcome] A_i / N_outcome + [progress] bonus_t / N_progress`, where
+//! N_outcome counts the trained tokens of the rollouts in the outcome term and N_progress those
+//! of the rollouts in the progress term. So the outcome term is token-mean aggregated over
+//! exactly the tokens GRPO would train, however many all-equal groups the progress term adds
+//! to the batch, and α = 0 reproduces GRPO bit for bit.
 
 use burn::prelude::*;
 
 use super::rollout::Rollout;
 
+/// What one rollout contributes to the loss.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Signal {
+    /// Advantage of the outcome term on every trained token (GRPO, MRT), or the weight of a
+    /// supervised sample (STaR: 1).
+    pub outcome: f32,
+    /// Whether the rollout is in the outcome term (GRPO drops all-equal groups, STaR keeps
+    /// only the selected streams).
+    pub in_outcome: bool,
+    /// MRT dense: the per-token progress bonus (indexed like the rollout's tokens); the
+    /// rollout is then in the progress term.
+    pub bonus: Option<Vec<f32>>,
+}
+
+impl Signal {
+    /// A rollout in the outcome term only.
+    pub fn outcome(advantage: f32, kept: bool) -> Self {
+        Self { outcome: advantage, in_outcome: kept, bonus: None }
+    }
+}
+
 /// Training tensors of a set of rollouts, aligned with the targets (`[N, T − 1]`).
 pub struct RolloutBatch<B: Backend> {
     /// `[N, T]`
     pub tokens: Tensor<B, 2, Int>,
-    /// 1 on trained target tokens.
+    /// 1 on trained target tokens (in either term).
     pub mask: Tensor<B, 2>,
-    /// Per-target advantage.
-    pub advantages: Tensor<B, 2>,
-    /// Trained tokens in the batch.
+    /// Per-target coefficient c_t, normalisation included (0 off the mask).
+    pub coef: Tensor<B, 2>,
+    /// Trained tokens in the batch, and in each term.
     pub trained_tokens: usize,
+    pub outcome_tokens: usize,
+    pub progress_tokens: usize,
 }
 
-/// `token_advantages[i][t]` is the advantage of token t of rollout i (indexed like its tokens);
-/// `keep[i]` false drops rollout i from the loss entirely.
-pub fn rollout_batch<B: Backend>(
-    rollouts: &[&Rollout],
-    token_advantages: &[Vec<f32>],
-    keep: &[bool],
-    pad: u32,
-    device: &B::Device,
-) -> RolloutBatch<B> {
+/// Builds the batch; `signals[i]` is rollout i's training signal.
+pub fn rollout_batch<B: Backend>(rollouts: &[&Rollout], signals: &[Signal], pad: u32, device: &B::Device) -> RolloutBatch<B> {
+    assert_eq!(rollouts.len(), signals.len(), "one signal per rollout");
     let n = rollouts.len();
     let t = rollouts.iter().map(|r| r.tokens.len()).max().unwrap_or(2).max(2);
+    let trainable: Vec<Vec<bool>> = rollouts.iter().map(|r| r.trainable()).collect();
+    let count = |r: usize| trainable[r].iter().skip(1).filter(|&&x| x).count();
+    let outcome_tokens: usize = (0..n).filter(|&i| signals[i].in_outcome).map(count).sum();
+    let progress_tokens: usize = (0..n).filter(|&i| signals[i].bonus.is_some()).map(count).sum();
+    let per_outcome = 1.0 / outcome_tokens.max(1) as f32;
+    let per_progress = 1.0 / progress_tokens.max(1) as f32;
+
     let mut ids = Vec::with_capacity(n * t);
     let mut mask = Vec::with_capacity(n * (t - 1));
-    let mut adv = Vec::with_capacity(n * (t - 1));
+    let mut coef = Vec::with_capacity(n * (t - 1));
     let mut trained = 0;
-    for ((r, a), &k) in rollouts.iter().zip(token_advantages).zip(keep) {
-        ids.extend(r.tokens.iter().map(|&i| i as i64));
+    for (i, r) in rollouts.iter().enumerate() {
+        let s = &signals[i];
+        ids.extend(r.tokens.iter().map(|&x| x as i64));
         ids.extend(std::iter::repeat_n(pad as i64, t - r.tokens.len()));
-        let trainable = r.trainable();
+        let in_loss = s.in_outcome || s.bonus.is_some();
         for pos in 1..t {
-            let m = k && trainable.get(pos).copied().unwrap_or(false);
+            let m = in_loss && trainable[i].get(pos).copied().unwrap_or(false);
             trained += m as usize;
             mask.push(m as u8 as f32);
-            adv.push(if m { a[pos] } else { 0.0 });
+            let mut c = 0.0;
+            if m && s.in_outcome {
+                c += s.outcome * per_outcome;
+            }
+            if let (true, Some(bonus)) = (m, &s.bonus) {
+                c += bonus[pos] * per_progress;
+            }
+            coef.push(c);
         }
     }
     RolloutBatch {
         tokens: Tensor::from_data(TensorData::new(ids, [n, t]), device),
         mask: Tensor::from_data(TensorData::new(mask, [n, t - 1]), device),
-        advantages: Tensor::from_data(TensorData::new(adv, [n, t - 1]), device),
+        coef: Tensor::from_data(TensorData::new(coef, [n, t - 1]), device),
         trained_tokens: trained,
+        outcome_tokens,
+        progress_tokens,
     }
 }

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use super::optim::OptimConfig;
 use super::prover::{ProverConfig, ProverMode};
 use super::rollout::RolloutConfig;
-use crate::data::TaskConfig;
+use crate::data::{Split, TaskConfig};
 use crate::error::{Error, Result};
 use crate::model::{SamplerConfig, TransformerConfig};
 
@@ -16,7 +16,8 @@ use crate::model::{SamplerConfig, TransformerConfig};
 pub enum Algo {
     /// Outcome reward, group-normalised (α = 0).
     Grpo,
-    /// The paper's recipe: prefixes, terminate/continue continuations, termination baseline.
+    /// The paper's recipe: a prefix cut from a sampled stream, m continuations of it, the
+    /// meta-prover's termination baseline.
     Mrt,
     /// Dense per-episode progress bonus α · r_prg on top of the GRPO advantage.
     MrtDense,
@@ -58,6 +59,11 @@ impl Algo {
     pub fn needs_prover(self) -> bool {
         matches!(self, Self::Mrt | Self::MrtDense | Self::MrtStar)
     }
+
+    /// Whether the objective compares samples of one group (so a group needs ≥ 2).
+    pub fn group_relative(self) -> bool {
+        matches!(self, Self::Grpo | Self::Mrt | Self::MrtDense)
+    }
 }
 
 /// Supervised warm start on scripted traces.
@@ -93,12 +99,9 @@ pub struct RlConfig {
     pub kl_beta: f64,
     /// Divide advantages by the group's reward std.
     pub scale_by_std: bool,
-    /// Progress weight α (`mrt-dense`: bonus scale; `mrt`: weight of the termination baseline).
+    /// Progress weight α (`mrt-dense`: bonus scale; `mrt`: weight of the progress of
+    /// continuing over stopping, the termination-baseline term).
     pub alpha: f64,
-    /// `mrt`: fraction of the m continuations forced to answer at once.
-    pub terminate_fraction: f64,
-    /// `mrt`: prefix lengths are drawn uniformly from `0..=max_prefix_episodes` episodes.
-    pub max_prefix_episodes: usize,
     /// `mrt-star`: fraction of a group's correct streams kept (most progress per episode first).
     pub star_keep: f64,
     pub rollout: RolloutConfig,
@@ -107,11 +110,15 @@ pub struct RlConfig {
     pub checkpoint_every: usize,
 }
 
-/// Held-out evaluation.
+/// Evaluation during and after training.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EvalConfig {
-    /// Distinct held-out problems (a fixed set: same for every run of a task config).
+    /// Which problems: `held-out` for reported numbers, `validation` when a run is used to
+    /// choose hyper-parameters.
+    #[serde(default = "held_out")]
+    pub split: Split,
+    /// Distinct problems of that split (a fixed set: same for every run of a task config).
     pub problems: usize,
     /// Samples per problem.
     pub samples: usize,
@@ -120,6 +127,10 @@ pub struct EvalConfig {
     pub max_episodes: usize,
     pub max_tokens: usize,
     pub prover: ProverConfig,
+}
+
+fn held_out() -> Split {
+    Split::HeldOut
 }
 
 /// Everything that defines a run.
@@ -225,8 +236,6 @@ impl RunConfig {
                 kl_beta: 0.0,
                 scale_by_std: true,
                 alpha: 1.0,
-                terminate_fraction: 0.5,
-                max_prefix_episodes: max_episodes.saturating_sub(1),
                 star_keep: 0.5,
                 rollout: RolloutConfig {
                     max_episodes,
@@ -240,6 +249,7 @@ impl RunConfig {
                 checkpoint_every: 50 * scale,
             },
             eval: EvalConfig {
+                split: Split::HeldOut,
                 problems: 96,
                 samples: 2,
                 temperature: 1.0,
@@ -277,14 +287,8 @@ impl RunConfig {
                 return Err(Error::config(field, v, "must be positive"));
             }
         }
-        let unit = [
-            ("rl.terminate_fraction", self.rl.terminate_fraction),
-            ("rl.star_keep", self.rl.star_keep),
-        ];
-        for (field, v) in unit {
-            if !(0.0..=1.0).contains(&v) {
-                return Err(Error::config(field, v, "must be in [0, 1]"));
-            }
+        if !(0.0..=1.0).contains(&self.rl.star_keep) {
+            return Err(Error::config("rl.star_keep", self.rl.star_keep, "must be in [0, 1]"));
         }
         if !(self.rl.clip_eps > 0.0 && self.rl.clip_eps < 1.0) {
             return Err(Error::config("rl.clip_eps", self.rl.clip_eps, "must be in (0, 1)"));
@@ -292,15 +296,31 @@ impl RunConfig {
         if !(self.rl.kl_beta >= 0.0 && self.rl.alpha.is_finite() && self.rl.alpha >= 0.0) {
             return Err(Error::config("rl.kl_beta / rl.alpha", self.rl.alpha, "must be ≥ 0"));
         }
-        if self.rl.algo == Algo::Mrt && self.rl.group_size < 2 {
-            return Err(Error::config("rl.group_size", self.rl.group_size, "mrt needs at least 2 continuations per prefix"));
-        }
-        if self.rl.max_prefix_episodes >= self.rl.rollout.max_episodes {
+        if self.rl.algo.group_relative() && self.rl.group_size < 2 {
             return Err(Error::config(
-                "rl.max_prefix_episodes",
-                self.rl.max_prefix_episodes,
-                format!("must be below rl.rollout.max_episodes = {}", self.rl.rollout.max_episodes),
+                "rl.group_size",
+                self.rl.group_size,
+                format!("{} compares samples within a group: a group of one carries no learning signal (use ≥ 2)", self.rl.algo.name()),
             ));
+        }
+        // The loss scores sampled tokens under softmax(logits / T) over the whole vocabulary:
+        // truncated or greedy sampling would make every rollout off-policy for it.
+        let sampler = &self.rl.rollout.sampler;
+        if !(sampler.temperature > 0.0) {
+            return Err(Error::config("rl.rollout.sampler.temperature", sampler.temperature, "RL needs stochastic rollouts (> 0)"));
+        }
+        if sampler.top_k != 0 || sampler.top_p < 1.0 {
+            return Err(Error::config(
+                "rl.rollout.sampler",
+                format!("top_k {} top_p {}", sampler.top_k, sampler.top_p),
+                "RL trains on log-probs of the full softmax, so top-k / top-p sampling would be off-policy (use top_k 0, top_p 1)",
+            ));
+        }
+        if self.eval.split == Split::Train {
+            return Err(Error::config("eval.split", "train", "evaluate on `held-out` or `validation` problems, never on training problems"));
+        }
+        if !(self.eval.temperature > 0.0) {
+            return Err(Error::config("eval.temperature", self.eval.temperature, "must be > 0"));
         }
         let vocab_needed = crate::data::vocab::SPECIAL_TOKENS.len() + task.words().len();
         if self.model.vocab_size < vocab_needed {

@@ -6,42 +6,48 @@
 //!   cap or token budget, budget forcing for evaluation;
 //! - the value-free meta-prover μ (`prover`): J_j = P(forced answer after episode j is correct),
 //!   by K sampled answers or exactly from the softmax, on a fork of the cached prefix;
-//! - objectives (`advantage`, `loss`, `train`): `grpo`, `mrt` (the paper's terminate/continue
-//!   recipe), `mrt-dense` (α · r_prg per episode), `star` and `mrt-star`.
+//! - objectives (`score`, `advantage`, `batch`, `loss`): `grpo`, `mrt` (the paper's
+//!   prefix / continue recipe with the termination baseline), `mrt-dense` (α · r_prg per
+//!   episode), `star` and `mrt-star`; the loop (`train`) is shared;
+//! - evaluation, comparison and reports (`eval/`).
 //!
 //! Departures from the paper, and choices where it is silent:
 //! - The forced-termination suffix is three special tokens (`<timeup> </think> <answer>`), not
 //!   a sentence, since the models here are trained from scratch on a small vocabulary.
 //! - J* ≡ 1 for regret, as in the authors' code; for `search` the exact Bayes-optimal curve is
 //!   also reported.
-//! - `mrt`: A_i = (r_i − r̄) + α (r̄ − b): α = 1 is the paper's reward-minus-termination-baseline,
-//!   α = 0 GRPO over the continuations. Terminated continuations form the baseline and are not
-//!   trained. Prefixes that answer before reaching their drawn length are not continued.
-//! - `mrt-dense`: the outcome part is GRPO's, with the all-equal test on the binary outcome; a
-//!   group whose outcomes are all equal gets outcome advantage 0 but, with α > 0, still trains
-//!   on its progress bonus (with α = 0 it is dropped, so α = 0 reproduces GRPO exactly).
-//!   Tokens outside episodes get no bonus.
+//! - `mrt`: the prefix is one stream sampled from the prompt, cut at a boundary k drawn
+//!   uniformly from its episode boundaries before the last episode (k = 0 when it has none);
+//!   m = G continuations of it are all trained (the same trained samples per problem as
+//!   GRPO); the termination baseline is the meta-prover's J at the cut, i.e. what the
+//!   paper's continuations terminated at once estimate. `A_i = (r_i − r̄) + α (r̄ − b)`: α = 1
+//!   is the paper's reward-minus-termination-baseline; std scaling uses one scale for the
+//!   whole step. Prefix tokens are context, never trained (c ∼ π_old in MRT.md).
+//! - `mrt-dense`: the outcome term is GRPO's, with the all-equal test on the binary outcome,
+//!   token-mean normalised over exactly the tokens GRPO would train; the progress term
+//!   α · r_prg on each episode's tokens covers every rollout (all-equal groups included) and
+//!   is token-mean normalised over its own tokens (`batch.rs`). Tokens outside episodes get
+//!   no bonus. α = 0 reproduces GRPO bit for bit.
 //! - `mrt-star`: correct streams ranked by mean progress per episode, (J_k − J_0) / k; the top
 //!   `star_keep` fraction of each group's correct streams is kept.
-//! - Advantages use token-mean aggregation and one optimizer pass per batch by default
-//!   (ratio ≡ 1, so PPO clipping only acts with `ppo_epochs > 1`); no KL penalty by default.
+//! - Rollouts sample from softmax(logits / T) over the whole vocabulary, and the loss scores
+//!   them at the same T (top-k / top-p are refused for RL); the exact prover reads J at the
+//!   prover's temperature.
+//! - One optimizer pass per batch by default (ratio ≡ 1, so PPO clipping only acts with
+//!   `ppo_epochs > 1`); no KL penalty by default.
 
 pub mod advantage;
-pub mod analysis;
 pub mod batch;
-pub mod compare;
 pub mod config;
 pub mod eval;
-pub mod experiment;
 pub mod loss;
 pub mod metrics;
 pub mod optim;
 pub mod pipeline;
-pub mod plots;
 pub mod prover;
-pub mod report;
 pub mod rollout;
 pub mod run;
+pub mod score;
 pub mod sft;
 pub mod stage;
 pub mod train;

@@ -33,6 +33,9 @@ pub struct PipelineOptions {
     pub quiet: bool,
     /// Stop after this many steps of the current stage (simulated kill, for tests).
     pub interrupt_after: Option<usize>,
+    /// Evaluate the warm start and the fine-tuned model on `config.eval` at the end (the
+    /// experiment skips this: it evaluates every checkpoint more thoroughly itself).
+    pub final_eval: bool,
 }
 
 /// What a finished (or interrupted) run reports.
@@ -84,7 +87,7 @@ pub fn run_pipeline<B: AutodiffBackend>(opts: &PipelineOptions, device: &B::Devi
         vocab: &vocab,
         run: &run,
         metrics: MetricsWriter::open(&run.metrics_path())?,
-        eval_problems: eval_problems(task.as_ref(), config.eval.problems),
+        eval_problems: eval_problems(task.as_ref(), config.eval.problems, config.eval.split)?,
         quiet: opts.quiet,
         interrupt_after: opts.interrupt_after,
     };
@@ -116,6 +119,9 @@ pub fn run_pipeline<B: AutodiffBackend>(opts: &PipelineOptions, device: &B::Devi
     }
     checkpoint::save(&run.checkpoint("final"), &model, vec![], serde_json::json!({ "stage": "final" }))?;
 
+    if !opts.final_eval {
+        return Ok(Outcome { run_dir: run.root.clone(), completed: true, base: None, fine_tuned: None });
+    }
     let base = ctx.evaluate(&base_model, "base", 0)?;
     let fine_tuned = ctx.evaluate(&model.valid(), "final", config.rl.steps)?;
     let outcome = Outcome { run_dir: run.root.clone(), completed: true, base: Some(base), fine_tuned: Some(fine_tuned) };

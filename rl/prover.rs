@@ -5,7 +5,8 @@
 //! - `Sample`: K forced answers are sampled and verified; J_j is the fraction correct (the
 //!   paper's estimator, K = 8 in its analysis).
 //! - `Exact`: when the answer is one token from a known set (`search`), J_j is read from the
-//!   softmax: p(x | prefix, suffix) · p(`</answer>` | prefix, suffix, x).
+//!   softmax: p(x | prefix, suffix) · p(`</answer>` | prefix, suffix, x), at the same
+//!   temperature the `Sample` mode would draw the answers with.
 //!
 //! Both run on a *fork* of the rollout's KV cache taken at the episode boundary, so the prefix
 //! is never recomputed: only the 3 suffix tokens and the answer tokens are.
@@ -36,7 +37,7 @@ pub struct ProverConfig {
     pub mode: ProverMode,
     /// K: forced answers sampled per boundary in `Sample` mode.
     pub samples: usize,
-    /// Sampling temperature of the forced answers.
+    /// Temperature of the forced answers (sampled, or the softmax J is read from).
     pub temperature: f64,
     /// Longest forced answer, in tokens, before it counts as malformed.
     pub max_answer_tokens: usize,
@@ -64,6 +65,9 @@ impl ProverConfig {
         }
         if self.mode == ProverMode::Sample && self.samples == 0 {
             return Err(Error::config("prover.samples", 0, "must be positive"));
+        }
+        if !(self.temperature.is_finite() && self.temperature > 0.0) {
+            return Err(Error::config("prover.temperature", self.temperature, "must be > 0 (J is a probability under the sampling distribution)"));
         }
         if self.max_answer_tokens == 0 {
             return Err(Error::config("prover.max_answer_tokens", 0, "must be positive"));
@@ -104,7 +108,7 @@ pub fn estimate<B: Backend>(
         return Ok(Vec::new());
     }
     match config.mode {
-        ProverMode::Exact => exact(model, cache, problems, task, vocab),
+        ProverMode::Exact => exact(model, cache, problems, task, vocab, config.temperature),
         ProverMode::Sample => sampled(model, cache, problems, task, vocab, config, rng),
     }
 }
@@ -119,7 +123,7 @@ fn force<B: Backend>(model: &Transformer<B>, cache: &mut KvCache<B>, vocab: &Voc
     Ok(last_logits(logits, &vec![3; rows]))
 }
 
-fn exact<B: Backend>(model: &Transformer<B>, mut cache: KvCache<B>, problems: &[&Problem], task: &dyn Task, vocab: &Vocab) -> Result<Vec<Estimate>> {
+fn exact<B: Backend>(model: &Transformer<B>, mut cache: KvCache<B>, problems: &[&Problem], task: &dyn Task, vocab: &Vocab, temperature: f64) -> Result<Vec<Estimate>> {
     let rows = cache.rows();
     let device = model.device();
     let answers: Vec<usize> = problems
@@ -133,14 +137,14 @@ fn exact<B: Backend>(model: &Transformer<B>, mut cache: KvCache<B>, problems: &[
     let formed: Vec<f32> = (0..vocab.size() as u32).map(|i| task.well_formed(&[vocab.word(i).to_string()]) as u8 as f32).collect();
     let formed = Tensor::<B, 1>::from_data(TensorData::new(formed, [vocab.size()]), &device);
 
-    let first = log_softmax(force(model, &mut cache, vocab)?, 1); // [R, V]
+    let first = log_softmax(force(model, &mut cache, vocab)? / temperature, 1); // [R, V]
     let ids = int_tensor::<B>(&answers, &device).reshape([rows, 1]);
     let lp_answer = first.clone().gather(1, ids.clone()).reshape([rows]);
     let mass = (first.exp().narrow(1, 0, vocab.size()) * formed.reshape([1, vocab.size()])).sum_dim(1).reshape([rows]);
     cache.ensure_capacity(1);
     let second = model.forward_cached(ids, &mut cache, None)?.reshape([rows, model.config.vocab_size]);
     let end = int_tensor::<B>(&vec![vocab.specials.end_answer as usize; rows], &device).reshape([rows, 1]);
-    let lp_end = log_softmax(second, 1).gather(1, end).reshape([rows]);
+    let lp_end = log_softmax(second / temperature, 1).gather(1, end).reshape([rows]);
     let j: Vec<f32> = (lp_answer + lp_end).exp().into_data().iter::<f32>().collect();
     let m: Vec<f32> = mass.into_data().iter::<f32>().collect();
     Ok(j.into_iter().zip(m).map(|(j, well_formed)| Estimate { j, well_formed }).collect())

@@ -1,16 +1,23 @@
 //! Episode-structured batched rollouts.
 //!
 //! All rows decode in lockstep on one KV cache. Each step samples one token per row on the
-//! device, reads the batch of tokens back (stop conditions and environment replies need them),
-//! and appends to each row its *chunk*: the sampled token, plus the environment's reply when the
-//! token closed an episode, or the forced suffix when the row ran out of episodes or tokens.
-//! Chunks are ragged; the cache's holes absorb the difference (see `model::cache`).
+//! device, reads the batch of tokens back (stop conditions and environment replies need them:
+//! one host read per step for the whole batch), and appends to each row its *chunk*: the
+//! sampled token, plus the environment's reply when the token closed an episode, or the forced
+//! suffix when the row ran out of episodes or tokens. Chunks are ragged; the cache's holes
+//! absorb the difference (see `model::cache`).
 //!
 //! A row ends at `</answer>`; at the episode cap or the token budget it is forced to answer
 //! through the meta-prover's suffix (`<timeup> </think> <answer>`), so every rollout has an
 //! outcome. With `budget_forcing`, `</think>` is suppressed until the episode budget is spent
-//! (evaluation past the training budget). At every episode boundary the row's cache is forked
-//! into the prover queue, so J_j is estimated from the cached prefix.
+//! (evaluation past the training budget), except in rows whose environment has confirmed a
+//! solution. At every episode boundary the row's cache is forked into the prover queue, so J_j
+//! is estimated from the cached prefix.
+//!
+//! Rollouts start from *seeds*: partial rollouts that end at an episode boundary (a prompt, or
+//! an MRT prefix cut from an earlier stream). Each seed is prefilled once and its cache
+//! replicated into the rows that continue it, so every row's first token is sampled from the
+//! full-forward logits at the end of its seed.
 
 use std::ops::Range;
 
@@ -49,8 +56,6 @@ pub enum Finish {
     Forced,
     /// The answer never closed within `max_answer_tokens`.
     Unfinished,
-    /// Stopped at a requested episode count (an MRT prefix), to be continued.
-    Paused,
 }
 
 /// One sampled output stream.
@@ -60,8 +65,8 @@ pub struct Rollout {
     pub problem: usize,
     pub tokens: Vec<u32>,
     pub roles: Vec<Role>,
-    /// Tokens that were given, not generated here: the prompt, plus the prefix for MRT
-    /// continuations. Only policy tokens at or after this index are trained.
+    /// Tokens that were given, not generated here: the prompt, plus the seed prefix of an MRT
+    /// continuation. Only policy tokens at or after this index are trained.
     pub context_len: usize,
     /// Token ranges of the policy's completed episodes (delimiter included).
     pub episodes: Vec<Range<usize>>,
@@ -85,9 +90,33 @@ impl Rollout {
         self.roles.iter().filter(|&&r| r == Role::Policy).count()
     }
 
+    /// Policy tokens sampled here, after the context.
+    pub fn policy_tokens_after_context(&self) -> usize {
+        self.roles[self.context_len..].iter().filter(|&&r| r == Role::Policy).count()
+    }
+
     /// Trainable flags: policy tokens after the context.
     pub fn trainable(&self) -> Vec<bool> {
         self.roles.iter().enumerate().map(|(i, &r)| r == Role::Policy && i >= self.context_len).collect()
+    }
+
+    /// The rollout cut at boundary `k` (after its first k episodes and their replies): a seed
+    /// for continuations, with the J estimates it had up to there. Outcome fields are reset.
+    pub fn prefix(&self, k: usize) -> Rollout {
+        let end = self.boundaries[k];
+        Rollout {
+            problem: self.problem,
+            tokens: self.tokens[..end].to_vec(),
+            roles: self.roles[..end].to_vec(),
+            context_len: self.context_len.min(end),
+            episodes: self.episodes[..k].to_vec(),
+            boundaries: self.boundaries[..=k].to_vec(),
+            answer: None,
+            reward: 0.0,
+            finish: Finish::Unfinished,
+            j: self.j.iter().copied().take(k + 1).collect(),
+            j_well_formed: self.j_well_formed.iter().copied().take(k + 1).collect(),
+        }
     }
 }
 
@@ -98,7 +127,6 @@ enum Phase {
     /// Feed the forced suffix at the next step instead of the sampled token.
     NeedsSuffix,
     Done,
-    Paused,
 }
 
 #[derive(Debug, Clone)]
@@ -106,15 +134,23 @@ struct Row {
     r: Rollout,
     phase: Phase,
     episode_start: usize,
-    /// Pause after this many episodes (MRT prefixes).
-    pause_at: Option<usize>,
+    /// The environment confirmed a solution (budget forcing leaves the row free to stop).
+    solved: bool,
 }
 
-/// Rows decoding together on one cache. `logits` are those of each row's next token.
+/// Rows decoding together on one cache.
 pub struct Batch<B: Backend> {
     cache: KvCache<B>,
+    /// `[rows, V]`: the logits of each unfinished row's next token.
     logits: Tensor<B, 2>,
     rows: Vec<Row>,
+}
+
+impl<B: Backend> Batch<B> {
+    /// `[rows, V]`: the logits each unfinished row samples its next token from.
+    pub fn next_logits(&self) -> &Tensor<B, 2> {
+        &self.logits
+    }
 }
 
 /// Runs rollouts of one policy on one task.
@@ -130,39 +166,15 @@ impl<'a, B: Backend> Engine<'a, B> {
     /// Prefills each problem's prompt once and replicates it into `group` rows; with a prover,
     /// J_0 is estimated once per problem.
     pub fn start(&self, problems: &[Problem], group: usize, rng: &mut StdRng) -> Result<Batch<B>> {
-        let prompts: Vec<Vec<u32>> = problems.iter().map(|p| self.vocab.encode_words(&self.task.prompt(p))).collect::<Result<_>>()?;
-        let width = prompts.iter().map(Vec::len).max().unwrap_or(1);
-        if width + self.config.max_tokens + 8 > self.model.config.max_seq_len {
-            return Err(Error::Budget(format!(
-                "prompt ({width} tokens) + max_tokens ({}) exceeds the model's max_seq_len {}",
-                self.config.max_tokens, self.model.config.max_seq_len
-            )));
-        }
-        let device = self.model.device();
-        let ids: Vec<i64> = prompts.iter().flat_map(|p| (0..width).map(|i| *p.get(i).unwrap_or(&self.vocab.specials.pad) as i64)).collect();
-        let counts: Vec<usize> = prompts.iter().map(Vec::len).collect();
-        let capacity = width + 2 * self.config.max_tokens + 16;
-        let mut cache = self.model.new_cache(problems.len(), capacity);
-        let logits = self.model.forward_cached(Tensor::from_data(TensorData::new(ids, [problems.len(), width]), &device), &mut cache, Some(&counts))?;
-        let logits = last_logits(logits, &counts);
-
-        let j0 = match self.prover {
-            Some(cfg) => {
-                let mut queue = ProverQueue::default();
-                let all: Vec<usize> = (0..problems.len()).collect();
-                queue.push(&cache, &all, all.iter().map(|&p| (p, 0, p)));
-                Some(queue.flush(self.model, problems, self.task, self.vocab, cfg, rng)?)
-            }
-            None => None,
-        };
-        let order: Vec<usize> = (0..problems.len()).flat_map(|p| std::iter::repeat_n(p, group)).collect();
-        let rows = order
+        let seeds: Vec<Rollout> = problems
             .iter()
-            .map(|&p| {
-                let n = prompts[p].len();
-                let mut r = Rollout {
-                    problem: p,
-                    tokens: prompts[p].clone(),
+            .enumerate()
+            .map(|(i, p)| {
+                let prompt = self.vocab.encode_words(&self.task.prompt(p))?;
+                let n = prompt.len();
+                Ok(Rollout {
+                    problem: i,
+                    tokens: prompt,
                     roles: vec![Role::Prompt; n],
                     context_len: n,
                     episodes: Vec::new(),
@@ -172,17 +184,56 @@ impl<'a, B: Backend> Engine<'a, B> {
                     finish: Finish::Unfinished,
                     j: Vec::new(),
                     j_well_formed: Vec::new(),
-                };
-                if let Some(est) = &j0 {
-                    r.j.push(est[p].1.j);
-                    r.j_well_formed.push(est[p].1.well_formed);
-                }
-                Row {
-                    r,
-                    phase: Phase::Thinking,
-                    episode_start: n,
-                    pause_at: None,
-                }
+                })
+            })
+            .collect::<Result<_>>()?;
+        self.start_from(&seeds, problems, group, rng)
+    }
+
+    /// Prefills each seed (a partial rollout of `problems[seed.problem]` ending at an episode
+    /// boundary) once and replicates it into `group` rows, which continue it; everything in the
+    /// seed becomes their context (never trained). With a prover, J at the end of a seed that
+    /// does not carry it yet is estimated once per seed.
+    pub fn start_from(&self, seeds: &[Rollout], problems: &[Problem], group: usize, rng: &mut StdRng) -> Result<Batch<B>> {
+        let given = seeds.iter().map(|s| s.tokens.len() - s.policy_tokens()).max().unwrap_or(1);
+        if given + self.config.max_tokens + 8 > self.model.config.max_seq_len {
+            return Err(Error::Budget(format!(
+                "prompt and replies ({given} tokens) + max_tokens ({}) exceed the model's max_seq_len {}",
+                self.config.max_tokens, self.model.config.max_seq_len
+            )));
+        }
+        let device = self.model.device();
+        let width = seeds.iter().map(|s| s.tokens.len()).max().unwrap_or(1);
+        let ids: Vec<i64> = seeds.iter().flat_map(|s| (0..width).map(|i| *s.tokens.get(i).unwrap_or(&self.vocab.specials.pad) as i64)).collect();
+        let counts: Vec<usize> = seeds.iter().map(|s| s.tokens.len()).collect();
+        let mut cache = self.model.new_cache(seeds.len(), width + 2 * self.config.max_tokens + 16);
+        let logits = self.model.forward_cached(Tensor::from_data(TensorData::new(ids, [seeds.len(), width]), &device), &mut cache, Some(&counts))?;
+        let logits = last_logits(logits, &counts);
+
+        let mut seeds = seeds.to_vec();
+        if let Some(cfg) = self.prover {
+            let missing: Vec<usize> = (0..seeds.len()).filter(|&i| seeds[i].j.len() < seeds[i].boundaries.len()).collect();
+            let mut queue = ProverQueue::default();
+            queue.push(&cache, &missing, missing.iter().map(|&i| (i, seeds[i].episodes.len(), seeds[i].problem)));
+            for ((i, _, _), est) in queue.flush(self.model, problems, self.task, self.vocab, cfg, rng)? {
+                let s = &mut seeds[i];
+                let last = s.boundaries.len() - 1;
+                s.j.resize(last, f32::NAN);
+                s.j_well_formed.resize(last, f32::NAN);
+                s.j.push(est.j);
+                s.j_well_formed.push(est.well_formed);
+            }
+        }
+        let order: Vec<usize> = (0..seeds.len()).flat_map(|s| std::iter::repeat_n(s, group)).collect();
+        let rows = order
+            .iter()
+            .map(|&s| {
+                let seed = &seeds[s];
+                let mut r = seed.clone();
+                r.context_len = r.tokens.len();
+                let problem = &problems[seed.problem];
+                let solved = seed.episodes.iter().any(|span| self.task.confirms_solution(problem, &self.vocab.decode(&seed.tokens[span.start..span.end - 1])));
+                Row { episode_start: r.tokens.len(), r, phase: Phase::Thinking, solved }
             })
             .collect();
         let idx = crate::model::cache::int_tensor::<B>(&order, &device);
@@ -193,69 +244,35 @@ impl<'a, B: Backend> Engine<'a, B> {
         })
     }
 
-    /// Pauses every row after `episodes[r]` episodes (an MRT prefix of that length; 0 pauses
-    /// it right after the prompt).
-    pub fn pause_at(batch: &mut Batch<B>, episodes: &[usize]) {
-        for (row, &e) in batch.rows.iter_mut().zip(episodes) {
-            row.pause_at = Some(e);
-            if e <= row.r.episodes.len() && row.phase == Phase::Thinking {
-                row.phase = Phase::Paused;
-                row.r.finish = Finish::Paused;
-            }
-        }
-    }
-
-    /// Which rows are paused (as opposed to finished).
-    pub fn paused(batch: &Batch<B>) -> Vec<bool> {
-        batch.rows.iter().map(|r| r.phase == Phase::Paused).collect()
-    }
-
     /// The rollouts of a batch so far.
     pub fn rollouts_of(batch: &Batch<B>) -> impl Iterator<Item = &Rollout> {
         batch.rows.iter().map(|r| &r.r)
     }
 
-    /// A new batch of copies of the given rows (paused prefixes), continuing from their cache.
-    /// Rows listed in `terminate` are forced to answer at once; the others think on. The
-    /// copies' context is everything generated so far.
-    pub fn fork(batch: &Batch<B>, rows: &[usize], terminate: &[bool]) -> Batch<B> {
-        let device = batch.logits.device();
-        let idx = crate::model::cache::int_tensor::<B>(rows, &device);
-        Batch {
-            cache: batch.cache.select_rows(rows),
-            logits: batch.logits.clone().select(0, idx),
-            rows: rows
-                .iter()
-                .zip(terminate)
-                .map(|(&i, &term)| {
-                    let mut row = batch.rows[i].clone();
-                    row.r.context_len = row.r.tokens.len();
-                    row.pause_at = None;
-                    row.phase = if term { Phase::NeedsSuffix } else { Phase::Thinking };
-                    row
-                })
-                .collect(),
-        }
-    }
-
-    /// Decodes until every row has answered or paused, then scores the outcomes.
+    /// Decodes until every row has answered, then scores the outcomes.
     pub fn run(&self, batch: &mut Batch<B>, problems: &[Problem], rng: &mut StdRng) -> Result<()> {
         let device = self.model.device();
         let sp = self.vocab.specials;
         let suffix = suffix_ids(self.vocab);
         let rows = batch.rows.len();
         let mut queue = ProverQueue::<B>::default();
+        let vocab_size = self.model.config.vocab_size;
         let end_think_bias = self.config.budget_forcing.then(|| {
-            let mut b = vec![0.0f32; self.model.config.vocab_size];
+            let mut b = vec![0.0f32; vocab_size];
             b[sp.end_think as usize] = -1e9;
-            Tensor::<B, 1>::from_data(TensorData::new(b, [self.model.config.vocab_size]), &device).reshape([1, self.model.config.vocab_size])
+            Tensor::<B, 1>::from_data(TensorData::new(b, [vocab_size]), &device).reshape([1, vocab_size])
         });
         loop {
-            if batch.rows.iter().all(|r| matches!(r.phase, Phase::Done | Phase::Paused)) {
+            if batch.rows.iter().all(|r| r.phase == Phase::Done) {
                 break;
             }
             let logits = match &end_think_bias {
-                Some(bias) => batch.logits.clone() + bias.clone(),
+                // Only rows still thinking without a confirmed solution are kept thinking.
+                Some(bias) => {
+                    let forced: Vec<f32> = batch.rows.iter().map(|r| (r.phase == Phase::Thinking && !r.solved) as u8 as f32).collect();
+                    let forced = Tensor::<B, 1>::from_data(TensorData::new(forced, [rows]), &device).reshape([rows, 1]);
+                    batch.logits.clone() + forced * bias.clone()
+                }
                 None => batch.logits.clone(),
             };
             let u = uniforms::<B>(1, rows, rng, &device).reshape([rows]);
@@ -277,6 +294,7 @@ impl<'a, B: Backend> Engine<'a, B> {
             let ids: Vec<i64> = chunks.iter().flat_map(|c| (0..width).map(|k| *c.get(k).unwrap_or(&sp.pad) as i64)).collect();
             batch.cache.ensure_capacity(width);
             let logits = self.model.forward_cached(Tensor::from_data(TensorData::new(ids, [rows, width]), &device), &mut batch.cache, Some(&counts))?;
+            // Rows that fed nothing are done: their (meaningless) logits are never sampled from.
             let pick: Vec<usize> = counts.iter().map(|&c| c.max(1)).collect();
             batch.logits = last_logits(logits, &pick);
             if self.prover.is_some() {
@@ -304,7 +322,7 @@ impl<'a, B: Backend> Engine<'a, B> {
         let sp = self.vocab.specials;
         let r = &mut row.r;
         match row.phase {
-            Phase::Done | Phase::Paused => Ok((Vec::new(), false)),
+            Phase::Done => Ok((Vec::new(), false)),
             Phase::NeedsSuffix => {
                 r.tokens.extend_from_slice(suffix);
                 r.roles.extend([Role::Forced; 3]);
@@ -337,6 +355,7 @@ impl<'a, B: Backend> Engine<'a, B> {
                 if token == sp.ep {
                     r.episodes.push(row.episode_start..r.tokens.len());
                     let words = self.vocab.decode(&r.tokens[row.episode_start..r.tokens.len() - 1]);
+                    row.solved |= self.task.confirms_solution(problem, &words);
                     if let Some(reply) = self.task.reply(problem, &words) {
                         let ids = self.vocab.encode_words(&reply)?;
                         r.tokens.extend_from_slice(&ids);
@@ -346,13 +365,7 @@ impl<'a, B: Backend> Engine<'a, B> {
                     row.episode_start = r.tokens.len();
                     r.boundaries.push(r.tokens.len());
                     at_boundary = true;
-                    let done = r.episodes.len();
-                    if row.pause_at == Some(done) {
-                        r.finish = Finish::Paused;
-                        row.phase = Phase::Paused;
-                        return Ok((chunk, true));
-                    }
-                    if done >= self.config.max_episodes {
+                    if r.episodes.len() >= self.config.max_episodes {
                         row.phase = Phase::NeedsSuffix;
                     }
                 } else if token == sp.answer {

@@ -38,13 +38,13 @@ pub fn warm_start<B: AutodiffBackend>(
         let mut rng = step_rng(ctx.config.seed, "warm-start", step);
         let traces: Vec<Tokenized> = (0..cfg.batch_size)
             .map(|_| {
-                let p = sample_problem(ctx.task, Split::Train, &mut rng);
+                let p = sample_problem(ctx.task, Split::Train, &mut rng)?;
                 warm_start_trace(ctx.task, &p, &mix, &mut rng).tokenize(ctx.vocab)
             })
             .collect::<Result<_>>()?;
         let refs: Vec<&Tokenized> = traces.iter().collect();
         let batch = collate::<B>(&refs, ctx.vocab.specials.pad, &device);
-        let lp = token_logprobs(&model, batch.tokens, Some(batch.mask.clone()), false);
+        let lp = token_logprobs(&model, batch.tokens, Some(batch.mask.clone()), false, 1.0);
         let loss = sft_loss(lp.logprobs, &batch.mask);
         let loss_value: f64 = loss.clone().into_scalar().elem();
         if !loss_value.is_finite() {

@@ -186,25 +186,53 @@ fn loss_mask_covers_policy_tokens_only() {
 }
 
 #[test]
-fn train_and_held_out_problems_never_overlap() {
+fn train_validation_and_held_out_problems_never_share_a_prompt() {
     for task in tasks() {
         let mut rng = StdRng::seed_from_u64(5);
-        let train: HashSet<String> = (0..3000).map(|_| task.key(&sample_problem(task.as_ref(), Split::Train, &mut rng))).collect();
-        let held: HashSet<String> = (0..1000).map(|_| task.key(&sample_problem(task.as_ref(), Split::HeldOut, &mut rng))).collect();
-        assert!(train.is_disjoint(&held), "{}", task.name());
-        assert!(held.len() > 20 && train.len() > held.len(), "{}: {} / {}", task.name(), train.len(), held.len());
-        // The split is a property of the problem, not of how it was drawn.
+        let mut draw = |split, n| -> HashSet<Vec<String>> { (0..n).map(|_| task.prompt(&sample_problem(task.as_ref(), split, &mut rng).unwrap())).collect() };
+        let train = draw(Split::Train, 3000);
+        let validation = draw(Split::Validation, 500);
+        let held = draw(Split::HeldOut, 1000);
+        assert!(train.is_disjoint(&held) && train.is_disjoint(&validation) && validation.is_disjoint(&held), "{}", task.name());
+        assert!(held.len() >= 8 && validation.len() >= 2 && train.len() > held.len(), "{}: {} / {} / {}", task.name(), train.len(), validation.len(), held.len());
+        // The split is a function of the prompt: every problem with one prompt is on one side.
+        let mut seen: std::collections::HashMap<Vec<String>, Split> = Default::default();
         let mut rng = StdRng::seed_from_u64(6);
-        for _ in 0..500 {
+        for _ in 0..5000 {
             let p = task.generate(&mut rng);
-            let key = task.key(&p);
-            if held.contains(&key) {
-                assert_eq!(split_of(task.as_ref(), &p), Split::HeldOut);
-            }
-            if train.contains(&key) {
-                assert_eq!(split_of(task.as_ref(), &p), Split::Train);
+            let split = split_of(task.as_ref(), &p);
+            assert_eq!(*seen.entry(task.prompt(&p)).or_insert(split), split, "{}: {:?}", task.name(), task.prompt(&p));
+        }
+    }
+}
+
+#[test]
+fn warm_start_cuts_reach_the_boundary_after_the_solving_episode() {
+    for task in tasks() {
+        let mut mix = TaskConfig::by_name(task.name()).unwrap().warm_start().clone();
+        mix.cut_fraction = 1.0;
+        let mut rng = StdRng::seed_from_u64(8);
+        let mut after_solution = 0;
+        for _ in 0..400 {
+            let p = task.generate(&mut rng);
+            let trace = warm_start_trace(task.as_ref(), &p, &mix, &mut rng);
+            let k = trace.words.iter().position(|w| w == "<timeup>").expect("every cut trace is forced");
+            // Cut right after an episode that solved the problem: the forced answer is that solution.
+            let last_solved = trace.words[..k].iter().rposition(|w| w == "<ep>").is_some_and(|end| {
+                // The episode: the policy's words before that delimiter.
+                let mut start = end;
+                while start > 0 && trace.roles[start - 1] == Role::Policy && trace.words[start - 1] != "<ep>" {
+                    start -= 1;
+                }
+                let episode = &trace.words[start..end];
+                task.confirms_solution(&p, episode) || task.verify(&p, episode)
+            });
+            if last_solved {
+                after_solution += 1;
+                assert!(task.verify(&p, &answer_of(&trace)), "{}: {}", task.name(), trace.text());
             }
         }
+        assert!(after_solution > 20, "{}: {after_solution} cuts after a solving episode", task.name());
     }
 }
 

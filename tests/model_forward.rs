@@ -250,7 +250,7 @@ fn logprob_sum<Bk: Backend>(model: &Transformer<Bk>) -> Tensor<Bk, 1> {
     let dev = model.device();
     let tok = Tensor::<Bk, 2, Int>::from_data([[1i64, 4, 9, 16, 25], [3, 6, 12, 0, 0]], &dev);
     let loss_mask = Tensor::<Bk, 2>::from_data([[1.0f32, 1.0, 1.0, 1.0], [1.0, 1.0, 0.0, 0.0]], &dev);
-    token_logprobs(model, tok, Some(loss_mask), false).logprobs.sum()
+    token_logprobs(model, tok, Some(loss_mask), false, 1.0).logprobs.sum()
 }
 
 /// Multiplies every matrix parameter by a constant.

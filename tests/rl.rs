@@ -1,58 +1,27 @@
-//! The RL machinery on a small warm-started `search` policy: the meta-prover, the objectives'
-//! advantages, masks and gradients.
+//! The rollout engine and the meta-prover on a small warm-started `search` policy: episode
+//! structure, cached J = recomputed J, continuations from prefixes, budget forcing.
 
 mod common;
 
-use burn::module::{AutodiffModule, Module, ModuleVisitor, Param};
-use burn::optim::GradientsParams;
 use burn::prelude::*;
-use common::{search_policy, AD, B};
-use mrt::data::{sample_problem, Problem, Role, Split};
-use mrt::model::{token_logprobs, SamplerConfig, Transformer};
+use common::{exact, exact_at, full_forward_last_logits, problems, rollout_config, rollouts_with_j, search_policy, B};
+use mrt::data::{Problem, Role};
+use mrt::model::Transformer;
 use mrt::rl::advantage::progress;
-use mrt::rl::batch::rollout_batch;
-use mrt::rl::config::{Algo, RunConfig};
-use mrt::rl::loss::{policy_loss, PgBatch};
-use mrt::rl::optim::{adamw, require_grad, OptimConfig};
 use mrt::rl::prover::{estimate, suffix_ids, ProverConfig, ProverMode};
-use mrt::rl::rollout::{Engine, Finish, Rollout, RolloutConfig};
-use mrt::rl::train::score;
+use mrt::rl::rollout::{Engine, Finish, Rollout};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
-fn problems(n: usize, seed: u64) -> Vec<Problem> {
-    let f = search_policy();
-    let mut rng = StdRng::seed_from_u64(seed);
-    (0..n).map(|_| sample_problem(f.task.as_ref(), Split::Train, &mut rng)).collect()
-}
-
-fn rollout_config() -> RolloutConfig {
-    RolloutConfig { max_episodes: 6, max_tokens: 32, max_answer_tokens: 4, sampler: SamplerConfig::default(), budget_forcing: false }
-}
-
-fn exact() -> ProverConfig {
-    ProverConfig { mode: ProverMode::Exact, samples: 8, temperature: 1.0, max_answer_tokens: 4 }
-}
-
-fn rollouts_with_j(n: usize, group: usize, seed: u64) -> (Vec<Problem>, Vec<Rollout>) {
-    let f = search_policy();
-    let ps = problems(n, seed);
-    let rc = rollout_config();
-    let prover = exact();
-    let engine = Engine { model: &f.model, task: f.task.as_ref(), vocab: &f.vocab, config: &rc, prover: Some(&prover) };
-    let rs = engine.rollouts(&ps, group, &mut StdRng::seed_from_u64(seed)).unwrap();
-    (ps, rs)
-}
-
-/// J from a full forward over `prefix + suffix (+ answer)`: no cache involved.
-fn recomputed_j(model: &Transformer<B>, prefix: &[u32], suffix: [u32; 3], answer: u32, end: u32) -> f32 {
+/// J from a full forward over `prefix + suffix (+ answer)` at temperature `t`: no cache involved.
+fn recomputed_j(model: &Transformer<B>, prefix: &[u32], suffix: [u32; 3], answer: u32, end: u32, t: f64) -> f32 {
     let mut seq: Vec<u32> = prefix.to_vec();
     seq.extend(suffix);
     seq.push(answer);
     let n = seq.len();
     let ids: Vec<i64> = seq.iter().map(|&t| t as i64).collect();
     let logits = model.forward(Tensor::from_data(TensorData::new(ids, [1, n]), &model.device()));
-    let logp = burn::tensor::activation::log_softmax(logits, 2);
+    let logp = burn::tensor::activation::log_softmax(logits / t, 2);
     let at = |pos: usize, tok: u32| -> f32 { logp.clone().slice([0..1, pos..pos + 1, tok as usize..tok as usize + 1]).into_scalar() };
     (at(n - 2, answer) + at(n - 1, end)).exp()
 }
@@ -90,19 +59,65 @@ fn rollouts_are_episode_structured_with_environment_and_forced_tokens() {
 }
 
 #[test]
-fn forked_cache_prover_equals_recomputing_the_prefix() {
+fn forked_cache_prover_equals_recomputing_the_prefix_at_its_temperature() {
     let f = search_policy();
     let (ps, rs) = rollouts_with_j(4, 2, 2);
     let mut checked = 0;
-    for r in &rs {
-        let x = f.vocab.id(&f.task.exact_answer(&ps[r.problem]).unwrap()).unwrap();
-        for (j, &b) in r.boundaries.iter().enumerate() {
-            let again = recomputed_j(&f.model, &r.tokens[..b], suffix_ids(&f.vocab), x, f.vocab.specials.end_answer);
-            assert!((again - r.j[j]).abs() < 1e-4, "boundary {j}: cached {} vs recomputed {again}", r.j[j]);
-            checked += 1;
+    for t in [1.0, 0.6] {
+        for r in &rs {
+            let x = f.vocab.id(&f.task.exact_answer(&ps[r.problem]).unwrap()).unwrap();
+            // J of the same boundaries at temperature t, from forks of a cache prefilled anew.
+            let seeds: Vec<Rollout> = (0..r.boundaries.len()).map(|k| { let mut s = r.prefix(k); s.j.clear(); s.j_well_formed.clear(); s }).collect();
+            let rc = rollout_config();
+            let prover = exact_at(t);
+            let engine = Engine { model: &f.model, task: f.task.as_ref(), vocab: &f.vocab, config: &rc, prover: Some(&prover) };
+            let batch = engine.start_from(&seeds, &ps, 1, &mut StdRng::seed_from_u64(0)).unwrap();
+            for (k, row) in Engine::rollouts_of(&batch).enumerate() {
+                let again = recomputed_j(&f.model, &r.tokens[..r.boundaries[k]], suffix_ids(&f.vocab), x, f.vocab.specials.end_answer, t);
+                let cached = row.j[k];
+                assert!((again - cached).abs() < 1e-4, "T {t}, boundary {k}: cached {cached} vs recomputed {again}");
+                if t == 1.0 {
+                    assert!((r.j[k] - cached).abs() < 1e-4, "during the rollout {} vs from a prefill {cached}", r.j[k]);
+                }
+                checked += 1;
+            }
         }
     }
-    assert!(checked > 15, "{checked}");
+    assert!(checked > 30, "{checked}");
+}
+
+#[test]
+fn continuations_start_from_the_full_forward_logits_of_their_prefix() {
+    let f = search_policy();
+    let (ps, rs) = rollouts_with_j(8, 1, 31);
+    // Each stream cut at a different boundary, as `mrt` cuts its prefixes.
+    let seeds: Vec<Rollout> = rs.iter().enumerate().map(|(i, r)| r.prefix(i % r.boundaries.len())).collect();
+    assert!(seeds.iter().any(|s| !s.episodes.is_empty()));
+    let rc = rollout_config();
+    let engine = Engine { model: &f.model, task: f.task.as_ref(), vocab: &f.vocab, config: &rc, prover: None };
+    let batch = engine.start_from(&seeds, &ps, 2, &mut StdRng::seed_from_u64(1)).unwrap();
+    let v = f.model.config.vocab_size;
+    let logits: Vec<f32> = batch.next_logits().clone().into_data().to_vec().unwrap();
+    for (row, r) in Engine::rollouts_of(&batch).enumerate() {
+        let seed = &seeds[row / 2];
+        assert_eq!(r.tokens, seed.tokens);
+        assert_eq!(r.context_len, seed.tokens.len(), "the whole prefix is context");
+        let full = full_forward_last_logits(&f.model, &seed.tokens);
+        let worst = full.iter().zip(&logits[row * v..(row + 1) * v]).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        assert!(worst < 1e-4, "row {row}: max |Δ logit| {worst}");
+    }
+}
+
+#[test]
+fn the_meta_prover_is_sure_after_the_environment_confirms_a_solution() {
+    // Warm-start traces are cut after the solving episode too, so `… correct <timeup> </think>
+    // <answer>` is in distribution: J there is the probability of repeating the confirmed guess.
+    let f = search_policy();
+    let (_, rs) = rollouts_with_j(32, 4, 5);
+    let correct = f.vocab.id("correct").unwrap();
+    let js: Vec<f32> = rs.iter().flat_map(|r| r.boundaries.iter().enumerate().skip(1).filter(|&(_, &b)| r.tokens[b - 1] == correct).map(|(j, _)| r.j[j])).collect();
+    let mean = js.iter().sum::<f32>() / js.len() as f32;
+    assert!(js.len() > 30 && mean >= 0.95, "mean J {mean} at {} confirmed boundaries", js.len());
 }
 
 #[test]
@@ -157,148 +172,8 @@ fn exact_and_sampled_j_agree_within_sampling_error() {
     assert!(sum_e / n > 0.05, "J is informative: mean {}", sum_e / n);
 }
 
-/// Loss and gradients of one objective on the rollouts of a fixed seed.
-fn loss_and_grads(algo: Algo, alpha: f64) -> (f32, Vec<Vec<f32>>) {
-    let f = search_policy();
-    let mut cfg = RunConfig::default_for("search", "cpu-tiny", algo, 0, true).unwrap().rl;
-    cfg.alpha = alpha;
-    cfg.group_size = 4;
-    let ps = problems(6, 9);
-    let prover = exact();
-    let engine = Engine { model: &f.model, task: f.task.as_ref(), vocab: &f.vocab, config: &cfg.rollout, prover: algo.needs_prover().then_some(&prover) };
-    let scored = score(&engine, &ps, &cfg, &mut StdRng::seed_from_u64(11)).unwrap();
-    let model: Transformer<AD> = require_grad(f.model.clone().train::<AD>());
-    let refs: Vec<&Rollout> = scored.rollouts.iter().collect();
-    let device = Default::default();
-    let batch = rollout_batch::<AD>(&refs, &scored.token_advantages, &scored.keep, f.vocab.specials.pad, &device);
-    let lp = token_logprobs(&model, batch.tokens, Some(batch.mask.clone()), false);
-    let out = policy_loss(PgBatch { old_logp: lp.logprobs.clone().detach(), logp: lp.logprobs, ref_logp: None, advantages: batch.advantages, mask: batch.mask }, 0.2, 0.0);
-    let loss: f32 = out.loss.clone().into_scalar();
-    let grads = GradientsParams::from_grads(out.loss.backward(), &model);
-    (loss, collect_grads(&model, &grads))
-}
-
-fn collect_grads(model: &Transformer<AD>, grads: &GradientsParams) -> Vec<Vec<f32>> {
-    struct Collect<'a>(&'a GradientsParams, Vec<Vec<f32>>);
-    impl ModuleVisitor<AD> for Collect<'_> {
-        fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<AD, D>>) {
-            if let Some(g) = self.0.get::<B, D>(p.id) {
-                self.1.push(g.into_data().to_vec().unwrap());
-            }
-        }
-    }
-    let mut c = Collect(grads, Vec::new());
-    model.visit(&mut c);
-    c.1
-}
-
 #[test]
-fn mrt_dense_with_alpha_zero_is_exactly_grpo() {
-    let (l_grpo, g_grpo) = loss_and_grads(Algo::Grpo, 0.0);
-    let (l_dense, g_dense) = loss_and_grads(Algo::MrtDense, 0.0);
-    assert_eq!(l_grpo.to_bits(), l_dense.to_bits(), "{l_grpo} vs {l_dense}");
-    assert!(!g_grpo.is_empty());
-    assert_eq!(g_grpo, g_dense);
-    assert!(g_grpo.iter().flatten().any(|&g| g != 0.0));
-    // With α > 0 the progress bonus changes the gradient.
-    let (_, g_bonus) = loss_and_grads(Algo::MrtDense, 1.0);
-    assert_ne!(g_grpo, g_bonus);
-}
-
-#[test]
-fn environment_tokens_and_forced_suffixes_get_no_gradient() {
-    let f = search_policy();
-    let (_, rs) = rollouts_with_j(6, 4, 5);
-    let refs: Vec<&Rollout> = rs.iter().collect();
-    let device = Default::default();
-    let adv: Vec<Vec<f32>> = rs.iter().map(|r| vec![1.0; r.tokens.len()]).collect();
-    // Same rollouts with absurd advantages on every token that is not the policy's own.
-    let poisoned: Vec<Vec<f32>> = rs
-        .iter()
-        .map(|r| r.roles.iter().map(|&role| if role == Role::Policy { 1.0 } else { 1e6 }).collect())
-        .collect();
-    let keep = vec![true; rs.len()];
-    let model: Transformer<AD> = require_grad(f.model.clone().train::<AD>());
-    let grads_of = |adv: &[Vec<f32>]| {
-        let batch = rollout_batch::<AD>(&refs, adv, &keep, f.vocab.specials.pad, &device);
-        let mask: Vec<f32> = batch.mask.clone().into_data().to_vec().unwrap();
-        let lp = token_logprobs(&model, batch.tokens, Some(batch.mask.clone()), false);
-        let out = policy_loss(PgBatch { old_logp: lp.logprobs.clone().detach(), logp: lp.logprobs, ref_logp: None, advantages: batch.advantages, mask: batch.mask }, 0.2, 0.0);
-        (mask, collect_grads(&model, &GradientsParams::from_grads(out.loss.backward(), &model)))
-    };
-    let (mask, g1) = grads_of(&adv);
-    let (_, g2) = grads_of(&poisoned);
-    assert_eq!(g1, g2);
-    // The mask is exactly "policy token after the context" (targets are shifted by one).
-    let t = rs.iter().map(|r| r.tokens.len()).max().unwrap();
-    let mut forced = 0;
-    for (i, r) in rs.iter().enumerate() {
-        for pos in 1..t {
-            let expected = pos < r.tokens.len() && r.roles[pos] == Role::Policy;
-            assert_eq!(mask[i * (t - 1) + pos - 1] == 1.0, expected, "rollout {i} token {pos}");
-            forced += (pos < r.tokens.len() && r.roles[pos] == Role::Forced) as usize;
-        }
-    }
-    assert!(forced > 0, "the sample contains forced suffixes");
-}
-
-#[test]
-fn one_update_with_positive_advantage_raises_the_sampled_tokens_log_prob() {
-    let f = search_policy();
-    let (_, rs) = rollouts_with_j(4, 4, 6);
-    let refs: Vec<&Rollout> = rs.iter().collect();
-    let device = Default::default();
-    for sign in [1.0f32, -1.0] {
-        let adv: Vec<Vec<f32>> = rs.iter().map(|r| vec![sign; r.tokens.len()]).collect();
-        let batch = rollout_batch::<AD>(&refs, &adv, &vec![true; rs.len()], f.vocab.specials.pad, &device);
-        let model: Transformer<AD> = require_grad(f.model.clone().train::<AD>());
-        let total = |m: &Transformer<AD>| -> f32 { token_logprobs(&m.valid(), batch.tokens.clone().inner(), Some(batch.mask.clone().inner()), false).logprobs.sum().into_scalar() };
-        let before = total(&model);
-        let lp = token_logprobs(&model, batch.tokens.clone(), Some(batch.mask.clone()), false);
-        let out = policy_loss(PgBatch { old_logp: lp.logprobs.clone().detach(), logp: lp.logprobs, ref_logp: None, advantages: batch.advantages.clone(), mask: batch.mask.clone() }, 0.2, 0.0);
-        let cfg = OptimConfig { lr: 1e-3, warmup_steps: 0, min_lr_ratio: 1.0, weight_decay: 0.0, grad_clip: 0.0 };
-        let mut optim = adamw::<AD>(&cfg);
-        let (model, _) = mrt::rl::optim::step(model, &mut optim, out.loss, cfg.lr, 0.0);
-        let after = total(&model);
-        assert!(sign * (after - before) > 0.1, "advantage {sign}: log-prob {before} → {after}");
-    }
-}
-
-#[test]
-fn mrt_continuations_branch_from_their_prefix() {
-    let f = search_policy();
-    let mut cfg = RunConfig::default_for("search", "cpu-tiny", Algo::Mrt, 0, true).unwrap().rl;
-    cfg.group_size = 4;
-    cfg.terminate_fraction = 0.5;
-    let ps = problems(6, 12);
-    let prover = exact();
-    let engine = Engine { model: &f.model, task: f.task.as_ref(), vocab: &f.vocab, config: &cfg.rollout, prover: Some(&prover) };
-    let s = score(&engine, &ps, &cfg, &mut StdRng::seed_from_u64(3)).unwrap();
-    assert_eq!(s.rollouts.len(), 4 * s.groups);
-    assert_eq!(s.groups + s.prefixes_finished, 6);
-    for (g, chunk) in s.rollouts.chunks(4).enumerate() {
-        // All continuations share the prefix; the first two were forced to answer at once.
-        let ctx = chunk[0].context_len;
-        assert!(chunk.iter().all(|r| r.context_len == ctx && r.tokens[..ctx] == chunk[0].tokens[..ctx]));
-        for r in &chunk[..2] {
-            assert_eq!(&r.tokens[ctx..ctx + 3], &suffix_ids(&f.vocab));
-            assert_eq!(r.finish, Finish::Forced);
-        }
-        assert_eq!(&s.keep[g * 4..g * 4 + 4], &[false, false, true, true]);
-        // α = 1: advantage = reward − mean termination reward.
-        let b = (chunk[0].reward + chunk[1].reward) / 2.0;
-        for (i, r) in chunk.iter().enumerate().skip(2) {
-            let a = s.token_advantages[g * 4 + i][0];
-            let (_, std) = mrt::rl::advantage::mean_std(&[chunk[2].reward, chunk[3].reward]);
-            let raw = r.reward - b;
-            let scaled = if std > 0.0 { raw / (std + mrt::rl::advantage::STD_EPS) } else { raw };
-            assert!((a - scaled).abs() < 1e-5, "{a} vs {scaled}");
-        }
-    }
-}
-
-#[test]
-fn budget_forcing_suppresses_end_of_thinking_until_the_budget_is_spent() {
+fn budget_forcing_keeps_unsolved_rows_thinking_and_lets_solved_rows_stop() {
     let f = search_policy();
     let ps = problems(8, 21);
     let mut rc = rollout_config();
@@ -308,12 +183,18 @@ fn budget_forcing_suppresses_end_of_thinking_until_the_budget_is_spent() {
     let engine = Engine { model: &f.model, task: f.task.as_ref(), vocab: &f.vocab, config: &rc, prover: None };
     let rs = engine.rollouts(&ps, 2, &mut StdRng::seed_from_u64(4)).unwrap();
     let end_think = f.vocab.specials.end_think;
+    let correct = f.vocab.id("correct").unwrap();
+    let stops_by_itself = |r: &Rollout| r.tokens.iter().zip(&r.roles).position(|(&t, &role)| t == end_think && role == Role::Policy);
     for r in &rs {
-        // `</think>` only ever appears inside the forced suffix, never sampled by the policy.
-        for (t, role) in r.tokens.iter().zip(&r.roles) {
-            assert!(!(*t == end_think && *role == Role::Policy), "{}", f.vocab.decode(&r.tokens).join(" "));
+        // The policy ends its thinking only after the environment confirmed a solution;
+        // otherwise `</think>` appears only in the forced suffix at the extended budget.
+        if let Some(pos) = stops_by_itself(r) {
+            let confirmed = r.tokens[..pos].iter().zip(&r.roles).any(|(&t, &role)| t == correct && role == Role::Env);
+            assert!(confirmed, "{}", f.vocab.decode(&r.tokens).join(" "));
         }
     }
+    // Solved rows are not pushed past their solution.
+    assert!(rs.iter().any(|r| stops_by_itself(r).is_some()), "no solved row ended its thinking");
     // Without forcing, the same policy does end its thinking by itself.
     rc.budget_forcing = false;
     let engine = Engine { model: &f.model, task: f.task.as_ref(), vocab: &f.vocab, config: &rc, prover: None };

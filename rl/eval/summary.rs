@@ -13,29 +13,35 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
-use super::config::EvalConfig;
-use super::rollout::{Engine, Finish, Rollout, RolloutConfig};
+use crate::rl::config::EvalConfig;
+use crate::rl::rollout::{Engine, Finish, Rollout, RolloutConfig};
 use crate::data::split::fnv1a;
 use crate::data::{sample_problem, Problem, Split, Task, Vocab};
 use crate::error::Result;
 use crate::model::{SamplerConfig, Transformer};
 
-/// The fixed held-out problem set of a task configuration: `n` distinct held-out problems drawn
-/// with a seed derived from the task name only, so every run of a task sees the same set.
-pub fn eval_problems(task: &dyn Task, n: usize) -> Vec<Problem> {
-    let mut rng = StdRng::seed_from_u64(fnv1a(format!("eval:{}", task.name()).as_bytes()));
+/// The fixed evaluation set of a task configuration on one split (`HeldOut` for reported
+/// numbers, `Validation` for choosing hyper-parameters): up to `n` distinct problems drawn with
+/// a seed derived from the task name and split only, so every run of a task sees the same set.
+pub fn eval_problems(task: &dyn Task, n: usize, split: Split) -> Result<Vec<Problem>> {
+    let stream = match split {
+        Split::HeldOut => "eval",
+        Split::Validation => "validation",
+        Split::Train => "train-eval",
+    };
+    let mut rng = StdRng::seed_from_u64(fnv1a(format!("{stream}:{}", task.name()).as_bytes()));
     let mut seen = HashSet::new();
     let mut out = Vec::with_capacity(n);
     let mut misses = 0;
     while out.len() < n && misses < 20 * n + 1000 {
-        let p = sample_problem(task, Split::HeldOut, &mut rng);
+        let p = sample_problem(task, split, &mut rng)?;
         if seen.insert(task.key(&p)) {
             out.push(p);
         } else {
             misses += 1;
         }
     }
-    out
+    Ok(out)
 }
 
 /// Anytime accuracy of one rollout at a budget of `b` episodes: its outcome once it has ended

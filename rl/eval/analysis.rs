@@ -6,8 +6,8 @@ use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
 
-use super::advantage::progress;
-use super::rollout::Rollout;
+use crate::rl::advantage::progress;
+use crate::rl::rollout::Rollout;
 use crate::data::Role;
 
 /// Normalised cumulative regret at every budget: `R(b) = (1/b) Σ_{i=1..b} (J*_i − A_i)` for

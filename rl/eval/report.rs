@@ -10,8 +10,8 @@ use burn::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::analysis::{maj_at_k, progress_histogram, regret_curve, token_anytime, CostPoint, Vote};
-use super::config::{EvalConfig, RunConfig};
-use super::eval::{eval_problems, evaluate, EvalSummary};
+use crate::rl::config::{EvalConfig, RunConfig};
+use super::summary::{eval_problems, evaluate, EvalSummary};
 use crate::data::{Task, Vocab};
 use crate::error::Result;
 use crate::model::Transformer;
@@ -62,7 +62,7 @@ pub struct ReportOptions {
 
 /// Evaluates `model` on the held-out set of `config`'s task.
 pub fn evaluate_report<B: Backend>(model: &Transformer<B>, task: &dyn Task, vocab: &Vocab, config: &RunConfig, opts: &ReportOptions) -> Result<EvalReport> {
-    let problems = eval_problems(task, opts.problems);
+    let problems = eval_problems(task, opts.problems, config.eval.split)?;
     let budget = config.rl.rollout.max_episodes;
     let natural_cfg = EvalConfig {
         problems: problems.len(),

@@ -1,0 +1,19 @@
+//! Evaluation, comparison and reports, kept apart from the training algorithms:
+//! - `summary`: held-out (or validation) rollouts → pass@1, anytime accuracy, regret;
+//! - `analysis`: the paper's measures as pure functions (regret curves, maj@k, token curves);
+//! - `report`: everything measured on one checkpoint, at the training budget and past it;
+//! - `stats`: paired bootstrap intervals over seeds and the verdicts built on them;
+//! - `compare`, `figures`, `plots`: runs side by side, in tables and SVG plots;
+//! - `regime`, `experiment`: the named experiment regimes and the MRT-vs-GRPO experiment.
+
+pub mod analysis;
+pub mod compare;
+pub mod experiment;
+pub mod figures;
+pub mod plots;
+pub mod regime;
+pub mod report;
+pub mod stats;
+pub mod summary;
+
+pub use summary::{anytime, eval_problems, evaluate, scripted_pass1, summarize, EvalSummary};

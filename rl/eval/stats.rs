@@ -1,0 +1,178 @@
+//! Interval estimates over seeds, after rliable (Agarwal et al. 2021): with few runs, report a
+//! statistic with a stratified bootstrap confidence interval, and compare algorithms through
+//! *paired* differences (same warm start, same RL seed, so the same problems at every step).
+//!
+//! A unit is one RL seed; its stratum is its warm start. A resample draws, within each stratum,
+//! as many units as the stratum has, with replacement; the interval is the 2.5 % and 97.5 %
+//! percentiles of the statistic over the resamples (strata are pooled when one holds a single
+//! unit). Everything is seeded: the same numbers give the same interval. With fewer than two
+//! units there is no interval and no verdict.
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+
+/// Bootstrap resamples per interval.
+pub const RESAMPLES: usize = 4000;
+
+/// A point estimate with its 95 % interval.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Interval {
+    pub point: f64,
+    pub lo: f64,
+    pub hi: f64,
+    /// Units (seeds) behind it.
+    pub n: usize,
+    /// Fraction of resamples where the statistic was undefined (dropped).
+    pub undefined: f64,
+}
+
+impl Interval {
+    /// The interval lies strictly above (`> 0`) or below (`< 0`) zero.
+    pub fn excludes_zero(&self) -> bool {
+        self.lo > 0.0 || self.hi < 0.0
+    }
+
+    /// `0.123 [0.100, 0.150]`.
+    pub fn show(&self, digits: usize) -> String {
+        format!("{:.d$} [{:.d$}, {:.d$}]", self.point, self.lo, self.hi, d = digits)
+    }
+}
+
+/// Stratified percentile bootstrap of `stat`, a function of the indices of the units in a
+/// (re)sample that returns `None` where it is undefined. `strata[i]` is unit i's stratum. `None`
+/// with fewer than two units or when the statistic is undefined on the full sample.
+pub fn bootstrap(strata: &[usize], stat: &dyn Fn(&[usize]) -> Option<f64>, seed: u64) -> Option<Interval> {
+    let n = strata.len();
+    if n < 2 {
+        return None;
+    }
+    let all: Vec<usize> = (0..n).collect();
+    let point = stat(&all)?;
+    let mut groups: Vec<Vec<usize>> = Vec::new();
+    for (i, &s) in strata.iter().enumerate() {
+        if groups.len() <= s {
+            groups.resize(s + 1, Vec::new());
+        }
+        groups[s].push(i);
+    }
+    groups.retain(|g| !g.is_empty());
+    // A stratum of one unit would resample to itself and hide its variance: then the
+    // strata are pooled.
+    if groups.iter().any(|g| g.len() < 2) {
+        groups = vec![all.clone()];
+    }
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut values = Vec::with_capacity(RESAMPLES);
+    let mut sample = Vec::with_capacity(n);
+    for _ in 0..RESAMPLES {
+        sample.clear();
+        for g in &groups {
+            sample.extend((0..g.len()).map(|_| g[rng.random_range(0..g.len())]));
+        }
+        if let Some(v) = stat(&sample).filter(|v| v.is_finite()) {
+            values.push(v);
+        }
+    }
+    if values.is_empty() {
+        return None;
+    }
+    values.sort_by(f64::total_cmp);
+    let q = |p: f64| values[((p * (values.len() - 1) as f64).round() as usize).min(values.len() - 1)];
+    Some(Interval { point, lo: q(0.025), hi: q(0.975), n, undefined: 1.0 - values.len() as f64 / RESAMPLES as f64 })
+}
+
+/// Mean of `x` over the units `idx`.
+pub fn mean_of(x: &[f64], idx: &[usize]) -> f64 {
+    idx.iter().map(|&i| x[i]).sum::<f64>() / idx.len().max(1) as f64
+}
+
+/// Mean with its stratified bootstrap interval.
+pub fn mean_interval(x: &[f64], strata: &[usize], seed: u64) -> Option<Interval> {
+    bootstrap(strata, &|idx| Some(mean_of(x, idx)), seed)
+}
+
+/// Mean of the paired differences `b − a` with its interval.
+pub fn paired_difference(a: &[f64], b: &[f64], strata: &[usize], seed: u64) -> Option<Interval> {
+    assert_eq!(a.len(), b.len(), "paired samples");
+    let d: Vec<f64> = a.iter().zip(b).map(|(a, b)| b - a).collect();
+    mean_interval(&d, strata, seed)
+}
+
+/// Fraction of paired units where `b` beats `a` (ties count half): rliable's probability of
+/// improvement, for `higher_better` measures; flipped otherwise.
+pub fn probability_of_improvement(a: &[f64], b: &[f64], higher_better: bool) -> f64 {
+    let score: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(a, b)| {
+            let (a, b) = if higher_better { (*a, *b) } else { (-*a, -*b) };
+            if b > a {
+                1.0
+            } else if b == a {
+                0.5
+            } else {
+                0.0
+            }
+        })
+        .sum();
+    score / a.len().max(1) as f64
+}
+
+/// Outcome of a verdict fixed before the experiment ran.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Verdict {
+    Met,
+    NotMet,
+    /// Not decidable from the data (too few seeds, an undefined statistic); says why.
+    NoVerdict(String),
+}
+
+impl Verdict {
+    pub fn word(&self) -> String {
+        match self {
+            Verdict::Met => "**met**".into(),
+            Verdict::NotMet => "not met".into(),
+            Verdict::NoVerdict(why) => format!("no verdict ({why})"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn intervals_cover_the_mean_and_shrink_with_agreement() {
+        let strata = [0, 0, 0, 0, 1, 1, 1, 1];
+        let noisy = [0.1, -0.2, 0.3, 0.0, 0.2, -0.1, 0.25, -0.05];
+        let i = mean_interval(&noisy, &strata, 1).unwrap();
+        assert!((i.point - 0.0625).abs() < 1e-12 && i.lo < i.point && i.point < i.hi);
+        assert!(!i.excludes_zero(), "{i:?}");
+        let clear = [0.30, 0.32, 0.28, 0.31, 0.29, 0.33, 0.30, 0.31];
+        let j = mean_interval(&clear, &strata, 1).unwrap();
+        assert!(j.excludes_zero() && j.lo > 0.27 && j.hi < 0.33, "{j:?}");
+        // Resamples stay inside each stratum: a constant stratum shift does not widen it.
+        let shifted: Vec<f64> = clear.iter().zip(strata).map(|(v, s)| v + s as f64).collect();
+        let k = mean_interval(&shifted, &strata, 1).unwrap();
+        assert!((k.hi - k.lo) - (j.hi - j.lo) < 0.02, "{k:?} vs {j:?}");
+        // Same inputs, same interval.
+        assert_eq!(mean_interval(&noisy, &strata, 1), Some(i));
+    }
+
+    #[test]
+    fn one_unit_has_no_interval() {
+        assert_eq!(mean_interval(&[0.5], &[0], 1), None);
+        assert_eq!(paired_difference(&[0.976], &[0.974], &[0], 1), None);
+    }
+
+    #[test]
+    fn paired_differences_and_probability_of_improvement() {
+        let a = [0.5, 0.6, 0.7, 0.8];
+        let b = [0.6, 0.7, 0.8, 0.8];
+        let d = paired_difference(&a, &b, &[0, 0, 0, 0], 3).unwrap();
+        assert!((d.point - 0.075).abs() < 1e-12 && d.lo >= 0.0 && d.hi <= 0.1 + 1e-12, "{d:?}");
+        assert_eq!(probability_of_improvement(&a, &b, true), 0.875);
+        assert_eq!(probability_of_improvement(&a, &b, false), 0.125);
+    }
+}

@@ -1,0 +1,164 @@
+//! One step's samples and their training signal: the only place where GRPO and the MRT
+//! variants differ (MRT.md, "Instantiations"; the formulas are in `advantage.rs`).
+//!
+//! - `grpo`, `mrt-dense`, `star`, `mrt-star`: G full streams per problem from its prompt;
+//!   `mrt-dense` and `mrt-star` score every episode boundary with the meta-prover.
+//! - `mrt`: one full stream per problem with J at every boundary; it is cut at a boundary
+//!   k ~ U{0 … e − 1} (e its episodes; k = 0 when it has none), and m = G continuations are
+//!   sampled from the cut. The prover's J at the cut is the termination baseline: the success
+//!   probability of stopping there, estimated as the paper's terminated continuations would
+//!   (exactly from the softmax where the answer is one token, else from K forced answers), so
+//!   all m continuations are trained, the same number of trained samples per problem as GRPO.
+
+use burn::prelude::*;
+use rand::rngs::StdRng;
+use rand::Rng;
+
+use super::advantage::{grpo, mrt, progress, progress_bonus, progress_per_episode};
+use super::batch::Signal;
+use super::config::{Algo, RlConfig};
+use super::rollout::{Engine, Rollout};
+use crate::data::Problem;
+use crate::error::Result;
+
+/// Samples of one step with their training signal.
+pub struct Scored {
+    /// The trained samples.
+    pub rollouts: Vec<Rollout>,
+    /// One per rollout.
+    pub signals: Vec<Signal>,
+    /// `mrt`: the full streams the prefixes were cut from (empty otherwise).
+    pub prefix_streams: Vec<Rollout>,
+    /// `mrt`: the termination baseline b of each prefix (empty otherwise).
+    pub baselines: Vec<f32>,
+    /// Groups (of samples from one context) and those whose outcomes were all equal.
+    pub groups: usize,
+    pub degenerate_groups: usize,
+    /// Mean magnitude of each advantage term over the trained samples (outcome) and over
+    /// their tokens (`mrt-dense`'s bonus) or samples (`mrt`'s α(r̄ − b)); 0 where a term is
+    /// absent. Shows which term drives the update.
+    pub outcome_abs: f64,
+    pub progress_abs: f64,
+}
+
+impl Scored {
+    /// Full streams sampled from the prompts: what the step's `rollout/…` and `prover/…`
+    /// metrics describe, so that they compare across algorithms.
+    pub fn streams(&self) -> &[Rollout] {
+        if self.prefix_streams.is_empty() {
+            &self.rollouts
+        } else {
+            &self.prefix_streams
+        }
+    }
+}
+
+fn mean_abs(x: impl Iterator<Item = f32>) -> f64 {
+    let (s, n) = x.fold((0.0f64, 0usize), |(s, n), v| (s + v.abs() as f64, n + 1));
+    if n == 0 {
+        0.0
+    } else {
+        s / n as f64
+    }
+}
+
+/// Rollouts and their training signal for one step of `cfg.algo` on `problems`.
+pub fn score<B: Backend>(engine: &Engine<B>, problems: &[Problem], cfg: &RlConfig, rng: &mut StdRng) -> Result<Scored> {
+    if cfg.algo == Algo::Mrt {
+        return score_mrt(engine, problems, cfg, rng);
+    }
+    let g = cfg.group_size;
+    let rollouts = engine.rollouts(problems, g, rng)?;
+    let rewards: Vec<f32> = rollouts.iter().map(|r| r.reward).collect();
+    let (adv, keep, degenerate) = grpo(&rewards, g, cfg.scale_by_std);
+    let mut signals: Vec<Signal> = adv.iter().zip(&keep).map(|(&a, &k)| Signal::outcome(a, k)).collect();
+    let alpha = cfg.alpha as f32;
+    match cfg.algo {
+        // Every rollout is in the progress term, including those of all-equal groups: that is
+        // where outcome RL goes blind once a problem is always (or never) solved, and where
+        // the bonus should act. With α = 0 there is no progress term: GRPO exactly.
+        Algo::MrtDense if alpha > 0.0 => {
+            for (s, r) in signals.iter_mut().zip(&rollouts) {
+                s.bonus = Some(progress_bonus(r.tokens.len(), &r.episodes, &progress(&r.j), alpha));
+            }
+        }
+        // Supervised on selected correct streams, weight 1 on their tokens.
+        Algo::Star | Algo::MrtStar => {
+            for (group, chunk) in rollouts.chunks(g).enumerate() {
+                let mut correct: Vec<usize> = (0..g).filter(|&i| chunk[i].reward > 0.0).map(|i| group * g + i).collect();
+                if cfg.algo == Algo::MrtStar {
+                    correct.sort_by(|&a, &b| progress_per_episode(&rollouts[b].j).total_cmp(&progress_per_episode(&rollouts[a].j)));
+                    let n = ((correct.len() as f64 * cfg.star_keep).ceil() as usize).max(1).min(correct.len());
+                    correct.truncate(n);
+                }
+                for i in group * g..(group + 1) * g {
+                    signals[i] = Signal::outcome(1.0, correct.contains(&i));
+                }
+            }
+        }
+        _ => {}
+    }
+    let outcome_abs = mean_abs(signals.iter().filter(|s| s.in_outcome).map(|s| s.outcome));
+    let mut bonuses = Vec::new();
+    for (s, r) in signals.iter().zip(&rollouts) {
+        if let Some(b) = &s.bonus {
+            bonuses.extend(b.iter().zip(r.trainable()).filter(|(_, t)| *t).map(|(v, _)| *v));
+        }
+    }
+    let progress_abs = mean_abs(bonuses.into_iter());
+    Ok(Scored {
+        rollouts,
+        signals,
+        prefix_streams: Vec::new(),
+        baselines: Vec::new(),
+        groups: problems.len(),
+        degenerate_groups: degenerate,
+        outcome_abs,
+        progress_abs,
+    })
+}
+
+/// The paper's recipe (see the module header).
+fn score_mrt<B: Backend>(engine: &Engine<B>, problems: &[Problem], cfg: &RlConfig, rng: &mut StdRng) -> Result<Scored> {
+    let m = cfg.group_size;
+    let streams = engine.rollouts(problems, 1, rng)?;
+    let mut seeds = Vec::with_capacity(streams.len());
+    let mut baselines = Vec::with_capacity(streams.len());
+    for s in &streams {
+        let e = s.episodes.len();
+        let k = if e == 0 { 0 } else { rng.random_range(0..e) };
+        // J is there at every boundary (the engine has a prover); a NaN one poisons the loss,
+        // which the loop reports as divergence.
+        let b = s.j.get(k).copied().unwrap_or(f32::NAN);
+        seeds.push(s.prefix(k));
+        baselines.push(b);
+    }
+    let continuation = Engine { model: engine.model, task: engine.task, vocab: engine.vocab, config: engine.config, prover: None };
+    let mut batch = continuation.start_from(&seeds, problems, m, rng)?;
+    continuation.run(&mut batch, problems, rng)?;
+    let rollouts = Engine::finish(batch);
+
+    let rewards: Vec<f32> = rollouts.iter().map(|r| r.reward).collect();
+    let adv = mrt(&rewards, &baselines, m, cfg.alpha as f32, cfg.scale_by_std);
+    let mut signals = Vec::with_capacity(rollouts.len());
+    let mut degenerate = 0;
+    for (g, chunk) in adv.advantage.chunks(m).enumerate() {
+        degenerate += rewards[g * m..(g + 1) * m].iter().all(|&r| r == rewards[g * m]) as usize;
+        // A group whose advantages are all zero carries no signal and, as in GRPO, is not
+        // in the loss (so it does not dilute the token mean).
+        let informative = chunk.iter().any(|&a| a != 0.0);
+        signals.extend(chunk.iter().map(|&a| Signal::outcome(a, informative)));
+    }
+    let kept = |v: &[f32]| mean_abs(v.iter().zip(&signals).filter(|(_, s)| s.in_outcome).map(|(a, _)| *a));
+    let (outcome_abs, progress_abs) = (kept(&adv.outcome), kept(&adv.progress));
+    Ok(Scored {
+        groups: streams.len(),
+        rollouts,
+        signals,
+        prefix_streams: streams,
+        baselines,
+        degenerate_groups: degenerate,
+        outcome_abs,
+        progress_abs,
+    })
+}

@@ -1,0 +1,59 @@
+//! Run configurations: defaults validate, and bad values are errors that name the field.
+
+use mrt::rl::config::{Algo, RunConfig};
+use serde_json::json;
+
+fn patched(algo: Algo, task: &str, patch: serde_json::Value) -> Result<RunConfig, String> {
+    let c = RunConfig::with_patch(task, "cpu-tiny", algo, 0, true, Some(patch)).map_err(|e| e.to_string())?;
+    c.validate().map_err(|e| e.to_string())?;
+    Ok(c)
+}
+
+#[test]
+fn defaults_validate_for_every_task_and_algorithm() {
+    for task in ["search", "countdown"] {
+        for algo in ["grpo", "mrt", "mrt-dense", "star", "mrt-star"] {
+            RunConfig::default_for(task, "cpu-tiny", Algo::parse(algo).unwrap(), 0, true).unwrap().validate().unwrap();
+        }
+    }
+}
+
+#[test]
+fn vocabulary_sizes_that_cannot_fit_are_refused_up_front() {
+    let err = patched(Algo::Grpo, "search", json!({"task": {"n": 100_000_000}})).unwrap_err();
+    assert!(err.contains("task.n") && err.contains("10000"), "{err}");
+    let err = patched(Algo::Grpo, "countdown", json!({"task": {"max_value": 1_000_000}})).unwrap_err();
+    assert!(err.contains("task.max_value"), "{err}");
+    assert!(patched(Algo::Grpo, "search", json!({"task": {"n": 256, "hint_noise": 64}})).is_ok());
+}
+
+#[test]
+fn a_group_of_one_is_refused_where_samples_are_compared_within_groups() {
+    for algo in [Algo::Grpo, Algo::Mrt, Algo::MrtDense] {
+        let err = patched(algo, "search", json!({"rl": {"group_size": 1}})).unwrap_err();
+        assert!(err.contains("rl.group_size") && err.contains(algo.name()), "{err}");
+    }
+    // STaR keeps correct streams: one per problem is a valid (if small) setting.
+    assert!(patched(Algo::Star, "search", json!({"rl": {"group_size": 1}})).is_ok());
+}
+
+#[test]
+fn rollout_sampling_the_loss_cannot_score_is_refused() {
+    for sampler in [json!({"temperature": 1.0, "top_k": 5}), json!({"temperature": 1.0, "top_p": 0.9}), json!({"temperature": 0.0})] {
+        let err = patched(Algo::Grpo, "search", json!({"rl": {"rollout": {"sampler": sampler}}})).unwrap_err();
+        assert!(err.contains("rl.rollout.sampler"), "{err}");
+    }
+    // A temperature other than 1 is fine: the loss scores tokens at the same temperature.
+    assert!(patched(Algo::Grpo, "search", json!({"rl": {"rollout": {"sampler": {"temperature": 0.7}}}})).is_ok());
+    let err = patched(Algo::MrtDense, "search", json!({"rl": {"prover": {"temperature": 0.0}}})).unwrap_err();
+    assert!(err.contains("prover.temperature"), "{err}");
+}
+
+#[test]
+fn split_fractions_must_leave_training_problems() {
+    let err = patched(Algo::Grpo, "search", json!({"task": {"held_out_fraction": 0.6, "validation_fraction": 0.5}})).unwrap_err();
+    assert!(err.contains("validation_fraction"), "{err}");
+    let err = patched(Algo::Grpo, "search", json!({"eval": {"split": "train"}})).unwrap_err();
+    assert!(err.contains("eval.split"), "{err}");
+    assert!(patched(Algo::Grpo, "search", json!({"eval": {"split": "validation"}})).is_ok());
+}
