@@ -12,7 +12,8 @@ use anyhow::{bail, Context, Result};
 use burn::tensor::backend::AutodiffBackend;
 use clap::Parser;
 use mrt::backend::{dispatch, exit_code, tune_allocator, BackendTask, DeviceChoice};
-use mrt::rl::eval::experiment::{render_overview, run_regime, run_sweep, ExperimentOptions, RegimeSummary};
+use mrt::rl::eval::experiment::{render_overview, run_regimes, warm_starts, ExperimentOptions, RegimeSummary};
+use mrt::rl::eval::sweep::run_sweeps;
 use mrt::rl::eval::regime::{names, Regime};
 
 /// Compare MRT with GRPO over seeds, per regime, with intervals and pre-registered verdicts.
@@ -29,6 +30,10 @@ struct Args {
     /// of running the headline experiment.
     #[arg(long)]
     sweep: bool,
+    /// Only the warm starts and their held-out evaluations (cached in each regime's folder),
+    /// e.g. to prepare them once for the sweep and the headline runs, or to copy elsewhere.
+    #[arg(long, conflicts_with = "sweep")]
+    warm_starts: bool,
     /// Smoke mode: every stage with tiny step counts and two seeds (the numbers mean nothing).
     #[arg(long)]
     quick: bool,
@@ -38,6 +43,10 @@ struct Args {
     /// auto, cpu, wgpu or cuda.
     #[arg(long, default_value = "auto")]
     device: String,
+    /// Runs side by side, each on one thread (default: the CPU's cores on the CPU, 1 on a GPU).
+    /// Results do not depend on it.
+    #[arg(long)]
+    jobs: Option<usize>,
     /// Output directory; each regime gets a folder inside it.
     #[arg(long, default_value = "runs/experiment")]
     out: PathBuf,
@@ -55,20 +64,32 @@ struct Job {
 impl BackendTask for Job {
     type Output = mrt::Result<()>;
     fn run<B: AutodiffBackend>(self, device: B::Device, label: String) -> Self::Output {
+        let cpu = label.starts_with("cpu");
+        let workers = self.args.jobs.unwrap_or(if cpu { std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) } else { 1 });
+        let label = if cpu { format!("cpu (flex; {workers} runs side by side, one thread each)") } else { label };
         eprintln!("device: {label}");
         let t0 = Instant::now();
+        let list: Vec<ExperimentOptions> = self
+            .regimes
+            .into_iter()
+            .map(|regime| ExperimentOptions { out: self.args.out.join(&regime.name), regime, quiet: self.args.quiet, device_label: label.clone(), command: self.command.clone() })
+            .collect();
         let mut summaries: Vec<RegimeSummary> = Vec::new();
-        for regime in self.regimes {
-            let out = self.args.out.join(&regime.name);
-            let opts = ExperimentOptions { regime, out: out.clone(), quiet: self.args.quiet, device_label: label.clone(), command: self.command.clone() };
-            if self.args.sweep {
-                let report = run_sweep::<B>(&opts, &device)?;
+        if self.args.warm_starts {
+            for (opts, starts) in list.iter().zip(warm_starts::<B>(&list, workers, &device)?) {
+                for (w, ckpt, eval) in starts {
+                    println!("{} warm start {w}: held-out pass@1 {:.3} ({})", opts.regime.name, eval.natural.pass1, ckpt.display());
+                }
+            }
+        } else if self.args.sweep {
+            for report in run_sweeps::<B>(&list, workers, &device)? {
                 println!("{}", std::fs::read_to_string(&report).unwrap_or_default());
                 println!("sweep report: {}", report.display());
-            } else {
-                let summary = run_regime::<B>(&opts, &device)?;
-                println!("report: {}", out.join("REPORT.md").display());
-                summaries.push(summary);
+            }
+        } else {
+            summaries = run_regimes::<B>(&list, workers, &device)?;
+            for opts in &list {
+                println!("report: {}", opts.out.join("REPORT.md").display());
             }
         }
         if !summaries.is_empty() {
@@ -93,8 +114,8 @@ fn run(args: Args) -> Result<()> {
         None if args.regime == "all" => names().into_iter().map(Regime::named).collect::<mrt::Result<_>>()?,
         None => vec![Regime::named(&args.regime)?],
     };
-    if args.seeds == Some(0) {
-        bail!("--seeds must be positive");
+    if args.seeds == Some(0) || args.jobs == Some(0) {
+        bail!("--seeds and --jobs must be positive");
     }
     for r in &mut regimes {
         if args.quick {

@@ -290,12 +290,23 @@ impl Task for Countdown {
         None
     }
 
-    fn exact_answer(&self, _p: &Problem) -> Option<String> {
-        None
+    /// Every line over the numbers that reaches the target (the verifier accepts exactly these),
+    /// each once: with a repeated number, two orders of the pool write the same line, and
+    /// listing it twice would count its probability twice in the exact meta-prover.
+    fn correct_answers(&self, p: &Problem) -> Option<Vec<Vec<String>>> {
+        let cp = self.problem(p);
+        let mut lines: Vec<Vec<String>> = all_lines(&cp.numbers, self.config.max_value).into_iter().filter(|l| l.last().map(|s| s.c) == Some(cp.target)).map(|l| line_words(&l)).collect();
+        lines.sort();
+        lines.dedup();
+        Some(lines)
     }
 
-    fn single_token_answer(&self) -> bool {
-        false
+    fn enumerable_answers(&self) -> bool {
+        true
+    }
+
+    fn starts_answer(&self, word: &str) -> bool {
+        word.parse::<u32>().is_ok_and(|v| v <= self.config.max_value && v.to_string() == word)
     }
 
     fn strategies(&self) -> &'static [&'static str] {

@@ -294,8 +294,12 @@ impl Task for Search {
         matches!(episode, [g] if self.number(g) == Some(p.hidden))
     }
 
-    fn exact_answer(&self, p: &Problem) -> Option<String> {
-        Some(self.problem(p).hidden.to_string())
+    fn correct_answers(&self, p: &Problem) -> Option<Vec<Vec<String>>> {
+        Some(vec![vec![self.problem(p).hidden.to_string()]])
+    }
+
+    fn starts_answer(&self, word: &str) -> bool {
+        self.number(word).is_some()
     }
 
     fn optimal_curve(&self, p: &Problem, max_episodes: usize) -> Option<Vec<f64>> {
@@ -303,7 +307,7 @@ impl Task for Search {
         Some(bisection_outcomes(Interval { lo: p.lo, hi: p.hi }, p.hidden, max_episodes))
     }
 
-    fn single_token_answer(&self) -> bool {
+    fn enumerable_answers(&self) -> bool {
         true
     }
 

@@ -59,11 +59,13 @@ pub trait Task: Send + Sync {
     fn confirms_solution(&self, _problem: &Problem, _episode: &[String]) -> bool {
         false
     }
-    /// The single-token answer when the answer is one token from a known set, which lets the
-    /// meta-prover read J exactly from the softmax.
-    fn exact_answer(&self, problem: &Problem) -> Option<String>;
-    /// Whether every problem's answer is a single token (so `exact_answer` is always `Some`).
-    fn single_token_answer(&self) -> bool;
+    /// Every answer that verifies, when the task can list them: the meta-prover then reads J
+    /// exactly, as the total probability of these answers, instead of sampling.
+    fn correct_answers(&self, problem: &Problem) -> Option<Vec<Vec<String>>>;
+    /// Whether `correct_answers` is `Some` for every problem.
+    fn enumerable_answers(&self) -> bool;
+    /// Whether a well-formed answer can begin with this word.
+    fn starts_answer(&self, word: &str) -> bool;
     /// Anytime accuracy of the Bayes-optimal policy on this problem (entry j: whether its
     /// forced answer after j episodes is correct), when it is computable.
     fn optimal_curve(&self, _problem: &Problem, _max_episodes: usize) -> Option<Vec<f64>> {

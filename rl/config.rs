@@ -194,7 +194,7 @@ impl RunConfig {
         let max_episodes = t.max_episodes();
         let (max_tokens, answer_tokens) = if countdown { (16 * max_episodes + 24, 24) } else { (4 * max_episodes + 8, 4) };
         let prover = ProverConfig {
-            mode: if t.single_token_answer() { ProverMode::Exact } else { ProverMode::Sample },
+            mode: if t.enumerable_answers() { ProverMode::Exact } else { ProverMode::Sample },
             samples: 8,
             temperature: 1.0,
             max_answer_tokens: answer_tokens,

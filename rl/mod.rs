@@ -5,7 +5,9 @@
 //!   environment replies appended as non-trainable tokens, rows forced to answer at the episode
 //!   cap or token budget, budget forcing for evaluation;
 //! - the value-free meta-prover μ (`prover`): J_j = P(forced answer after episode j is correct),
-//!   by K sampled answers or exactly from the softmax, on a fork of the cached prefix;
+//!   by K sampled answers, or exactly where the task can list its correct answers (`search`:
+//!   one word; `countdown`: every line reaching the target) as Σ_a P(a ++ `</answer>`) scored
+//!   teacher-forced on copies of the cached prefix;
 //! - objectives (`score`, `advantage`, `batch`, `loss`): `grpo`, `mrt` (the paper's
 //!   prefix / continue recipe with the termination baseline), `mrt-dense` (α · r_prg per
 //!   episode), `star` and `mrt-star`; the loop (`train`) is shared;

@@ -4,12 +4,16 @@
 //!
 //! - `Sample`: K forced answers are sampled and verified; J_j is the fraction correct (the
 //!   paper's estimator, K = 8 in its analysis).
-//! - `Exact`: when the answer is one token from a known set (`search`), J_j is read from the
-//!   softmax: p(x | prefix, suffix) · p(`</answer>` | prefix, suffix, x), at the same
-//!   temperature the `Sample` mode would draw the answers with.
+//! - `Exact`: when the task can list every answer that verifies (`search`: the hidden number;
+//!   `countdown`: every line that reaches the target), J_j is their total probability,
+//!   Σ_a p(a ++ `</answer>` | prefix, suffix), read from the softmax at the temperature the
+//!   `Sample` mode would draw with: the limit of the `Sample` estimate as K → ∞, without its
+//!   noise, for a forward pass over the correct answers instead of K decoded ones.
 //!
 //! Both run on a *fork* of the rollout's KV cache taken at the episode boundary, so the prefix
 //! is never recomputed: only the 3 suffix tokens and the answer tokens are.
+
+use std::collections::HashMap;
 
 use burn::prelude::*;
 use burn::tensor::activation::log_softmax;
@@ -27,7 +31,7 @@ use crate::model::{generate, last_logits, GenerateConfig, KvCache, SamplerConfig
 pub enum ProverMode {
     /// Mean 0/1 reward of K sampled forced answers.
     Sample,
-    /// Exact probability from the softmax (single-token answers only).
+    /// Exact probability from the softmax (tasks that can list their correct answers).
     Exact,
 }
 
@@ -56,11 +60,11 @@ impl Default for ProverConfig {
 
 impl ProverConfig {
     pub fn validate(&self, task: &dyn Task) -> Result<()> {
-        if self.mode == ProverMode::Exact && !task.single_token_answer() {
+        if self.mode == ProverMode::Exact && !task.enumerable_answers() {
             return Err(Error::config(
                 "prover.mode",
                 "exact",
-                format!("task `{}` has no single-token answer; use \"sample\"", task.name()),
+                format!("task `{}` cannot list its correct answers; use \"sample\"", task.name()),
             ));
         }
         if self.mode == ProverMode::Sample && self.samples == 0 {
@@ -81,7 +85,8 @@ impl ProverConfig {
 pub struct Estimate {
     /// Probability that the forced answer is correct.
     pub j: f32,
-    /// Fraction (Sample) or probability mass (Exact, first answer token) of well-formed answers.
+    /// Fraction of well-formed answers (Sample), or the probability mass of first answer tokens
+    /// that can begin one (Exact).
     pub well_formed: f32,
 }
 
@@ -108,7 +113,7 @@ pub fn estimate<B: Backend>(
         return Ok(Vec::new());
     }
     match config.mode {
-        ProverMode::Exact => exact(model, cache, problems, task, vocab, config.temperature),
+        ProverMode::Exact => exact(model, cache, problems, task, vocab, config),
         ProverMode::Sample => sampled(model, cache, problems, task, vocab, config, rng),
     }
 }
@@ -123,31 +128,69 @@ fn force<B: Backend>(model: &Transformer<B>, cache: &mut KvCache<B>, vocab: &Voc
     Ok(last_logits(logits, &vec![3; rows]))
 }
 
-fn exact<B: Backend>(model: &Transformer<B>, mut cache: KvCache<B>, problems: &[&Problem], task: &dyn Task, vocab: &Vocab, temperature: f64) -> Result<Vec<Estimate>> {
+/// Pairs (row, correct answer) scored per forward pass in `exact`: bounds the copies of the
+/// rows' caches alive at once.
+const EXACT_BLOCK: usize = 512;
+
+fn exact<B: Backend>(model: &Transformer<B>, mut cache: KvCache<B>, problems: &[&Problem], task: &dyn Task, vocab: &Vocab, config: &ProverConfig) -> Result<Vec<Estimate>> {
     let rows = cache.rows();
     let device = model.device();
-    let answers: Vec<usize> = problems
-        .iter()
-        .map(|p| {
-            let word = task.exact_answer(p).ok_or_else(|| Error::config("prover.mode", "exact", "task has no exact answer"))?;
-            vocab.id(&word).map(|i| i as usize).ok_or_else(|| Error::Tokenizer(format!("answer `{word}` not in vocabulary")))
-        })
-        .collect::<Result<_>>()?;
-    // Mass on answer tokens that are well-formed answers by themselves.
-    let formed: Vec<f32> = (0..vocab.size() as u32).map(|i| task.well_formed(&[vocab.word(i).to_string()]) as u8 as f32).collect();
-    let formed = Tensor::<B, 1>::from_data(TensorData::new(formed, [vocab.size()]), &device);
+    let t = config.temperature;
+    // Every correct answer of each row's problem, as ids; listed once per distinct problem.
+    let mut listed: HashMap<String, Vec<Vec<u32>>> = HashMap::new();
+    let mut answers: Vec<&Vec<Vec<u32>>> = Vec::with_capacity(rows);
+    for p in problems {
+        let key = task.key(p);
+        if !listed.contains_key(&key) {
+            let list = task.correct_answers(p).ok_or_else(|| Error::config("prover.mode", "exact", format!("task `{}` cannot list its correct answers; use \"sample\"", task.name())))?;
+            let mut ids = list
+                .iter()
+                .map(|a| vocab.encode_words(a))
+                .filter(|a| a.as_ref().map_or(true, |a| !a.is_empty() && a.len() < config.max_answer_tokens))
+                .collect::<Result<Vec<_>>>()?;
+            // An answer listed twice must not count twice.
+            ids.sort_unstable();
+            ids.dedup();
+            listed.insert(key.clone(), ids);
+        }
+    }
+    for p in problems {
+        answers.push(&listed[&task.key(p)]);
+    }
+    // Mass on first answer tokens that can begin a well-formed answer.
+    let starts: Vec<f32> = (0..vocab.size() as u32).map(|i| task.starts_answer(vocab.word(i)) as u8 as f32).collect();
+    let starts = Tensor::<B, 1>::from_data(TensorData::new(starts, [vocab.size()]), &device);
 
-    let first = log_softmax(force(model, &mut cache, vocab)? / temperature, 1); // [R, V]
-    let ids = int_tensor::<B>(&answers, &device).reshape([rows, 1]);
-    let lp_answer = first.clone().gather(1, ids.clone()).reshape([rows]);
-    let mass = (first.exp().narrow(1, 0, vocab.size()) * formed.reshape([1, vocab.size()])).sum_dim(1).reshape([rows]);
-    cache.ensure_capacity(1);
-    let second = model.forward_cached(ids, &mut cache, None)?.reshape([rows, model.config.vocab_size]);
-    let end = int_tensor::<B>(&vec![vocab.specials.end_answer as usize; rows], &device).reshape([rows, 1]);
-    let lp_end = log_softmax(second / temperature, 1).gather(1, end).reshape([rows]);
-    let j: Vec<f32> = (lp_answer + lp_end).exp().into_data().iter::<f32>().collect();
-    let m: Vec<f32> = mass.into_data().iter::<f32>().collect();
-    Ok(j.into_iter().zip(m).map(|(j, well_formed)| Estimate { j, well_formed }).collect())
+    let first = log_softmax(force(model, &mut cache, vocab)? / t, 1); // [R, V]
+    let mass: Vec<f32> = (first.clone().exp().narrow(1, 0, vocab.size()) * starts.reshape([1, vocab.size()])).sum_dim(1).into_data().iter::<f32>().collect();
+    let pairs: Vec<(usize, &Vec<u32>)> = answers.iter().enumerate().flat_map(|(r, list)| list.iter().map(move |a| (r, a))).collect();
+    let mut j = vec![0.0f32; rows];
+    for block in pairs.chunks(EXACT_BLOCK) {
+        // log P(a ++ </answer>) for each pair: the first token from the suffix's logits, the
+        // rest (and `</answer>`) from one forward over the answer on a copy of the row's cache.
+        let e = block.len();
+        let idx: Vec<usize> = block.iter().map(|(r, _)| *r).collect();
+        let width = block.iter().map(|(_, a)| a.len()).max().unwrap_or(1);
+        let counts: Vec<usize> = block.iter().map(|(_, a)| a.len()).collect();
+        let pad = vocab.specials.pad;
+        let ids: Vec<i64> = block.iter().flat_map(|(_, a)| (0..width).map(|k| *a.get(k).unwrap_or(&pad) as i64)).collect();
+        let targets: Vec<i64> = block.iter().flat_map(|(_, a)| (0..width).map(|k| if k + 1 < a.len() { a[k + 1] } else { vocab.specials.end_answer } as i64)).collect();
+        let mask: Vec<f32> = block.iter().flat_map(|(_, a)| (0..width).map(|k| (k < a.len()) as u8 as f32)).collect();
+        let heads: Vec<usize> = block.iter().map(|(_, a)| a[0] as usize).collect();
+
+        let mut rows_cache = cache.select_rows(&idx);
+        rows_cache.ensure_capacity(width);
+        let logits = model.forward_cached(Tensor::from_data(TensorData::new(ids, [e, width]), &device), &mut rows_cache, Some(&counts))?;
+        let lp = log_softmax(logits / t, 2);
+        let targets = Tensor::<B, 1, Int>::from_data(TensorData::new(targets, [e * width]), &device).reshape([e, width, 1]);
+        let mask = Tensor::<B, 2>::from_data(TensorData::new(mask, [e, width]), &device);
+        let tail = (lp.gather(2, targets).reshape([e, width]) * mask).sum_dim(1).reshape([e]);
+        let head = first.clone().select(0, int_tensor::<B>(&idx, &device)).gather(1, int_tensor::<B>(&heads, &device).reshape([e, 1])).reshape([e]);
+        for ((r, _), lp) in block.iter().zip((head + tail).into_data().iter::<f32>()) {
+            j[*r] += lp.exp();
+        }
+    }
+    Ok(j.into_iter().zip(mass).map(|(j, well_formed)| Estimate { j: j.min(1.0), well_formed }).collect())
 }
 
 fn sampled<B: Backend>(

@@ -224,16 +224,24 @@ impl<'a, B: Backend> Engine<'a, B> {
                 s.j_well_formed.push(est.well_formed);
             }
         }
+        // A seed that already spent its episodes or tokens goes straight to its forced answer.
+        let starts: Vec<(Phase, bool)> = seeds
+            .iter()
+            .map(|seed| {
+                let problem = &problems[seed.problem];
+                let solved = seed.episodes.iter().any(|span| self.task.confirms_solution(problem, &self.vocab.decode(&seed.tokens[span.start..span.end - 1])));
+                let spent = seed.episodes.len() >= self.config.max_episodes || seed.policy_tokens() >= self.config.max_tokens;
+                (if spent { Phase::NeedsSuffix } else { Phase::Thinking }, solved)
+            })
+            .collect();
         let order: Vec<usize> = (0..seeds.len()).flat_map(|s| std::iter::repeat_n(s, group)).collect();
         let rows = order
             .iter()
             .map(|&s| {
-                let seed = &seeds[s];
-                let mut r = seed.clone();
+                let mut r = seeds[s].clone();
                 r.context_len = r.tokens.len();
-                let problem = &problems[seed.problem];
-                let solved = seed.episodes.iter().any(|span| self.task.confirms_solution(problem, &self.vocab.decode(&seed.tokens[span.start..span.end - 1])));
-                Row { episode_start: r.tokens.len(), r, phase: Phase::Thinking, solved }
+                let (phase, solved) = starts[s];
+                Row { episode_start: r.tokens.len(), r, phase, solved }
             })
             .collect();
         let idx = crate::model::cache::int_tensor::<B>(&order, &device);

@@ -275,3 +275,16 @@ fn bayes_optimal_comparator_matches_brute_force() {
         }
     }
 }
+
+#[test]
+fn countdown_lists_each_correct_line_once_and_only_correct_lines() {
+    let task = Countdown::new(CountdownConfig::default()).unwrap();
+    // A repeated number: both orders of the two 3s write the same lines.
+    let p = Problem::Countdown(CountdownProblem { numbers: vec![3, 3, 2], target: 12 });
+    let lines = task.correct_answers(&p).unwrap();
+    let distinct: HashSet<&Vec<String>> = lines.iter().collect();
+    assert_eq!(distinct.len(), lines.len(), "{lines:?}");
+    assert!(lines.iter().all(|l| task.verify(&p, l)));
+    // (3 + 3) × 2, with the last step in either operand order, is among them.
+    assert!(lines.contains(&words("3 + 3 = 6 , 6 * 2 = 12")) && lines.contains(&words("3 + 3 = 6 , 2 * 6 = 12")));
+}

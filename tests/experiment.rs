@@ -1,28 +1,30 @@
 //! The experiment end to end in smoke mode: warm starts, paired runs, evaluations, report and
-//! verdicts; a re-run reuses every finished run; one seed per algorithm gives no verdict.
+//! verdicts; a re-run reuses every finished run; one seed per algorithm gives no verdict; the
+//! α sweep on the validation split.
 
 use std::path::PathBuf;
 
 use burn::backend::{Autodiff, Flex};
 use mrt::model::checkpoint;
-use mrt::rl::eval::experiment::{run_regime, ExperimentOptions};
+use mrt::rl::eval::experiment::{run_regimes, ExperimentOptions, RegimeSummary};
 use mrt::rl::eval::regime::Regime;
 use mrt::rl::eval::stats::Verdict;
+use mrt::rl::eval::sweep::run_sweeps;
 
 type AD = Autodiff<Flex>;
 
-fn options(out: PathBuf, seeds: u64) -> ExperimentOptions {
+fn run(out: PathBuf, seeds: u64, workers: usize) -> RegimeSummary {
     let mut regime = Regime::named("search-tight").unwrap().quick();
     regime.rl_seeds = seeds;
-    ExperimentOptions { regime, out, quiet: true, device_label: "cpu".into(), command: "test".into() }
+    let opts = ExperimentOptions { regime, out, quiet: true, device_label: "cpu".into(), command: "test".into() };
+    run_regimes::<AD>(&[opts], workers, &Default::default()).unwrap().remove(0)
 }
 
 #[test]
 fn quick_regime_runs_pairs_reports_and_resumes() {
     let out = std::env::temp_dir().join(format!("mrt-experiment-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&out);
-    let device = Default::default();
-    let summary = run_regime::<AD>(&options(out.clone(), 2), &device).unwrap();
+    let summary = run(out.clone(), 2, 2);
     // Two warm starts, every algorithm × 2 seeds, each from its warm start.
     for dir in ["warm-start-0", "warm-start-1", "grpo-s0", "grpo-s1", "mrt-dense-s0", "mrt-dense-s1", "mrt-s0", "mrt-s1"] {
         assert!(out.join(dir).join("checkpoints").is_dir(), "{dir}");
@@ -51,12 +53,12 @@ fn quick_regime_runs_pairs_reports_and_resumes() {
     // A re-run finds everything done: same numbers, nothing retrained.
     let mtime = |d: &str| std::fs::metadata(out.join(d).join("checkpoints/final.ckpt")).unwrap().modified().unwrap();
     let before = mtime("mrt-s0");
-    let again = run_regime::<AD>(&options(out.clone(), 2), &device).unwrap();
+    let again = run(out.clone(), 2, 1);
     assert_eq!(mtime("mrt-s0"), before);
     assert_eq!(serde_json::to_string(&again.versus).unwrap(), serde_json::to_string(&summary.versus).unwrap());
 
     // With one seed per algorithm there is no interval, so no verdict.
-    let one = run_regime::<AD>(&options(out.clone(), 1), &device).unwrap();
+    let one = run(out.clone(), 1, 2);
     assert!(one.algos.iter().all(|a| a.pass1.is_none() && matches!(a.learns, Verdict::NoVerdict(_))));
     for v in &one.versus {
         for verdict in [&v.verdict_regret, &v.verdict_forced_regret, &v.verdict_relative_gain, &v.verdict_token_efficiency] {
@@ -65,5 +67,61 @@ fn quick_regime_runs_pairs_reports_and_resumes() {
     }
     let report = std::fs::read_to_string(out.join("REPORT.md")).unwrap();
     assert!(report.contains("n = 1, no interval") && !report.contains("— worse"), "{report}");
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+#[test]
+fn sweep_chooses_alpha_on_validation_for_every_regime_and_keeps_warm_starts() {
+    let out = std::env::temp_dir().join(format!("mrt-sweep-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let list: Vec<ExperimentOptions> = ["search-tight", "search"]
+        .iter()
+        .map(|name| {
+            let regime = Regime::named(name).unwrap().quick();
+            ExperimentOptions { out: out.join(name), regime, quiet: true, device_label: "cpu".into(), command: "test".into() }
+        })
+        .collect();
+    let reports = run_sweeps::<AD>(&list, 2, &Default::default()).unwrap();
+    assert_eq!(reports.len(), 2);
+    for (opts, report) in list.iter().zip(&reports) {
+        let sweep = opts.out.join("sweep");
+        // Quick mode sweeps two α values with one seed: GRPO once, each MRT objective twice.
+        let alphas = &opts.regime.sweep.alphas;
+        assert_eq!(alphas.len(), 2);
+        for a in alphas {
+            for algo in ["mrt", "mrt-dense"] {
+                let dir = sweep.join(format!("{algo}-a{a}-s0"));
+                let saved: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+                assert_eq!(saved["config"]["rl"]["alpha"].as_f64(), Some(*a), "{}", dir.display());
+                assert_eq!(saved["config"]["eval"]["split"], "validation");
+            }
+        }
+        assert!(sweep.join("grpo-s0/eval.json").exists());
+        // The choice is one of the swept values, per MRT objective.
+        let choice: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(sweep.join("choice.json")).unwrap()).unwrap();
+        for algo in ["mrt", "mrt-dense"] {
+            assert!(alphas.contains(&choice[algo].as_f64().unwrap()), "{choice}");
+        }
+        let text = std::fs::read_to_string(report).unwrap();
+        assert!(text.contains("validation split") && text.contains("Chosen for `mrt`"), "{text}");
+    }
+
+    // A run made by an older version of the regime is refused rather than mixed with new ones.
+    let mut rl_changed = list[0].clone();
+    mrt::rl::config::merge_json(&mut rl_changed.regime.config, serde_json::json!({"rl": {"clip_eps": 0.3}}));
+    let err = run_sweeps::<AD>(std::slice::from_ref(&rl_changed), 1, &Default::default()).unwrap_err().to_string();
+    assert!(err.contains("different configuration") && err.contains("sweep"), "{err}");
+    // The warm start depends on the task, model and warm-start settings only: with the old
+    // runs removed, the changed RL settings reuse it; a changed task is refused.
+    std::fs::remove_dir_all(list[0].out.join("sweep")).unwrap();
+    let ws = list[0].out.join("warm-start-0/checkpoints/warm_start.ckpt");
+    let mtime = std::fs::metadata(&ws).unwrap().modified().unwrap();
+    rl_changed.regime.sweep.alphas = vec![0.5];
+    run_sweeps::<AD>(std::slice::from_ref(&rl_changed), 1, &Default::default()).unwrap();
+    assert_eq!(std::fs::metadata(&ws).unwrap().modified().unwrap(), mtime);
+    let mut task_changed = list[0].clone();
+    mrt::rl::config::merge_json(&mut task_changed.regime.config, serde_json::json!({"task": {"hint_noise": 32}}));
+    let err = run_sweeps::<AD>(std::slice::from_ref(&task_changed), 1, &Default::default()).unwrap_err().to_string();
+    assert!(err.contains("different configuration"), "{err}");
     let _ = std::fs::remove_dir_all(&out);
 }

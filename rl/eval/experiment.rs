@@ -2,7 +2,7 @@
 //! seed from them (paired: same warm start and seed, hence the same problems at every step),
 //! every checkpoint evaluated on the same held-out problems at 1× and 2× the training budget,
 //! and `REPORT.md` with intervals, verdicts fixed in advance (`compare.rs`), diagnostics, costs
-//! and plots. `--sweep` instead chooses α on the validation split. Re-running continues where
+//! and plots. `--sweep` (`sweep.rs`) instead chooses α on the validation split. Re-running continues where
 //! an interrupted experiment stopped: finished runs and evaluations are reused.
 
 use std::fmt::Write as _;
@@ -15,6 +15,7 @@ use serde_json::Value;
 
 use super::compare::{by_algo, learns, table, verdicts, versus, RunEval, TrainPoint, Versus};
 use super::figures::plots;
+use super::jobs::{cost_rank, run_all, Job};
 use super::regime::Regime;
 use super::report::{evaluate_report, EvalReport, ReportOptions};
 use super::stats::{Interval, Verdict};
@@ -26,10 +27,10 @@ use crate::model::checkpoint;
 use crate::rl::config::RunConfig;
 use crate::rl::metrics::read_metrics;
 use crate::rl::pipeline::{run_pipeline, PipelineOptions};
-use crate::rl::run::{git_commit, RunDir};
+use crate::rl::run::{git_commit, RunDir, SavedConfig};
 
 /// Seed of every evaluation's sampling: the same for every checkpoint, so evaluations pair.
-const EVAL_SEED: u64 = 1234;
+pub(super) const EVAL_SEED: u64 = 1234;
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -130,24 +131,45 @@ pub fn evaluate_run<B: AutodiffBackend>(run_dir: &Path, opts: &ReportOptions, ba
 
 /// Runs the pipeline into `dir` unless it has finished there already (an interrupted run is
 /// resumed).
-fn ensure_run<B: AutodiffBackend>(opts: &ExperimentOptions, config: RunConfig, dir: &Path, init: Option<PathBuf>, device: &B::Device) -> Result<()> {
+pub(super) fn ensure_run<B: AutodiffBackend>(config: RunConfig, dir: &Path, init: Option<PathBuf>, device: &B::Device) -> Result<()> {
+    let resume = dir.join("config.json").exists();
+    if resume {
+        // Reuse only what this very config made: a regime edited since must not be mixed
+        // with runs of its old version. A warm start depends on the seed, task, model and
+        // warm-start settings only, so editing the RL settings keeps it.
+        let saved: SavedConfig = read_json(&dir.join("config.json"))?;
+        let identity = |c: &RunConfig| {
+            let v = serde_json::to_value(c).ok();
+            if c.rl.steps > 0 {
+                return v;
+            }
+            v.map(|v| serde_json::json!([v["seed"], v["task"], v["model"], v["warm_start"]]))
+        };
+        if identity(&saved.config) != identity(&config) {
+            return Err(Error::config(
+                "experiment output",
+                dir.display(),
+                "holds a run made with a different configuration (the regime changed?): remove it or pass another --out",
+            ));
+        }
+    }
     let done = if config.rl.steps == 0 { RunDir::new(dir).checkpoint("warm_start") } else { RunDir::new(dir).checkpoint("final") };
     if done.exists() {
         return Ok(());
     }
-    let resume = dir.join("config.json").exists();
-    say(opts, format!("experiment {}: {} → {}", opts.regime.name, config.rl.algo.name(), dir.display()));
-    run_pipeline::<B>(&PipelineOptions { config, run_dir: dir.to_path_buf(), resume, init, quiet: opts.quiet, interrupt_after: None, final_eval: false }, device)?;
+    // Runs go side by side: their progress bars would garble each other, so the experiment
+    // prints one line per finished run instead.
+    run_pipeline::<B>(&PipelineOptions { config, run_dir: dir.to_path_buf(), resume, init, quiet: true, interrupt_after: None, final_eval: false }, device)?;
     Ok(())
 }
 
 /// The shared warm start of seed `w` (in the regime's directory, shared by the headline runs
 /// and the sweep) and its evaluation on `split` (both cached there).
-fn warm_start<B: AutodiffBackend>(opts: &ExperimentOptions, w: u64, report: &ReportOptions, split: Split, device: &B::Device) -> Result<(PathBuf, EvalReport)> {
+pub(super) fn warm_start<B: AutodiffBackend>(opts: &ExperimentOptions, w: u64, report: &ReportOptions, split: Split, device: &B::Device) -> Result<(PathBuf, EvalReport)> {
     let dir = opts.out.join(format!("warm-start-{w}"));
     let mut cfg = opts.regime.run_config(&opts.regime.algos[0], w)?;
     cfg.rl.steps = 0;
-    ensure_run::<B>(opts, cfg, &dir, None, device)?;
+    ensure_run::<B>(cfg, &dir, None, device)?;
     let run = RunDir::new(&dir);
     let ckpt = run.checkpoint("warm_start");
     let cached = dir.join(format!("eval_base_{}_{}x{}.json", if split == Split::HeldOut { "held_out" } else { "validation" }, report.problems, report.samples));
@@ -171,40 +193,86 @@ fn evaluate_report_on<B: AutodiffBackend>(run: &RunDir, ckpt: &Path, opts: &Repo
     evaluate_report(&model, task.as_ref(), &vocab, &config, opts)
 }
 
-/// Runs the regime's headline experiment and writes `REPORT.md` and `summary.json`.
-pub fn run_regime<B: AutodiffBackend>(opts: &ExperimentOptions, device: &B::Device) -> Result<RegimeSummary> {
-    std::fs::create_dir_all(&opts.out).map_err(|e| Error::io(&opts.out, e))?;
-    let t0 = Instant::now();
-    let regime = &opts.regime;
-    let report = ReportOptions { problems: regime.report.problems, samples: regime.report.samples, extended_samples: regime.report.extended_samples, seed: EVAL_SEED };
-
-    let mut bases = Vec::new();
-    for &w in &regime.warm_start_seeds {
-        bases.push((w, warm_start::<B>(opts, w, &report, Split::HeldOut, device)?));
-    }
-    let mut evals = Vec::new();
-    for seed in 0..regime.rl_seeds {
-        let (w, (ckpt, base)) = &bases[(seed as usize) % bases.len()];
-        for spec in &regime.algos {
-            let dir = opts.out.join(format!("{}-s{seed}", spec.algo));
-            ensure_run::<B>(opts, regime.run_config(spec, seed)?, &dir, Some(ckpt.clone()), device)?;
-            let eval = match read_json::<RunEval>(&dir.join("eval.json")) {
-                Ok(e) => e,
-                Err(_) => {
-                    say(opts, format!("experiment {}: evaluating {}", regime.name, dir.display()));
-                    evaluate_run::<B>(&dir, &report, Some(base), *w, device)?
-                }
-            };
-            evals.push(eval);
+/// Every warm start of every regime given, with its held-out evaluation (both cached in the
+/// regime's directory), side by side: per regime, (warm-start seed, checkpoint, evaluation).
+pub fn warm_starts<B: AutodiffBackend>(list: &[ExperimentOptions], workers: usize, device: &B::Device) -> Result<Vec<Vec<(u64, PathBuf, EvalReport)>>> {
+    let mut jobs: Vec<Job<(PathBuf, EvalReport)>> = Vec::new();
+    for opts in list {
+        std::fs::create_dir_all(&opts.out).map_err(|e| Error::io(&opts.out, e))?;
+        for &w in &opts.regime.warm_start_seeds {
+            let report = report_options(&opts.regime);
+            jobs.push(Box::new(move || warm_start::<B>(opts, w, &report, Split::HeldOut, device)));
         }
     }
-    let files = plots(&opts.out, &evals, &format!(" — {}", regime.name))?;
-    write_json(&opts.out.join("evals.json"), &evals)?;
-    let summary = summarize(regime, &evals, t0.elapsed().as_secs_f64() / 60.0);
-    let text = render_report(opts, &evals, &summary, &files);
-    write_atomic(&opts.out.join("REPORT.md"), text.as_bytes())?;
-    write_json(&opts.out.join("summary.json"), &summary)?;
-    Ok(summary)
+    let mut done = run_all(jobs, workers)?.into_iter();
+    Ok(list.iter().map(|o| o.regime.warm_start_seeds.iter().map(|&w| { let (c, e) = done.next().expect("one per warm start"); (w, c, e) }).collect()).collect())
+}
+
+fn report_options(r: &Regime) -> ReportOptions {
+    ReportOptions { problems: r.report.problems, samples: r.report.samples, extended_samples: r.report.extended_samples, seed: EVAL_SEED }
+}
+
+/// Runs the headline experiment of every regime given (sharing the workers: first all warm
+/// starts, then all RL runs with their evaluations) and writes each regime's `REPORT.md` and
+/// `summary.json`.
+pub fn run_regimes<B: AutodiffBackend>(list: &[ExperimentOptions], workers: usize, device: &B::Device) -> Result<Vec<RegimeSummary>> {
+    let t0 = Instant::now();
+
+    // 1. Warm starts and their evaluations.
+    let bases = warm_starts::<B>(list, workers, device)?;
+
+    // 2. Every algorithm × seed, each evaluated as soon as it has trained.
+    let total: usize = list.iter().map(|o| o.regime.rl_seeds as usize * o.regime.algos.len()).sum();
+    let done = std::sync::atomic::AtomicUsize::new(0);
+    let mut order = Vec::new();
+    for (r, opts) in list.iter().enumerate() {
+        for seed in 0..opts.regime.rl_seeds {
+            for (a, spec) in opts.regime.algos.iter().enumerate() {
+                order.push((cost_rank(&spec.algo), r, seed, a));
+            }
+        }
+    }
+    // Costliest objectives first, so that the last jobs to finish are short ones; results are
+    // put back in (regime, seed, algorithm) order below.
+    order.sort_by_key(|o| o.0);
+    let mut jobs: Vec<Job<RunEval>> = Vec::new();
+    for &(_, r, seed, a) in &order {
+        let (opts, done) = (&list[r], &done);
+        let (regime, spec) = (&opts.regime, &opts.regime.algos[a]);
+        let (w, ckpt, base) = &bases[r][(seed as usize) % bases[r].len()];
+        let report = report_options(regime);
+        jobs.push(Box::new(move || {
+            let t = Instant::now();
+            let dir = opts.out.join(format!("{}-s{seed}", spec.algo));
+            ensure_run::<B>(regime.run_config(spec, seed)?, &dir, Some(ckpt.clone()), device)?;
+            let eval = match read_json::<RunEval>(&dir.join("eval.json")) {
+                Ok(e) => e,
+                Err(_) => evaluate_run::<B>(&dir, &report, Some(base), *w, device)?,
+            };
+            let n = done.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+            say(opts, format!("[{n}/{total}] {} {}-s{seed}: pass@1 {:.3} → {:.3} ({:.0} s)", regime.name, spec.algo, eval.base.natural.pass1, eval.fine_tuned.natural.pass1, t.elapsed().as_secs_f64()));
+            Ok(eval)
+        }));
+    }
+    let mut finished: Vec<_> = order.iter().map(|o| (o.1, o.2, o.3)).zip(run_all(jobs, workers)?).collect();
+    finished.sort_by_key(|f| f.0);
+    let mut evals = finished.into_iter().map(|f| f.1);
+
+    // 3. Per regime: plots, comparison, report.
+    let minutes = t0.elapsed().as_secs_f64() / 60.0;
+    let mut summaries = Vec::new();
+    for opts in list {
+        let regime = &opts.regime;
+        let runs: Vec<RunEval> = evals.by_ref().take(regime.rl_seeds as usize * regime.algos.len()).collect();
+        let files = plots(&opts.out, &runs, &format!(" — {}", regime.name))?;
+        write_json(&opts.out.join("evals.json"), &runs)?;
+        let summary = summarize(regime, &runs, minutes);
+        let text = render_report(opts, &runs, &summary, &files);
+        write_atomic(&opts.out.join("REPORT.md"), text.as_bytes())?;
+        write_json(&opts.out.join("summary.json"), &summary)?;
+        summaries.push(summary);
+    }
+    Ok(summaries)
 }
 
 fn summarize(regime: &Regime, evals: &[RunEval], minutes: f64) -> RegimeSummary {
@@ -350,64 +418,4 @@ pub fn render_overview(summaries: &[RegimeSummary], command: &str, device: &str,
         }
     }
     s
-}
-
-/// The α sweep: every algorithm with an α, at each α of the sweep, for the sweep's seeds from
-/// the first warm start, evaluated on the *validation* split; GRPO beside them for reference.
-/// Writes `sweep/REPORT.md` and `sweep/choice.json` (α minimising mean validation regret at
-/// the training budget, per algorithm).
-pub fn run_sweep<B: AutodiffBackend>(opts: &ExperimentOptions, device: &B::Device) -> Result<PathBuf> {
-    let regime = &opts.regime;
-    let out = opts.out.join("sweep");
-    std::fs::create_dir_all(&out).map_err(|e| Error::io(&out, e))?;
-    let report = ReportOptions { problems: regime.sweep.problems, samples: regime.sweep.samples, extended_samples: 1, seed: EVAL_SEED };
-    let sub = ExperimentOptions { out: out.clone(), ..opts.clone() };
-    let w = regime.warm_start_seeds[0];
-    let (ckpt, base) = warm_start::<B>(opts, w, &report, Split::Validation, device)?;
-    let mut rows: Vec<(String, Option<f64>, Vec<f64>, Vec<f64>)> = Vec::new();
-    for spec in &regime.algos {
-        let alphas: Vec<Option<f64>> = if spec.algo == "grpo" { vec![None] } else { regime.sweep.alphas.iter().map(|&a| Some(a)).collect() };
-        for alpha in alphas {
-            let (mut pass, mut regret) = (Vec::new(), Vec::new());
-            for seed in 0..regime.sweep.seeds as u64 {
-                let mut spec = spec.clone();
-                if let Some(a) = alpha {
-                    crate::rl::config::merge_json(&mut spec.config, serde_json::json!({"rl": {"alpha": a}}));
-                }
-                let mut config = regime.run_config(&spec, seed)?;
-                config.eval.split = Split::Validation;
-                let tag = alpha.map(|a| format!("-a{a}")).unwrap_or_default();
-                let dir = out.join(format!("{}{tag}-s{seed}", spec.algo));
-                ensure_run::<B>(&sub, config, &dir, Some(ckpt.clone()), device)?;
-                let eval = match read_json::<RunEval>(&dir.join("eval.json")) {
-                    Ok(e) => e,
-                    Err(_) => evaluate_run::<B>(&dir, &report, Some(&base), w, device)?,
-                };
-                pass.push(eval.fine_tuned.natural.pass1);
-                regret.push(eval.fine_tuned.regret.last().copied().unwrap_or(f64::NAN));
-            }
-            rows.push((spec.algo.clone(), alpha, pass, regret));
-        }
-    }
-    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
-    let mut choice = serde_json::Map::new();
-    let mut s = String::new();
-    let _ = writeln!(s, "# α sweep — regime `{}` (validation split)\n\nProduced by `{}` on {} (git commit {}). Validation problems only: {} × {} samples; {} seeds per setting from warm start {w}. The choice minimises mean validation regret at the training budget.\n", regime.name, opts.command, opts.device_label, git_commit(), regime.sweep.problems, regime.sweep.samples, regime.sweep.seeds);
-    let _ = writeln!(s, "| algorithm | α | validation pass@1 (per seed) | mean | validation regret at B (per seed) | mean |\n|---|---|---|---|---|---|");
-    for (algo, alpha, pass, regret) in &rows {
-        let fmt = |v: &[f64]| v.iter().map(|x| format!("{x:.3}")).collect::<Vec<_>>().join(", ");
-        let _ = writeln!(s, "| {algo} | {} | {} | {:.3} | {} | {:.3} |", alpha.map(|a| a.to_string()).unwrap_or_else(|| "—".into()), fmt(pass), mean(pass), fmt(regret), mean(regret));
-    }
-    for spec in regime.algos.iter().filter(|a| a.algo != "grpo") {
-        let best = rows.iter().filter(|r| r.0 == spec.algo).min_by(|a, b| mean(&a.3).total_cmp(&mean(&b.3)));
-        if let Some((_, Some(alpha), _, regret)) = best {
-            choice.insert(spec.algo.clone(), serde_json::json!(alpha));
-            let _ = writeln!(s, "\nChosen for `{}`: α = {alpha} (mean validation regret {:.3}).", spec.algo, mean(regret));
-        }
-    }
-    let _ = writeln!(s, "\nWarm start on validation: pass@1 {:.3}, regret at B {:.3}.", base.natural.pass1, base.regret.last().copied().unwrap_or(f64::NAN));
-    write_json(&out.join("choice.json"), &Value::Object(choice))?;
-    let path = out.join("REPORT.md");
-    write_atomic(&path, s.as_bytes())?;
-    Ok(path)
 }

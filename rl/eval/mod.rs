@@ -4,16 +4,19 @@
 //! - `report`: everything measured on one checkpoint, at the training budget and past it;
 //! - `stats`: paired bootstrap intervals over seeds and the verdicts built on them;
 //! - `compare`, `figures`, `plots`: runs side by side, in tables and SVG plots;
-//! - `regime`, `experiment`: the named experiment regimes and the MRT-vs-GRPO experiment.
+//! - `regime`, `experiment`, `sweep`, `jobs`: the named experiment regimes, the MRT-vs-GRPO
+//!   experiment and its α sweep on validation, runs side by side on one-thread pools.
 
 pub mod analysis;
 pub mod compare;
 pub mod experiment;
 pub mod figures;
+pub mod jobs;
 pub mod plots;
 pub mod regime;
 pub mod report;
 pub mod stats;
 pub mod summary;
+pub mod sweep;
 
 pub use summary::{anytime, eval_problems, evaluate, scripted_pass1, summarize, EvalSummary};

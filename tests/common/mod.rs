@@ -1,4 +1,4 @@
-//! Shared fixtures: a briefly warm-started `search` policy (trained once per test binary).
+//! Shared fixtures: briefly warm-started policies (the `search` one trained once per test binary).
 
 #![allow(dead_code)]
 
@@ -30,7 +30,13 @@ pub struct Fixture {
 
 /// A small model trained for `steps` warm-start steps on `search` (deterministic).
 pub fn train_search_policy(steps: usize) -> Fixture {
-    let task_config = TaskConfig::by_name("search").unwrap();
+    warm_started("search", steps, 1, 7, "fixture")
+}
+
+/// A small model (d 64, 2 layers) trained from init seed `init` for `steps` warm-start steps on
+/// the task's default mix; batches drawn from `step_rng(seed, label, step)` (deterministic).
+pub fn warm_started(task_name: &str, steps: usize, init: u64, seed: u64, label: &str) -> Fixture {
+    let task_config = TaskConfig::by_name(task_name).unwrap();
     let task = task_config.build().unwrap();
     let vocab = Vocab::build(&task.words()).unwrap();
     let mut cfg = TransformerConfig::preset("cpu-tiny").unwrap();
@@ -39,12 +45,12 @@ pub fn train_search_policy(steps: usize) -> Fixture {
     cfg.n_layers = 2;
     cfg.d_ff = 128;
     let device = Default::default();
-    let mut model = Transformer::<AD>::new(&cfg, 1, &device).unwrap();
+    let mut model = Transformer::<AD>::new(&cfg, init, &device).unwrap();
     let optim_cfg = OptimConfig { lr: 3e-3, warmup_steps: 20, min_lr_ratio: 0.1, weight_decay: 0.01, grad_clip: 1.0 };
     let mut optim = adamw::<AD>(&optim_cfg);
     let mix = task_config.warm_start().clone();
     for s in 0..steps {
-        let mut rng = step_rng(7, "fixture", s);
+        let mut rng = step_rng(seed, label, s);
         let traces: Vec<Tokenized> = (0..32)
             .map(|_| {
                 let p = sample_problem(task.as_ref(), Split::Train, &mut rng).unwrap();

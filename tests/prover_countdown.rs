@@ -1,0 +1,95 @@
+//! The exact meta-prover on a task with multi-token answers (`countdown`): J is the total
+//! probability of every line that reaches the target, equal to recomputing it with full
+//! forwards, and to the fraction of K sampled forced answers that verify.
+
+mod common;
+
+use burn::prelude::*;
+use common::B;
+use mrt::data::{sample_problem, Problem, Split, Task, Vocab};
+use mrt::model::Transformer;
+use mrt::rl::prover::{estimate, suffix_ids, ProverConfig, ProverMode};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+
+/// A small countdown policy, briefly warm-started (deterministic).
+fn policy(steps: usize) -> (Box<dyn Task>, Vocab, Transformer<B>) {
+    let f = common::warm_started("countdown", steps, 3, 5, "countdown-fixture");
+    (f.task, f.vocab, f.model)
+}
+
+/// Prefixes: each prompt followed by the first `j` lines of a scripted trace.
+fn prefixes(task: &dyn Task, vocab: &Vocab, problems: &[Problem], j: usize) -> Vec<Vec<u32>> {
+    problems
+        .iter()
+        .map(|p| {
+            let t = task.scripted_trace(p, "pruned", Some(j), &mut StdRng::seed_from_u64(1));
+            // Cut where the forced suffix begins, or, if a line reached the target within `j`
+            // attempts, where the trace answers of its own accord.
+            let end = t.words.iter().position(|w| w == "<timeup>" || w == "</think>").unwrap();
+            vocab.encode_words(&t.words[..end]).unwrap()
+        })
+        .collect()
+}
+
+fn prefilled(model: &Transformer<B>, rows: &[Vec<u32>]) -> mrt::model::KvCache<B> {
+    let width = rows.iter().map(Vec::len).max().unwrap();
+    let ids: Vec<i64> = rows.iter().flat_map(|r| (0..width).map(move |i| *r.get(i).unwrap_or(&0) as i64)).collect();
+    let counts: Vec<usize> = rows.iter().map(Vec::len).collect();
+    let mut cache = model.new_cache(rows.len(), width + 32);
+    model.forward_cached(Tensor::from_data(TensorData::new(ids, [rows.len(), width]), &model.device()), &mut cache, Some(&counts)).unwrap();
+    cache
+}
+
+/// Σ over correct lines of P(line ++ </answer> | prefix, suffix) by full forwards.
+fn recomputed(model: &Transformer<B>, task: &dyn Task, vocab: &Vocab, p: &Problem, prefix: &[u32], t: f64) -> f64 {
+    let mut total = 0.0f64;
+    for answer in task.correct_answers(p).unwrap() {
+        let mut seq = prefix.to_vec();
+        seq.extend(suffix_ids(vocab));
+        let start = seq.len();
+        seq.extend(vocab.encode_words(&answer).unwrap());
+        seq.push(vocab.specials.end_answer);
+        let n = seq.len();
+        let ids: Vec<i64> = seq.iter().map(|&x| x as i64).collect();
+        let logp = burn::tensor::activation::log_softmax(model.forward(Tensor::from_data(TensorData::new(ids, [1, n]), &model.device())) / t, 2);
+        let lp: Vec<f32> = logp.into_data().to_vec().unwrap();
+        let v = model.config.vocab_size;
+        let sum: f64 = (start..n).map(|k| lp[(k - 1) * v + seq[k] as usize] as f64).sum();
+        total += sum.exp();
+    }
+    total
+}
+
+#[test]
+fn exact_j_over_every_correct_line_equals_recomputation_and_sampling() {
+    let (task, vocab, model) = policy(400);
+    let mut rng = StdRng::seed_from_u64(11);
+    let problems: Vec<Problem> = (0..16).map(|_| sample_problem(task.as_ref(), Split::Train, &mut rng).unwrap()).collect();
+    let refs: Vec<&Problem> = problems.iter().collect();
+    for (j, t) in [(0, 1.0), (2, 1.0), (2, 0.7)] {
+        let rows = prefixes(task.as_ref(), &vocab, &problems, j);
+        let exact = ProverConfig { mode: ProverMode::Exact, samples: 1, temperature: t, max_answer_tokens: 24 };
+        let ex = estimate(&model, prefilled(&model, &rows), &refs, task.as_ref(), &vocab, &exact, &mut StdRng::seed_from_u64(0)).unwrap();
+        for ((e, p), prefix) in ex.iter().zip(&problems).zip(&rows) {
+            let again = recomputed(&model, task.as_ref(), &vocab, p, prefix, t);
+            assert!((e.j as f64 - again).abs() <= 1e-4 + 1e-3 * again, "{} lines in: exact {} vs recomputed {again}", j, e.j);
+        }
+        if t != 1.0 {
+            continue;
+        }
+        let k = 128;
+        let sample = ProverConfig { mode: ProverMode::Sample, samples: k, temperature: t, max_answer_tokens: 24 };
+        let sm = estimate(&model, prefilled(&model, &rows), &refs, task.as_ref(), &vocab, &sample, &mut StdRng::seed_from_u64(5)).unwrap();
+        let (mut se, mut ss, mut var) = (0.0f64, 0.0f64, 0.0f64);
+        for (e, s) in ex.iter().zip(&sm) {
+            let p = e.j as f64;
+            assert!((p - s.j as f64).abs() <= 4.5 * (p * (1.0 - p) / k as f64).sqrt() + 2.0 / k as f64, "exact {p} vs sampled {}", s.j);
+            se += p;
+            ss += s.j as f64;
+            var += p * (1.0 - p) / k as f64;
+        }
+        let n = ex.len() as f64;
+        assert!(((se - ss) / n).abs() <= 4.0 * var.sqrt() / n + 2e-3, "means {} vs {}", se / n, ss / n);
+    }
+}
