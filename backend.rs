@@ -66,35 +66,45 @@ pub trait BackendTask {
     fn run<B: AutodiffBackend>(self, device: B::Device, label: String) -> Self::Output;
 }
 
-/// Resolves `choice` to a concrete backend and device and runs `task` on it.
+/// Resolves `choice` to a concrete backend and device and runs `task` on it. With `auto`, the
+/// label also names the devices that were tried and skipped, and why.
 pub fn dispatch<T: BackendTask>(choice: DeviceChoice, task: T) -> Result<T::Output> {
+    let mut skipped = Vec::new();
     match choice {
-        DeviceChoice::Cpu => Ok(run_cpu(task)),
-        DeviceChoice::Cuda => match run_cuda(task, true)? {
+        DeviceChoice::Cpu => Ok(run_cpu(task, &skipped)),
+        DeviceChoice::Cuda => match run_cuda(task, true, &mut skipped)? {
             Ok(out) => Ok(out),
             Err(_) => unreachable!("a required backend either runs or errors"),
         },
-        DeviceChoice::Wgpu => match run_wgpu(task, true)? {
+        DeviceChoice::Wgpu => match run_wgpu(task, true, &mut skipped)? {
             Ok(out) => Ok(out),
             Err(_) => unreachable!("a required backend either runs or errors"),
         },
         DeviceChoice::Auto => {
-            let task = match run_cuda(task, false)? {
+            let task = match run_cuda(task, false, &mut skipped)? {
                 Ok(out) => return Ok(out),
                 Err(task) => task,
             };
-            let task = match run_wgpu(task, false)? {
+            let task = match run_wgpu(task, false, &mut skipped)? {
                 Ok(out) => return Ok(out),
                 Err(task) => task,
             };
-            Ok(run_cpu(task))
+            Ok(run_cpu(task, &skipped))
         }
     }
 }
 
-fn run_cpu<T: BackendTask>(task: T) -> T::Output {
+fn run_cpu<T: BackendTask>(task: T, skipped: &[String]) -> T::Output {
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    task.run::<Autodiff<Cpu>>(Default::default(), format!("cpu (flex, {threads} threads)"))
+    task.run::<Autodiff<Cpu>>(Default::default(), with_skipped(format!("cpu (flex, {threads} threads)"), skipped))
+}
+
+fn with_skipped(label: String, skipped: &[String]) -> String {
+    if skipped.is_empty() {
+        label
+    } else {
+        format!("{label}; skipped: {}", skipped.join("; "))
+    }
 }
 
 /// Runs `f` with panics caught and their messages silenced; `None` if it panicked.
@@ -107,13 +117,15 @@ fn quietly<R>(f: impl FnOnce() -> R + std::panic::UnwindSafe) -> Option<R> {
     out
 }
 
-/// `Ok(Ok(out))` ran on CUDA; `Ok(Err(task))` not available and not required.
+/// `Ok(Ok(out))` ran on CUDA; `Ok(Err(task))` not available and not required (the reason
+/// is added to `skipped`).
 #[allow(unused_variables)]
-fn run_cuda<T: BackendTask>(task: T, required: bool) -> Result<Result<T::Output, T>> {
+fn run_cuda<T: BackendTask>(task: T, required: bool, skipped: &mut Vec<String>) -> Result<Result<T::Output, T>> {
     #[cfg(feature = "cuda")]
     {
         use burn::backend::cuda::CudaDevice;
         use burn::prelude::*;
+        configure_cubecl(None);
         let device = CudaDevice::default();
         let probe = device.clone();
         let ok = quietly(move || {
@@ -121,11 +133,13 @@ fn run_cuda<T: BackendTask>(task: T, required: bool) -> Result<Result<T::Output,
             t.sum().into_scalar() == 3.0
         });
         if ok == Some(true) {
-            return Ok(Ok(task.run::<Autodiff<CudaGpu>>(device, "cuda:0".into())));
+            kernel_cache_note("cuda");
+            return Ok(Ok(task.run::<Autodiff<CudaGpu>>(device, with_skipped("cuda:0".into(), skipped))));
         }
         if required {
             return Err(Error::config("device", "cuda", "no CUDA device answered (driver missing or no GPU)"));
         }
+        skipped.push("cuda (no CUDA device answered)".into());
         Ok(Err(task))
     }
     #[cfg(not(feature = "cuda"))]
@@ -137,26 +151,96 @@ fn run_cuda<T: BackendTask>(task: T, required: bool) -> Result<Result<T::Output,
     }
 }
 
-/// `Ok(Ok(out))` ran on a wgpu GPU adapter; `Ok(Err(task))` none and not required.
+/// A wgpu adapter that answered a probe, with Burn's runtime already set up on it.
+#[cfg(feature = "wgpu")]
+pub struct WgpuAdapter {
+    /// The device to run on (Burn's default wgpu device, now bound to this adapter).
+    pub device: burn::backend::wgpu::WgpuDevice,
+    /// The adapter's name as the driver gives it, e.g. `llvmpipe (LLVM 15.0.6, 256 bits)`.
+    pub name: String,
+    /// The graphics API wgpu reaches it through (Vulkan, Metal, Dx12, …).
+    pub api: String,
+    /// A CPU implementation (llvmpipe/lavapipe, SwiftShader): slower than the native CPU backend.
+    pub software: bool,
+}
+
+/// Finds the wgpu adapter Burn would use and sets its runtime up, once per process (later
+/// calls return the same answer). `None` when no adapter answers. Quiet: probing on a headless
+/// machine prints nothing (see [`quiet_headless_probing`]) and a failed probe's panic is silenced.
+#[cfg(feature = "wgpu")]
+pub fn probe_wgpu() -> Option<&'static WgpuAdapter> {
+    use burn::backend::wgpu::{graphics::AutoGraphicsApi, init_setup, WgpuDevice};
+    static ADAPTER: std::sync::OnceLock<Option<WgpuAdapter>> = std::sync::OnceLock::new();
+    ADAPTER
+        .get_or_init(|| {
+            quiet_headless_probing();
+            configure_cubecl(None);
+            // `init_setup` also registers Burn's runtime for `DefaultDevice` on the adapter it
+            // picked, so that device is the one to use (a second `init_device` on the same
+            // setup would start a second runtime on the same GPU).
+            let setup = quietly(|| init_setup::<AutoGraphicsApi>(&WgpuDevice::DefaultDevice, Default::default()))?;
+            let info = setup.adapter.get_info();
+            Some(WgpuAdapter {
+                device: WgpuDevice::DefaultDevice,
+                name: info.name.clone(),
+                api: format!("{:?}", setup.backend),
+                software: format!("{:?}", info.device_type) == "Cpu",
+            })
+        })
+        .as_ref()
+}
+
+/// Mesa's Vulkan loader and drivers look for a Wayland/X11 session under `XDG_RUNTIME_DIR` and
+/// print `error: XDG_RUNTIME_DIR is invalid or not set` when a headless machine has none —
+/// alarming noise for a probe that is expected to find no display. Pointing the variable at a
+/// private directory of our own (mode 0700, as the spec asks) before the first wgpu call keeps
+/// probing quiet; a variable the user set is left alone.
+#[cfg(feature = "wgpu")]
+fn quiet_headless_probing() {
+    if std::env::var_os("XDG_RUNTIME_DIR").is_some_and(|d| std::path::Path::new(&d).is_dir()) {
+        return;
+    }
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+        // SAFETY: getuid has no preconditions.
+        let uid = unsafe { libc::getuid() };
+        let dir = std::env::temp_dir().join(format!("mrt-runtime-{uid}"));
+        let _ = std::fs::DirBuilder::new().mode(0o700).create(&dir);
+        // Only a directory this user owns (another user could have made the name first).
+        if std::fs::metadata(&dir).is_ok_and(|m| m.is_dir() && m.uid() == uid) {
+            // Called before any wgpu thread exists; nothing else reads the environment concurrently.
+            std::env::set_var("XDG_RUNTIME_DIR", &dir);
+        }
+    }
+}
+
+/// `Ok(Ok(out))` ran on a wgpu adapter; `Ok(Err(task))` none usable and not required (the
+/// reason is added to `skipped`).
 #[allow(unused_variables)]
-fn run_wgpu<T: BackendTask>(task: T, required: bool) -> Result<Result<T::Output, T>> {
+fn run_wgpu<T: BackendTask>(task: T, required: bool, skipped: &mut Vec<String>) -> Result<Result<T::Output, T>> {
     #[cfg(feature = "wgpu")]
     {
-        use burn::backend::wgpu::{graphics::AutoGraphicsApi, init_device, init_setup, WgpuDevice};
-        let setup = quietly(|| init_setup::<AutoGraphicsApi>(&WgpuDevice::DefaultDevice, Default::default()));
-        if let Some(setup) = setup {
-            let info = setup.adapter.get_info();
-            // A software adapter (llvmpipe, SwiftShader) is slower than the native CPU backend;
-            // use it only when wgpu was asked for by name.
-            let software = format!("{:?}", info.device_type) == "Cpu";
-            if !software || required {
-                let label = format!("wgpu ({}, {:?})", info.name, setup.backend);
-                let device = init_device(setup, Default::default());
-                return Ok(Ok(task.run::<Autodiff<Gpu>>(device, label)));
+        match probe_wgpu() {
+            // A software adapter is slower than the native CPU backend: `auto` skips it, and
+            // `--device wgpu` uses it with a warning.
+            Some(a) if a.software && !required => {
+                skipped.push(format!("wgpu {} (software adapter: emulates a GPU on the CPU, slower than flex)", a.name));
             }
-        }
-        if required {
-            return Err(Error::config("device", "wgpu", "no wgpu adapter found"));
+            Some(a) => {
+                if a.software {
+                    eprintln!(
+                        "warning: wgpu adapter `{}` is a software adapter that emulates a GPU on the CPU; \
+                         `--device cpu` is faster",
+                        a.name
+                    );
+                }
+                kernel_cache_note("wgpu");
+                let label = with_skipped(format!("wgpu ({}, {})", a.name, a.api), skipped);
+                return Ok(Ok(task.run::<Autodiff<Gpu>>(a.device.clone(), label)));
+            }
+            None if required => return Err(Error::config("device", "wgpu", "no wgpu adapter found")),
+            None => skipped.push("wgpu (no adapter found)".into()),
         }
         Ok(Err(task))
     }
@@ -167,6 +251,62 @@ fn run_wgpu<T: BackendTask>(task: T, required: bool) -> Result<Result<T::Output,
         }
         Ok(Err(task))
     }
+}
+
+/// Where compiled GPU kernels are kept between runs: `$XDG_CACHE_HOME/mrt` or `~/.cache/mrt`.
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+fn kernel_cache_dir() -> Option<std::path::PathBuf> {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".cache")))?;
+    Some(base.join("mrt"))
+}
+
+/// Sets cubecl's runtime configuration once, before its first kernel: what a `cubecl.toml` and
+/// the `CUBECL_*` variables say is kept, and, unless they chose otherwise, compiled kernels are
+/// kept on disk (cubecl 0.10 does so for CUDA's PTX and for SPIR-V; with the WGSL compiler that
+/// `wgpu` uses here the driver's own shader cache does that job) and `autotune` redirects the
+/// autotune results. Returns false when cubecl was configured already (nothing changed).
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+fn configure_cubecl(autotune: Option<std::path::PathBuf>) -> bool {
+    use cubecl_runtime::config::cache::CacheConfig;
+    use cubecl_runtime::config::{CubeClRuntimeConfig, RuntimeConfig};
+    static DONE: std::sync::Once = std::sync::Once::new();
+    let mut fresh = false;
+    DONE.call_once(|| {
+        let mut config = CubeClRuntimeConfig::from_current_dir().override_from_env();
+        if config.compilation.cache.is_none() {
+            config.compilation.cache = kernel_cache_dir().map(|d| CacheConfig::File(d.join("kernels")));
+        }
+        if let Some(dir) = autotune {
+            config.autotune.cache = CacheConfig::File(dir);
+        }
+        // `set` panics if cubecl already read its configuration (a kernel ran before us).
+        fresh = quietly(move || CubeClRuntimeConfig::set(config)).is_some();
+    });
+    fresh
+}
+
+/// Tells the user why the first steps on a GPU are slow.
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+fn kernel_cache_note(backend: &str) {
+    let what = if backend == "cuda" {
+        let at = kernel_cache_dir().map(|d| format!(", kept in {} for the next run", d.join("kernels").display())).unwrap_or_default();
+        format!("NVRTC compiles ~100 kernels, about a minute{at}")
+    } else {
+        "the driver compiles shaders: seconds on a GPU, minutes on a software adapter; most drivers keep them for the next run".to_string()
+    };
+    eprintln!("note: the first steps on {backend} compile and autotune GPU kernels ({what})");
+}
+
+/// For tests on a GPU backend: autotune results go to a fresh directory of this process, so
+/// that a result cached by an earlier run (another build, another autotune level) can neither
+/// hide nor cause a failure. Call before the first GPU kernel.
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+pub fn isolate_kernel_caches_for_tests() {
+    let dir = std::env::temp_dir().join(format!("mrt-autotune-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(configure_cubecl(Some(dir)), "cubecl was configured before the test could isolate its autotune cache");
 }
 
 /// Keeps freed tensor buffers in the process instead of handing them back to the kernel.

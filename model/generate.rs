@@ -88,8 +88,23 @@ fn drain<B: Backend>(pending: &mut Vec<Tensor<B, 1, Int>>, out: &mut [Vec<u32>],
     }
 }
 
-/// Host copy of an int tensor, whatever the backend's int width.
+thread_local! {
+    static TOKEN_READS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// How many times this thread has read sampled tokens back from the device (every
+/// [`read_ids`] call). On a GPU each read is a synchronisation that costs more than a small
+/// model's decoding step, so the decoders keep it to one per step for the whole batch:
+/// [`generate`] reads once every `check_every` steps (never more than once per step), and the
+/// rollout engine once per decoding step (it must see each token to feed environment replies
+/// and forced suffixes). Per thread, so that tests running side by side count only their own.
+pub fn token_reads() -> u64 {
+    TOKEN_READS.with(|c| c.get())
+}
+
+/// Host copy of an int tensor, whatever the backend's int width (counted by [`token_reads`]).
 pub fn read_ids<B: Backend, const D: usize>(t: Tensor<B, D, Int>) -> Vec<u32> {
+    TOKEN_READS.with(|c| c.set(c.get() + 1));
     t.into_data().iter::<i64>().map(|v| v as u32).collect()
 }
 

@@ -16,7 +16,7 @@ pub mod transformer;
 
 pub use cache::KvCache;
 pub use config::TransformerConfig;
-pub use generate::{generate, last_logits, read_ids, GenerateConfig};
+pub use generate::{generate, last_logits, read_ids, token_reads, GenerateConfig};
 pub use logprobs::{token_logprobs, TokenLogprobs};
 pub use sampling::{sample, SamplerConfig};
 pub use transformer::Transformer;

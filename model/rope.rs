@@ -9,6 +9,14 @@
 //!
 //! The angles come from explicit per-row positions: in a ragged batch every row sits at its own
 //! position, and a cache slot is not a position.
+//!
+//! On Burn's fused GPU backends (`fusion<cubecl<…>>`: wgpu and CUDA) the permutation product is
+//! replaced by a flip of the two halves and a sign: with fusion and autotuning at their default
+//! settings, Burn 0.21 computes a wrong backward pass for the model when the rotation is a matmul
+//! (query or key projection gradients off by ~50 % of their scale, found by `tests/wgpu.rs`; the
+//! logits are right, and `CUBECL_AUTOTUNE_LEVEL=minimal` or an unfused backend hide it). The
+//! flip is elementwise work that fuses cleanly. Reproduction and write-up for Burn:
+//! `docs/burn-fusion-rope-gradient.md`.
 
 use burn::prelude::*;
 
@@ -21,8 +29,8 @@ pub struct Rope<B: Backend> {
     /// `[B·W·KVH, D]` (the query tables when KVH = H)
     cos_k: Tensor<B, 2>,
     sin_k: Tensor<B, 2>,
-    /// `[D, D]`: `x @ rot = rotate_half(x)`
-    rot: Tensor<B, 2>,
+    /// `[D, D]`: `x @ rot = rotate_half(x)`; `None` on fused backends (flip and sign instead).
+    rot: Option<Tensor<B, 2>>,
 }
 
 impl<B: Backend> Rope<B> {
@@ -45,12 +53,14 @@ impl<B: Backend> Rope<B> {
         } else {
             (table(cos, kv_heads), table(sin, kv_heads))
         };
-        let mut rot = vec![0.0f32; d * d];
-        for i in 0..half {
-            rot[(i + half) * d + i] = -1.0; // out[i] = −x[i + D/2]
-            rot[i * d + i + half] = 1.0; // out[i + D/2] = x[i]
-        }
-        let rot = Tensor::from_data(TensorData::new(rot, [d, d]), &device);
+        let rot = (!B::name(&device).contains("fusion<")).then(|| {
+            let mut rot = vec![0.0f32; d * d];
+            for i in 0..half {
+                rot[(i + half) * d + i] = -1.0; // out[i] = −x[i + D/2]
+                rot[i * d + i + half] = 1.0; // out[i + D/2] = x[i]
+            }
+            Tensor::from_data(TensorData::new(rot, [d, d]), &device)
+        });
         Self { cos_q, sin_q, cos_k, sin_k, rot }
     }
 
@@ -70,7 +80,14 @@ impl<B: Backend> Rope<B> {
         let [n, width] = x.dims();
         let [rows, d] = cos.dims();
         let x = x.reshape([rows, d]);
-        let rotated = x.clone().matmul(self.rot.clone());
+        let rotated = match &self.rot {
+            Some(rot) => x.clone().matmul(rot.clone()),
+            None => {
+                // [x₁, x₂] → [x₂, x₁] → [−x₂, x₁]
+                let sign = Tensor::<B, 1>::from_floats([-1.0, 1.0], &x.device()).reshape([1, 2, 1]);
+                (x.clone().reshape([rows, 2, d / 2]).flip([1]) * sign).reshape([rows, d])
+            }
+        };
         (x * cos.clone() + rotated * sin.clone()).reshape([n, width])
     }
 }

@@ -133,3 +133,18 @@ fn rows_stop_at_their_own_stop_token() {
     }
     assert!(stopped[0].len() <= 4 && *stopped[0].last().unwrap() == stop);
 }
+
+#[test]
+fn generate_reads_tokens_back_once_per_check_for_the_whole_batch() {
+    let m = model();
+    // No stop tokens: nothing to check, one read at the end for all 3 rows × 24 tokens.
+    let before = mrt::model::token_reads();
+    let free = run(&m, 1, SamplerConfig::default(), vec![]);
+    assert_eq!(mrt::model::token_reads() - before, 1);
+    // A stop token no row samples: a read every `check_every` = 4 steps, 24 / 4 in all.
+    let never = (0..64u32).find(|t| free.iter().all(|r| !r.contains(t))).expect("some token unsampled");
+    let before = mrt::model::token_reads();
+    let out = run(&m, 1, SamplerConfig::default(), vec![never]);
+    assert_eq!(out, free);
+    assert_eq!(mrt::model::token_reads() - before, 6);
+}

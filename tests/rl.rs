@@ -26,6 +26,21 @@ fn recomputed_j(model: &Transformer<B>, prefix: &[u32], suffix: [u32; 3], answer
     (at(n - 2, answer) + at(n - 1, end)).exp()
 }
 
+/// On a GPU every read-back is a synchronisation: the engine reads the sampled tokens of the
+/// whole batch once per decoding step, never once per row.
+#[test]
+fn the_engine_reads_tokens_back_once_per_decoding_step_for_the_whole_batch() {
+    search_policy();
+    let before = mrt::model::token_reads();
+    let (_, rs) = rollouts_with_j(6, 4, 2);
+    let reads = mrt::model::token_reads() - before;
+    // Each step appends at least one token to every row still running, so the last row to
+    // finish holds at least one token per step; one read per row would be ~24× more.
+    let longest = rs.iter().map(|r| r.tokens.len() - r.context_len).max().unwrap() as u64;
+    assert_eq!(rs.len(), 24);
+    assert!(reads >= 1 && reads <= longest, "{reads} reads for {longest} decoding steps at most");
+}
+
 #[test]
 fn rollouts_are_episode_structured_with_environment_and_forced_tokens() {
     let f = search_policy();
