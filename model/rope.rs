@@ -29,8 +29,17 @@ pub struct Rope<B: Backend> {
     /// `[B·W·KVH, D]` (the query tables when KVH = H)
     cos_k: Tensor<B, 2>,
     sin_k: Tensor<B, 2>,
-    /// `[D, D]`: `x @ rot = rotate_half(x)`; `None` on fused backends (flip and sign instead).
-    rot: Option<Tensor<B, 2>>,
+    rotation: Rotation<B>,
+}
+
+/// How `rotate_half` is computed, chosen once per forward call with the tensors it needs already on
+/// the device, so `apply` (two calls per layer) uploads nothing.
+#[derive(Debug, Clone)]
+enum Rotation<B: Backend> {
+    /// `x @ rot = rotate_half(x)`, `rot` a `[D, D]` ±1 permutation: unfused backends.
+    Matmul(Tensor<B, 2>),
+    /// `[x₁, x₂] → [x₂, x₁] ⊙ sign`, `sign = [−1, 1]` shaped `[1, 2, 1]`: fused backends.
+    Flip(Tensor<B, 3>),
 }
 
 impl<B: Backend> Rope<B> {
@@ -53,15 +62,17 @@ impl<B: Backend> Rope<B> {
         } else {
             (table(cos, kv_heads), table(sin, kv_heads))
         };
-        let rot = (!B::name(&device).contains("fusion<")).then(|| {
+        let rotation = if B::name(&device).contains("fusion<") {
+            Rotation::Flip(Tensor::<B, 1>::from_floats([-1.0, 1.0], &device).reshape([1, 2, 1]))
+        } else {
             let mut rot = vec![0.0f32; d * d];
             for i in 0..half {
                 rot[(i + half) * d + i] = -1.0; // out[i] = −x[i + D/2]
                 rot[i * d + i + half] = 1.0; // out[i + D/2] = x[i]
             }
-            Tensor::from_data(TensorData::new(rot, [d, d]), &device)
-        });
-        Self { cos_q, sin_q, cos_k, sin_k, rot }
+            Rotation::Matmul(Tensor::from_data(TensorData::new(rot, [d, d]), &device))
+        };
+        Self { cos_q, sin_q, cos_k, sin_k, rotation }
     }
 
     /// # Shapes
@@ -80,13 +91,10 @@ impl<B: Backend> Rope<B> {
         let [n, width] = x.dims();
         let [rows, d] = cos.dims();
         let x = x.reshape([rows, d]);
-        let rotated = match &self.rot {
-            Some(rot) => x.clone().matmul(rot.clone()),
-            None => {
-                // [x₁, x₂] → [x₂, x₁] → [−x₂, x₁]
-                let sign = Tensor::<B, 1>::from_floats([-1.0, 1.0], &x.device()).reshape([1, 2, 1]);
-                (x.clone().reshape([rows, 2, d / 2]).flip([1]) * sign).reshape([rows, d])
-            }
+        let rotated = match &self.rotation {
+            Rotation::Matmul(rot) => x.clone().matmul(rot.clone()),
+            // [x₁, x₂] → [x₂, x₁] → [−x₂, x₁]
+            Rotation::Flip(sign) => (x.clone().reshape([rows, 2, d / 2]).flip([1]) * sign.clone()).reshape([rows, d]),
         };
         (x * cos.clone() + rotated * sin.clone()).reshape([n, width])
     }

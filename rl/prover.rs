@@ -61,11 +61,7 @@ impl Default for ProverConfig {
 impl ProverConfig {
     pub fn validate(&self, task: &dyn Task) -> Result<()> {
         if self.mode == ProverMode::Exact && !task.enumerable_answers() {
-            return Err(Error::config(
-                "prover.mode",
-                "exact",
-                format!("task `{}` cannot list its correct answers; use \"sample\"", task.name()),
-            ));
+            return Err(not_enumerable(task));
         }
         if self.mode == ProverMode::Sample && self.samples == 0 {
             return Err(Error::config("prover.samples", 0, "must be positive"));
@@ -128,6 +124,10 @@ fn force<B: Backend>(model: &Transformer<B>, cache: &mut KvCache<B>, vocab: &Voc
     Ok(last_logits(logits, &vec![3; rows]))
 }
 
+fn not_enumerable(task: &dyn Task) -> Error {
+    Error::config("prover.mode", "exact", format!("task `{}` cannot list its correct answers; use \"sample\"", task.name()))
+}
+
 /// Pairs (row, correct answer) scored per forward pass in `exact`: bounds the copies of the
 /// rows' caches alive at once.
 const EXACT_BLOCK: usize = 512;
@@ -138,11 +138,11 @@ fn exact<B: Backend>(model: &Transformer<B>, mut cache: KvCache<B>, problems: &[
     let t = config.temperature;
     // Every correct answer of each row's problem, as ids; listed once per distinct problem.
     let mut listed: HashMap<String, Vec<Vec<u32>>> = HashMap::new();
-    let mut answers: Vec<&Vec<Vec<u32>>> = Vec::with_capacity(rows);
+    let mut keys = Vec::with_capacity(rows);
     for p in problems {
         let key = task.key(p);
         if !listed.contains_key(&key) {
-            let list = task.correct_answers(p).ok_or_else(|| Error::config("prover.mode", "exact", format!("task `{}` cannot list its correct answers; use \"sample\"", task.name())))?;
+            let list = task.correct_answers(p).ok_or_else(|| not_enumerable(task))?;
             let mut ids = list
                 .iter()
                 .map(|a| vocab.encode_words(a))
@@ -153,10 +153,9 @@ fn exact<B: Backend>(model: &Transformer<B>, mut cache: KvCache<B>, problems: &[
             ids.dedup();
             listed.insert(key.clone(), ids);
         }
+        keys.push(key);
     }
-    for p in problems {
-        answers.push(&listed[&task.key(p)]);
-    }
+    let answers: Vec<&Vec<Vec<u32>>> = keys.iter().map(|k| &listed[k]).collect();
     // Mass on first answer tokens that can begin a well-formed answer.
     let starts: Vec<f32> = (0..vocab.size() as u32).map(|i| task.starts_answer(vocab.word(i)) as u8 as f32).collect();
     let starts = Tensor::<B, 1>::from_data(TensorData::new(starts, [vocab.size()]), &device);

@@ -99,16 +99,25 @@ impl RunDir {
     }
 }
 
-/// The commit this binary's source tree is at, or "unknown".
+/// The commit this binary's source tree is at, or "unknown", with " (plus uncommitted changes)"
+/// when tracked files differ from it: a report must not name a commit that did not make it.
 pub fn git_commit() -> String {
-    std::process::Command::new("git")
-        .args(["rev-parse", "HEAD"])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_else(|| "unknown".into())
+    let git = |args: &[&str]| {
+        std::process::Command::new("git")
+            .args(args)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    };
+    match git(&["rev-parse", "HEAD"]) {
+        None => "unknown".into(),
+        Some(head) => match git(&["status", "--porcelain", "--untracked-files=no"]) {
+            Some(changes) if !changes.is_empty() => format!("{head} (plus uncommitted changes)"),
+            _ => head,
+        },
+    }
 }
 
 /// The RNG of one step of one stage: a pure function of (seed, stream, step).
