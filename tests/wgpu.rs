@@ -99,6 +99,13 @@ fn ragged(vocab: usize, lens: &[usize], seed: u64) -> (Vec<Vec<u32>>, usize) {
     (rows, *lens.iter().max().unwrap())
 }
 
+/// Runs `check` on the trained model and on the GQA + tied-head one (skipped without an adapter).
+fn on_both_models(check: fn(&Transformer<Cpu>, &WgpuDevice)) {
+    let Some(device) = gpu() else { return };
+    check(trained(), &device);
+    check(&gqa_tied(), &device);
+}
+
 fn ids<B: Backend>(rows: &[Vec<u32>], width: usize, pad: u32, device: &B::Device) -> Tensor<B, 2, Int> {
     let tok: Vec<i64> = rows.iter().flat_map(|r| (0..width).map(move |i| *r.get(i).unwrap_or(&pad) as i64)).collect();
     Tensor::from_data(TensorData::new(tok, [rows.len(), width]), device)
@@ -136,9 +143,7 @@ fn check_full_forward(model: &Transformer<Cpu>, device: &WgpuDevice) {
 
 #[test]
 fn full_forward_logits_match_the_cpu_on_a_ragged_padded_batch() {
-    let Some(device) = gpu() else { return };
-    check_full_forward(trained(), &device);
-    check_full_forward(&gqa_tied(), &device);
+    on_both_models(check_full_forward);
 }
 
 /// Ragged prefill, a ragged chunk with a hole, then single tokens: every call's logits at the
@@ -167,9 +172,7 @@ fn check_cached(model: &Transformer<Cpu>, device: &WgpuDevice) {
 
 #[test]
 fn cached_decoding_logits_match_the_cpu() {
-    let Some(device) = gpu() else { return };
-    check_cached(trained(), &device);
-    check_cached(&gqa_tied(), &device);
+    on_both_models(check_cached);
 }
 
 /// Every parameter's gradient, by module path, in visiting order.
@@ -228,9 +231,7 @@ fn check_gradients(model: &Transformer<Cpu>, device: &WgpuDevice) {
 /// the key-projection gradients were off by half their scale.
 #[test]
 fn logprob_gradients_match_the_cpu() {
-    let Some(device) = gpu() else { return };
-    check_gradients(trained(), &device);
-    check_gradients(&gqa_tied(), &device);
+    on_both_models(check_gradients);
 }
 
 #[test]
