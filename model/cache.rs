@@ -125,6 +125,21 @@ impl<B: Backend> KvCache<B> {
         width: usize,
         counts: Option<&[usize]>,
     ) -> Result<(usize, Tensor<B, 2, Int>, Tensor<B, 4, Bool>)> {
+        let (slot, positions) = self.reserve(width, counts)?;
+        let (rows, cap, device) = (self.rows(), self.allocated, self.valid.device());
+        let empty = self.valid.clone().bool_not().reshape([rows, 1, 1, cap]).expand([rows, 1, width, cap]);
+        let slot_ids = Tensor::<B, 1, Int>::arange(0..cap as i64, &device).reshape([1, cap]).expand([width, cap]);
+        let query_slots = Tensor::<B, 1, Int>::arange(slot as i64..(slot + width) as i64, &device)
+            .reshape([width, 1])
+            .expand([width, cap]);
+        let future = slot_ids.greater(query_slots).reshape([1, 1, width, cap]).expand([rows, 1, width, cap]);
+        Ok((slot, positions, empty.bool_or(future)))
+    }
+
+    /// The bookkeeping half of [`Self::advance`]: grows the buffers if needed, marks the new
+    /// slots valid where they hold real tokens, moves the position counters; returns the
+    /// first slot and the positions `[B, W]` of a sequence chunk.
+    fn reserve(&mut self, width: usize, counts: Option<&[usize]>) -> Result<(usize, Tensor<B, 2, Int>)> {
         let rows = self.rows();
         if self.slots + width > self.capacity {
             return Err(Error::Budget(format!(
@@ -164,14 +179,60 @@ impl<B: Backend> KvCache<B> {
         let valid = std::mem::replace(&mut self.valid, chunk_valid.clone());
         self.valid = valid.slice_assign([0..rows, slot..slot + width], chunk_valid);
         self.slots += width;
+        Ok((slot, positions))
+    }
+
+    /// Reserves a chunk that holds a *tree* of tokens per row instead of a sequence: row b's
+    /// token i continues `parents[b][i]` (an earlier token of the chunk) or, when `None`, the
+    /// row's prefix directly. Each token sits at the position after its parent and attends to
+    /// the prefix, its ancestors and itself only, so siblings are scored side by side as if
+    /// each had the prefix to itself — several continuations of one prefix in one pass,
+    /// without copying the prefix per continuation. Returns what [`Self::advance`] returns.
+    ///
+    /// Afterwards the row's position counter counts every tree token, so the cache is only
+    /// good for reading these tokens' logits, not for decoding further.
+    pub(crate) fn advance_tree(&mut self, parents: &[Vec<Option<usize>>]) -> Result<(usize, Tensor<B, 2, Int>, Tensor<B, 4, Bool>)> {
+        let rows = self.rows();
+        if parents.len() != rows {
+            return Err(Error::Budget(format!("token trees for {} rows given a cache of {rows} rows", parents.len())));
+        }
+        if let Some((b, i)) = parents.iter().enumerate().find_map(|(b, p)| p.iter().enumerate().find(|(i, p)| p.is_some_and(|p| p >= *i)).map(|(i, _)| (b, i))) {
+            return Err(Error::Budget(format!("row {b}: tree token {i} names a parent that does not come before it")));
+        }
+        let counts: Vec<usize> = parents.iter().map(Vec::len).collect();
+        let width = counts.iter().copied().max().unwrap_or(0);
+        let before = self.lengths.clone();
+        let (slot, _) = self.reserve(width, Some(&counts))?;
         let cap = self.allocated;
-        let empty = self.valid.clone().bool_not().reshape([rows, 1, 1, cap]).expand([rows, 1, width, cap]);
-        let slot_ids = Tensor::<B, 1, Int>::arange(0..cap as i64, &device).reshape([1, cap]).expand([width, cap]);
-        let query_slots = Tensor::<B, 1, Int>::arange(slot as i64..(slot + width) as i64, &device)
-            .reshape([width, 1])
-            .expand([width, cap]);
-        let future = slot_ids.greater(query_slots).reshape([1, 1, width, cap]).expand([rows, 1, width, cap]);
-        Ok((slot, positions, empty.bool_or(future)))
+        // Built on the host in one go (the sequence mask's broadcasts are strided copies on
+        // the CPU backend, and a tree chunk is wide): token i of row b sees the row's valid
+        // slots before the chunk, and in the chunk itself its ancestors and itself.
+        // Read as integers: backends store booleans differently (a byte on flex, u32 on wgpu).
+        let valid: Vec<bool> = self.valid.clone().int().into_data().iter::<i64>().map(|v| v != 0).collect();
+        let mut positions = Vec::with_capacity(rows * width);
+        let mut mask = vec![true; rows * width * cap];
+        for (b, tree) in parents.iter().enumerate() {
+            let seen = &valid[b * cap..b * cap + slot];
+            // Holes (past the row's tree) see the prefix too, so that no query is left with
+            // nothing to attend (a NaN on backends whose softmax does not guard it).
+            for query in mask[b * width * cap..(b + 1) * width * cap].chunks_mut(cap) {
+                query[..slot].iter_mut().zip(seen).for_each(|(m, &v)| *m = !v);
+            }
+            let mut depth = vec![0usize; tree.len()];
+            for (i, parent) in tree.iter().enumerate() {
+                depth[i] = parent.map_or(0, |p| depth[p] + 1);
+                let query = &mut mask[(b * width + i) * cap..(b * width + i + 1) * cap];
+                let mut node = Some(i);
+                while let Some(n) = node {
+                    query[slot + n] = false;
+                    node = tree[n];
+                }
+            }
+            positions.extend((0..width).map(|i| (before[b] + depth.get(i).copied().unwrap_or(0)) as i64));
+        }
+        let device = self.valid.device();
+        let positions = Tensor::<B, 2, Int>::from_data(TensorData::new(positions, [rows, width]), &device);
+        Ok((slot, positions, Tensor::from_data(TensorData::new(mask, [rows, 1, width, cap]), &device)))
     }
 
     /// A new cache holding copies of the given rows, in that order (a row may repeat). This is

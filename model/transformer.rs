@@ -103,13 +103,39 @@ impl<B: Backend> Transformer<B> {
         if b != cache.rows() {
             return Err(Error::Budget(format!("{b} token rows for a cache of {} rows", cache.rows())));
         }
-        let (slot, positions, mask) = cache.advance(w, counts)?;
+        let chunk = cache.advance(w, counts)?;
+        Ok(self.forward_chunk(tokens, cache, chunk))
+    }
+
+    /// Appends a *tree* of tokens per row to `cache` and returns their logits: row b's token i
+    /// continues `parents[b][i]` (an earlier token of the row, or the cached prefix when `None`)
+    /// and sees only the prefix and its own ancestors (see [`KvCache::advance_tree`]). Token i's
+    /// logits are those a plain [`Self::forward_cached`] of its path would give. The cache is
+    /// spent afterwards: it holds the tree, not a sequence to decode on from.
+    ///
+    /// # Shapes
+    /// - `tokens`: `[B, W]`, W the size of the largest tree; row b's first `parents[b].len()`
+    ///   tokens are real, the rest holes
+    /// - returns logits `[B, W, V]`
+    pub fn forward_tree(&self, tokens: Tensor<B, 2, Int>, parents: &[Vec<Option<usize>>], cache: &mut KvCache<B>) -> Result<Tensor<B, 3>> {
+        let [b, w] = tokens.dims();
+        if b != cache.rows() || parents.iter().map(Vec::len).max().unwrap_or(0) != w {
+            return Err(Error::Budget(format!("{b} token rows of width {w} for trees of {:?} tokens in a cache of {} rows", parents.iter().map(Vec::len).collect::<Vec<_>>(), cache.rows())));
+        }
+        let chunk = cache.advance_tree(parents)?;
+        Ok(self.forward_chunk(tokens, cache, chunk))
+    }
+
+    /// The layers over a chunk that `cache` has reserved: (first slot, positions `[B, W]`,
+    /// mask `[B, 1, W, S]`).
+    fn forward_chunk(&self, tokens: Tensor<B, 2, Int>, cache: &mut KvCache<B>, (slot, positions, mask): (usize, Tensor<B, 2, Int>, Tensor<B, 4, Bool>)) -> Tensor<B, 3> {
+        let [b, w] = tokens.dims();
         let rope = self.rope(positions, b);
         let mut x = self.embed.forward(tokens).reshape([b * w, self.config.d_model]);
         for (block, kv) in self.blocks.iter().zip(cache.layers.iter_mut()) {
             x = block.forward(x, &rope, b, Some(mask.clone()), false, Some((kv, slot)));
         }
-        Ok(self.logits(self.norm.forward(x).reshape([b, w, self.config.d_model])))
+        self.logits(self.norm.forward(x).reshape([b, w, self.config.d_model]))
     }
 
     /// Output head on normalised hidden states.

@@ -149,6 +149,56 @@ fn forked_and_replicated_cache_rows_continue_like_recomputation() {
     assert_eq!(rep.lengths(), &[4, 4, 4, 2, 2, 2]);
 }
 
+/// A tree of continuations per row in one pass: every tree token's logits equal the full
+/// forward of its path (prefix, ancestors, itself), for ragged prefixes and trees of different
+/// sizes (holes), with grouped-query heads; the cache grows to hold the trees.
+#[test]
+fn tree_chunks_score_every_branch_like_its_own_sequence() {
+    let dev = Default::default();
+    let model = Transformer::<B>::new(&config(2, false), 5, &dev).unwrap();
+    let prompts: Vec<Vec<u32>> = vec![vec![1, 2, 3, 4, 5], vec![6, 7]];
+    let mut cache = model.new_cache(2, 64);
+    model.forward_cached(padded(&prompts, 5, 0), &mut cache, Some(&[5, 2])).unwrap();
+    // Row 0: 8 ─┬─ 9 ─── 10        Row 1: 11 ─ 12
+    //           └─ 12 ─┬─ 13              13
+    //                  └─ 14
+    // and 15 directly after the prefix.
+    let tokens: Vec<Vec<u32>> = vec![vec![8, 9, 12, 10, 13, 14, 15], vec![11, 13, 12]];
+    let parents: Vec<Vec<Option<usize>>> = vec![
+        vec![None, Some(0), Some(0), Some(1), Some(2), Some(2), None],
+        vec![None, None, Some(0)],
+    ];
+    let logits = model.forward_tree(padded(&tokens, 7, 0), &parents, &mut cache).unwrap();
+    let v = model.config.vocab_size;
+    for (b, tree) in parents.iter().enumerate() {
+        for i in 0..tree.len() {
+            let mut path = vec![tokens[b][i]];
+            let mut node = tree[i];
+            while let Some(n) = node {
+                path.insert(0, tokens[b][n]);
+                node = tree[n];
+            }
+            let full: Vec<u32> = prompts[b].iter().copied().chain(path).collect();
+            let want = full_logits_at(&model, std::slice::from_ref(&full), &[full.len() - 1]);
+            let got = logits.clone().slice([b..b + 1, i..i + 1, 0..v]).reshape([1, v]);
+            let d = max_abs_diff(got, want);
+            assert!(d < 1e-4, "row {b}, tree token {i}: differs by {d}");
+        }
+    }
+}
+
+#[test]
+fn malformed_trees_are_errors_not_panics() {
+    let dev = Default::default();
+    let model = Transformer::<B>::new(&config(4, false), 3, &dev).unwrap();
+    let mut cache = model.new_cache(1, 16);
+    let (tok, _) = ids(&[vec![1, 2]], 2);
+    let err = model.forward_tree(tok.clone(), &[vec![Some(1), None]], &mut cache).unwrap_err();
+    assert!(err.to_string().contains("does not come before it"), "{err}");
+    let err = model.forward_tree(tok, &[vec![None]], &mut cache).unwrap_err();
+    assert!(err.to_string().contains("width 2"), "{err}");
+}
+
 #[test]
 fn grown_and_concatenated_caches_continue_like_recomputation() {
     let dev = Default::default();

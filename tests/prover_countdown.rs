@@ -93,3 +93,55 @@ fn exact_j_over_every_correct_line_equals_recomputation_and_sampling() {
         assert!(((se - ss) / n).abs() <= 4.0 * var.sqrt() / n + 2e-3, "means {} vs {}", se / n, ss / n);
     }
 }
+
+/// J the way the exact prover computed it before answer trees: every (row, correct answer)
+/// pair on its own copy of the row's cache, one pass over the answer per pair.
+fn per_answer(model: &Transformer<B>, mut cache: mrt::model::KvCache<B>, task: &dyn Task, vocab: &Vocab, problems: &[Problem], t: f64, max_answer_tokens: usize) -> Vec<f32> {
+    use burn::tensor::activation::log_softmax;
+    let (rows, dev, v) = (cache.rows(), model.device(), vocab.size());
+    let suffix: Vec<i64> = (0..rows).flat_map(|_| suffix_ids(vocab).map(|i| i as i64)).collect();
+    cache.ensure_capacity(3);
+    let logits = model.forward_cached(Tensor::from_data(TensorData::new(suffix, [rows, 3]), &dev), &mut cache, None).unwrap();
+    let first = log_softmax(mrt::model::last_logits(logits, &vec![3; rows]) / t, 1);
+    let mut j = vec![0f32; rows];
+    for (r, p) in problems.iter().enumerate() {
+        let mut answers: Vec<Vec<u32>> = task.correct_answers(p).unwrap().iter().map(|a| vocab.encode_words(a).unwrap()).filter(|a| a.len() < max_answer_tokens).collect();
+        answers.sort_unstable();
+        answers.dedup();
+        for a in answers {
+            let mut one = cache.select_rows(&[r]);
+            one.ensure_capacity(a.len());
+            let ids: Vec<i64> = a.iter().map(|&x| x as i64).collect();
+            let lp = log_softmax(model.forward_cached(Tensor::from_data(TensorData::new(ids, [1, a.len()]), &dev), &mut one, None).unwrap() / t, 2);
+            let lp: Vec<f32> = lp.into_data().to_vec().unwrap();
+            let head: Vec<f32> = first.clone().slice([r..r + 1, 0..v]).into_data().to_vec().unwrap();
+            let tail: f32 = (0..a.len()).map(|k| lp[k * v + *a.get(k + 1).unwrap_or(&vocab.specials.end_answer) as usize]).sum();
+            j[r] += (head[a[0] as usize] + tail).exp();
+        }
+    }
+    j
+}
+
+/// Scoring each problem's correct answers as one token tree (shared prefixes once, rows grouped
+/// by tree size, copies per row rather than per answer) gives the J of scoring every answer on
+/// its own copy of the cache.
+#[test]
+fn answer_trees_give_the_j_of_one_pass_per_answer() {
+    let (task, vocab, model) = policy(400);
+    let mut rng = StdRng::seed_from_u64(12);
+    let problems: Vec<Problem> = (0..24).map(|_| sample_problem(task.as_ref(), Split::Train, &mut rng).unwrap()).collect();
+    let refs: Vec<&Problem> = problems.iter().collect();
+    let sizes: Vec<usize> = problems.iter().map(|p| task.correct_answers(p).unwrap().len()).collect();
+    let (fewest, most) = (*sizes.iter().min().unwrap(), *sizes.iter().max().unwrap());
+    assert!(most > 2 * fewest, "trees of different sizes, so rows fall into several groups: {sizes:?}");
+    for (j, t) in [(0, 1.0), (3, 0.7)] {
+        let rows = prefixes(task.as_ref(), &vocab, &problems, j);
+        let exact = ProverConfig { mode: ProverMode::Exact, samples: 1, temperature: t, max_answer_tokens: 24 };
+        let tree = estimate(&model, prefilled(&model, &rows), &refs, task.as_ref(), &vocab, &exact, &mut StdRng::seed_from_u64(0)).unwrap();
+        let reference = per_answer(&model, prefilled(&model, &rows), task.as_ref(), &vocab, &problems, t, 24);
+        let worst = tree.iter().zip(&reference).map(|(a, b)| (a.j - b).abs()).fold(0f32, f32::max);
+        eprintln!("{j} lines, T = {t}: largest |J_tree − J_per_answer| = {worst:e}");
+        assert!(worst <= 1e-6, "{j} lines, T = {t}: trees and per-answer passes differ by {worst}");
+        assert!(reference.iter().any(|&x| x > 0.01), "some J is far from 0: {reference:?}");
+    }
+}
