@@ -11,7 +11,11 @@
 //!   noise, for a forward pass over the correct answers instead of K decoded ones.
 //!
 //! Both run on a *fork* of the rollout's KV cache taken at the episode boundary, so the prefix
-//! is never recomputed: only the 3 suffix tokens and the answer tokens are.
+//! is never recomputed: only the 3 suffix tokens and the answer tokens are. `Exact` scores a
+//! problem's answers as one token tree (answers that share their first tokens share those
+//! nodes), all of a row's nodes in one pass over its cache, each seeing only the prefix and
+//! its own ancestors; this gives the J of scoring every answer on its own copy of the cache,
+//! to the last bit on the CPU (`tests/prover_countdown.rs`), without the copies.
 
 use std::collections::HashMap;
 

@@ -67,6 +67,23 @@ pub fn run_all<'a, T: Send>(jobs: Vec<Job<'a, T>>, workers: usize) -> Result<Vec
     Ok(results.into_inner().expect("not poisoned").into_iter().map(|r| r.expect("every job ran")).collect())
 }
 
+/// Runs `jobs` like [`run_all`], starting them in descending order of their `cost` estimates
+/// (ties keep their order) and returning results in the order given. Longest first keeps the
+/// longest job off the end: warm starts of `--regime all` listed by regime put countdown's
+/// (three times a search one) last, so one worker trained it alone for ~8 minutes while the
+/// other idled before the RL runs could begin.
+pub fn run_costliest_first<'a, T: Send>(jobs: Vec<(u64, Job<'a, T>)>, workers: usize) -> Result<Vec<T>> {
+    let mut order: Vec<usize> = (0..jobs.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(jobs[i].0));
+    let mut slots: Vec<Option<Job<'a, T>>> = jobs.into_iter().map(|(_, j)| Some(j)).collect();
+    let sorted = order.iter().map(|&i| slots[i].take().expect("each job once")).collect();
+    let mut results: Vec<Option<T>> = (0..order.len()).map(|_| None).collect();
+    for (i, r) in order.into_iter().zip(run_all(sorted, workers)?) {
+        results[i] = Some(r);
+    }
+    Ok(results.into_iter().map(|r| r.expect("every job ran")).collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -83,6 +100,26 @@ mod tests {
         let jobs: Vec<Job<usize>> = vec![Box::new(|| Ok(1)), Box::new(|| Err(Error::Budget("boom".into()))), Box::new(|| Ok(3))];
         let err = run_all(jobs, 1).unwrap_err().to_string();
         assert!(err.contains("boom"), "{err}");
+    }
+
+    #[test]
+    fn costliest_jobs_start_first_and_results_keep_the_given_order() {
+        let started = Mutex::new(Vec::new());
+        let costs = [5u64, 30, 5, 12];
+        let jobs: Vec<(u64, Job<usize>)> = costs
+            .iter()
+            .enumerate()
+            .map(|(i, &c)| {
+                let started = &started;
+                (c, Box::new(move || {
+                    started.lock().unwrap().push(i);
+                    Ok(i * 10)
+                }) as Job<usize>)
+            })
+            .collect();
+        let out = run_costliest_first(jobs, 1).unwrap();
+        assert_eq!(out, vec![0, 10, 20, 30]);
+        assert_eq!(*started.lock().unwrap(), vec![1, 3, 0, 2]);
     }
 
     #[test]
