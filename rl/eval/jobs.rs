@@ -70,8 +70,8 @@ pub fn run_all<'a, T: Send>(jobs: Vec<Job<'a, T>>, workers: usize) -> Result<Vec
 /// Runs `jobs` like [`run_all`], starting them in descending order of their `cost` estimates
 /// (ties keep their order) and returning results in the order given. Longest first keeps the
 /// longest job off the end: warm starts of `--regime all` listed by regime put countdown's
-/// (three times a search one) last, so one worker trained it alone for ~8 minutes while the
-/// other idled before the RL runs could begin.
+/// (three times a search one) last, so one worker trained it alone for ~7 minutes while the
+/// other idled before the RL runs could begin (measured, 2-core CPU).
 pub fn run_costliest_first<'a, T: Send>(jobs: Vec<(u64, Job<'a, T>)>, workers: usize) -> Result<Vec<T>> {
     let mut order: Vec<usize> = (0..jobs.len()).collect();
     order.sort_by_key(|&i| std::cmp::Reverse(jobs[i].0));
