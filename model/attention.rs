@@ -7,7 +7,7 @@ use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 
 use super::cache::LayerKv;
-use super::flex::masked_attention;
+use super::flex::{masked_attention, swap_middle};
 use super::init::HostInit;
 use super::rope::Rope;
 
@@ -92,7 +92,7 @@ impl<B: Backend> Attention<B> {
     /// Heads `[B, H, W, D]` → output projection `[B·W, C]`.
     fn output(&self, y: Tensor<B, 4>, b: usize, w: usize) -> Tensor<B, 2> {
         let hd = self.n_heads * self.head_dim;
-        let y = if w == 1 { y.reshape([b, hd]) } else { y.swap_dims(1, 2).reshape([b * w, hd]) };
+        let y = if w == 1 { y.reshape([b, hd]) } else { swap_middle(y).reshape([b * w, hd]) };
         self.o.forward(y)
     }
 }
@@ -100,12 +100,13 @@ impl<B: Backend> Attention<B> {
 /// `[B·W, N·D]` → `[B, N, W, D]`. With one token per row (decoding) this is a plain reshape:
 /// the memory order is already right, and a `swap_dims` would leave a layout that the CPU
 /// backend does not recognise as contiguous and copies element by element in every op after.
+/// With several tokens the heads are moved once, in runs of D (`swap_middle`).
 fn split_heads<B: Backend>(t: Tensor<B, 2>, b: usize, n: usize) -> Tensor<B, 4> {
     let [rows, width] = t.dims();
     let (w, d) = (rows / b, width / n);
     if w == 1 {
         t.reshape([b, n, 1, d])
     } else {
-        t.reshape([b, w, n, d]).swap_dims(1, 2)
+        swap_middle(t.reshape([b, w, n, d]))
     }
 }

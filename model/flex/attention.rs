@@ -130,7 +130,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// The flex tensor behind a float tensor, when the backend is flex and the data is f32.
-fn flex_f32<B: Backend, const D: usize>(t: &Tensor<B, D>) -> Option<FlexTensor> {
+pub(super) fn flex_f32<B: Backend, const D: usize>(t: &Tensor<B, D>) -> Option<FlexTensor> {
     let prim = t.clone().into_primitive();
     let TensorPrimitive::Float(prim) = prim else {
         return None;
@@ -139,7 +139,7 @@ fn flex_f32<B: Backend, const D: usize>(t: &Tensor<B, D>) -> Option<FlexTensor> 
     (flex.dtype() == DType::F32).then(|| flex.clone())
 }
 
-fn dims(t: &FlexTensor) -> [usize; 4] {
+pub(super) fn dims(t: &FlexTensor) -> [usize; 4] {
     let shape = t.layout().shape();
     [shape[0], shape[1], shape[2], shape[3]]
 }
