@@ -196,8 +196,12 @@ impl<B: Backend> KvCache<B> {
         if parents.len() != rows {
             return Err(Error::Budget(format!("token trees for {} rows given a cache of {rows} rows", parents.len())));
         }
-        if let Some((b, i)) = parents.iter().enumerate().find_map(|(b, p)| p.iter().enumerate().find(|(i, p)| p.is_some_and(|p| p >= *i)).map(|(i, _)| (b, i))) {
-            return Err(Error::Budget(format!("row {b}: tree token {i} names a parent that does not come before it")));
+        for (b, tree) in parents.iter().enumerate() {
+            for (i, parent) in tree.iter().enumerate() {
+                if parent.is_some_and(|p| p >= i) {
+                    return Err(Error::Budget(format!("row {b}: tree token {i} names a parent that does not come before it")));
+                }
+            }
         }
         let counts: Vec<usize> = parents.iter().map(Vec::len).collect();
         let width = counts.iter().copied().max().unwrap_or(0);

@@ -143,7 +143,8 @@ const TREE_TOKENS: usize = 4096;
 struct AnswerTree {
     tokens: Vec<u32>,
     parents: Vec<Option<usize>>,
-    /// Per answer, in the listed order: the node that ends each of its prefixes.
+    /// Per answer, in the listed order: the node that ends each of its prefixes (answer a's
+    /// k-th token is `tokens[paths[a][k]]`).
     paths: Vec<Vec<usize>>,
 }
 
@@ -194,9 +195,9 @@ fn exact<B: Backend>(model: &Transformer<B>, mut cache: KvCache<B>, problems: &[
     let device = model.device();
     let t = config.temperature;
     let v = vocab.size();
-    // Every correct answer of each row's problem, as ids and as a tree; built once per
-    // distinct problem.
-    let mut listed: HashMap<String, (Vec<Vec<u32>>, AnswerTree)> = HashMap::new();
+    // Every correct answer of each row's problem as a token tree; built once per distinct
+    // problem.
+    let mut listed: HashMap<String, AnswerTree> = HashMap::new();
     let mut keys = Vec::with_capacity(rows);
     for p in problems {
         let key = task.key(p);
@@ -210,12 +211,11 @@ fn exact<B: Backend>(model: &Transformer<B>, mut cache: KvCache<B>, problems: &[
             // An answer listed twice must not count twice.
             ids.sort_unstable();
             ids.dedup();
-            let tree = AnswerTree::new(&ids);
-            listed.insert(key.clone(), (ids, tree));
+            listed.insert(key.clone(), AnswerTree::new(&ids));
         }
         keys.push(key);
     }
-    let answers: &[&(Vec<Vec<u32>>, AnswerTree)] = &keys.iter().map(|k| &listed[k]).collect::<Vec<_>>();
+    let trees: &[&AnswerTree] = &keys.iter().map(|k| &listed[k]).collect::<Vec<_>>();
     // Mass on first answer tokens that can begin a well-formed answer.
     let starts: Vec<f32> = (0..v as u32).map(|i| task.starts_answer(vocab.word(i)) as u8 as f32).collect();
     let starts = Tensor::<B, 1>::from_data(TensorData::new(starts, [v]), &device);
@@ -223,10 +223,10 @@ fn exact<B: Backend>(model: &Transformer<B>, mut cache: KvCache<B>, problems: &[
     let first = log_softmax(force(model, &mut cache, vocab)? / t, 1); // [R, V]
     let mass: Vec<f32> = (first.clone().exp().narrow(1, 0, v) * starts.reshape([1, v])).sum_dim(1).into_data().iter::<f32>().collect();
     let mut j = vec![0.0f32; rows];
-    let groups = tree_groups(&answers.iter().map(|a| a.1.tokens.len()).collect::<Vec<_>>());
+    let groups = tree_groups(&trees.iter().map(|t| t.tokens.len()).collect::<Vec<_>>());
     let whole = groups.len() == 1 && groups[0].iter().copied().eq(0..rows);
     let mut cache = Some(cache);
-    for group in groups.iter().filter(|g| !answers[g[0]].1.tokens.is_empty()) {
+    for group in groups.iter().filter(|g| !trees[g[0]].tokens.is_empty()) {
         // log P(a ++ </answer>) for each (row, answer) pair: the first token from the suffix's
         // logits, the rest (and `</answer>`) from one pass over the row's answer tree.
         // One group of every row in order (all trees alike, as on `search`) uses the cache
@@ -236,29 +236,28 @@ fn exact<B: Backend>(model: &Transformer<B>, mut cache: KvCache<B>, problems: &[
             c => c.take().expect("taken by the only group"),
         };
         let g = group.len();
-        let width = answers[group[0]].1.tokens.len();
+        let width = trees[group[0]].tokens.len();
         rows_cache.ensure_capacity(width);
         let pad = vocab.specials.pad;
-        let ids: Vec<i64> = group.iter().flat_map(|&r| (0..width).map(move |k| *answers[r].1.tokens.get(k).unwrap_or(&pad) as i64)).collect();
-        let parents: Vec<Vec<Option<usize>>> = group.iter().map(|&r| answers[r].1.parents.clone()).collect();
+        let ids: Vec<i64> = group.iter().flat_map(|&r| (0..width).map(move |k| *trees[r].tokens.get(k).unwrap_or(&pad) as i64)).collect();
+        let parents: Vec<Vec<Option<usize>>> = group.iter().map(|&r| trees[r].parents.clone()).collect();
         let logits = model.forward_tree(Tensor::from_data(TensorData::new(ids, [g, width]), &device), &parents, &mut rows_cache)?;
         let lp = log_softmax(logits / t, 2).reshape([g * width * v]);
 
         // Per pair, answer token k is followed by token k + 1 (by `</answer>` after the last):
         // read at flat index (node of a[..=k]) · V + next.
         // Not empty: every tree node comes from an answer, and the group's trees are not empty.
-        let pairs: Vec<(usize, usize, &Vec<u32>)> = group.iter().enumerate().flat_map(|(gi, &r)| answers[r].0.iter().enumerate().map(move |(ai, a)| (gi, ai, a))).collect();
+        let pairs: Vec<(usize, &AnswerTree, &Vec<usize>)> = group.iter().enumerate().flat_map(|(gi, &r)| trees[r].paths.iter().map(move |path| (gi, trees[r], path))).collect();
         let e = pairs.len();
-        let span = pairs.iter().map(|(_, _, a)| a.len()).max().unwrap_or(1);
+        let span = pairs.iter().map(|(_, _, path)| path.len()).max().unwrap_or(1);
         let (mut at, mut mask, mut heads, mut idx) = (Vec::with_capacity(e * span), Vec::with_capacity(e * span), Vec::with_capacity(e), Vec::with_capacity(e));
-        for &(gi, ai, a) in &pairs {
-            let path = &answers[group[gi]].1.paths[ai];
+        for &(gi, tree, path) in &pairs {
             for k in 0..span {
-                let next = if k + 1 < a.len() { a[k + 1] } else { vocab.specials.end_answer };
-                at.push(if k < a.len() { ((gi * width + path[k]) * v + next as usize) as i64 } else { 0 });
-                mask.push((k < a.len()) as u8 as f32);
+                let next = if k + 1 < path.len() { tree.tokens[path[k + 1]] } else { vocab.specials.end_answer };
+                at.push(if k < path.len() { ((gi * width + path[k]) * v + next as usize) as i64 } else { 0 });
+                mask.push((k < path.len()) as u8 as f32);
             }
-            heads.push(a[0] as usize);
+            heads.push(tree.tokens[path[0]] as usize);
             idx.push(group[gi]);
         }
         let at = Tensor::<B, 1, Int>::from_data(TensorData::new(at, [e * span]), &device);
