@@ -30,6 +30,9 @@ pub enum Error {
     /// A checkpoint that is missing, truncated, corrupt, or made for another model.
     #[error("checkpoint {path}: {reason}")]
     Checkpoint { path: PathBuf, reason: String },
+    /// A pretrained model directory (Hugging Face layout) that cannot be read or written as asked.
+    #[error("model {path}: {reason}")]
+    Pretrained { path: PathBuf, reason: String },
     /// A JSON file (config, metrics, tokenizer) that does not parse.
     #[error("{path}: malformed JSON: {reason}")]
     Json { path: PathBuf, reason: String },
@@ -61,6 +64,13 @@ impl Error {
         Error::Io {
             path: path.into(),
             source,
+        }
+    }
+
+    pub fn pretrained(path: impl Into<PathBuf>, reason: impl Into<String>) -> Self {
+        Error::Pretrained {
+            path: path.into(),
+            reason: reason.into(),
         }
     }
 

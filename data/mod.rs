@@ -5,10 +5,12 @@ pub mod countdown;
 pub mod search;
 pub mod split;
 pub mod task;
+pub mod text_tokenizer;
 pub mod trace;
 pub mod vocab;
 
 pub use split::Split;
 pub use task::{sample_problem, split_of, warm_start_trace, Problem, Task, TaskConfig, WarmStartMix};
+pub use text_tokenizer::TextTokenizer;
 pub use trace::{Role, Tokenized, Trace};
 pub use vocab::{Specials, Vocab};

@@ -29,12 +29,17 @@ pub struct Attention<B: Backend> {
 }
 
 impl<B: Backend> Attention<B> {
-    pub fn init(d_model: usize, n_heads: usize, n_kv_heads: usize, out_std: f64, init: &mut HostInit<'_, B>) -> Self {
+    /// Fresh weights; with `qkv_bias` the query, key and value projections get zero biases.
+    pub fn init(d_model: usize, n_heads: usize, n_kv_heads: usize, qkv_bias: bool, out_std: f64, init: &mut HostInit<'_, B>) -> Self {
         let head_dim = d_model / n_heads;
+        let mut proj = |width: usize| {
+            let layer = init.linear(d_model, width, init.std);
+            if qkv_bias { init.with_bias(layer) } else { layer }
+        };
         Self {
-            q: init.linear(d_model, n_heads * head_dim, init.std),
-            k: init.linear(d_model, n_kv_heads * head_dim, init.std),
-            v: init.linear(d_model, n_kv_heads * head_dim, init.std),
+            q: proj(n_heads * head_dim),
+            k: proj(n_kv_heads * head_dim),
+            v: proj(n_kv_heads * head_dim),
             o: init.linear(n_heads * head_dim, d_model, out_std),
             n_heads,
             n_kv_heads,

@@ -47,7 +47,7 @@ impl<B: Backend> Block<B> {
         let norm = || RmsNormConfig::new(d).with_epsilon(config.norm_eps).init(device);
         Self {
             attn_norm: norm(),
-            attn: Attention::init(d, config.n_heads, config.n_kv_heads, out_std, init),
+            attn: Attention::init(d, config.n_heads, config.n_kv_heads, config.qkv_bias, out_std, init),
             mlp_norm: norm(),
             mlp: Mlp {
                 gate: init.linear(d, config.d_ff, init.std),

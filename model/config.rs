@@ -41,6 +41,14 @@ pub struct TransformerConfig {
     /// Share the token embedding with the output head.
     #[serde(default, alias = "tie_word_embeddings")]
     pub tie_embeddings: bool,
+    /// Biases on the query, key and value projections (Qwen2); written only when true, so the
+    /// configs of models without them read as before.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub qkv_bias: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 fn default_rope_theta() -> f64 {
@@ -70,6 +78,7 @@ impl TransformerConfig {
             rope_theta: default_rope_theta(),
             norm_eps: default_norm_eps(),
             tie_embeddings: false,
+            qkv_bias: false,
         };
         match name {
             // < 0.5 M parameters: tests and CPU training runs.
@@ -140,7 +149,8 @@ impl TransformerConfig {
     /// Number of trainable parameters, counted from the shapes.
     pub fn num_params(&self) -> usize {
         let (d, kv) = (self.d_model, self.n_kv_heads * self.head_dim());
-        let attn = d * d * 2 + d * kv * 2;
+        let bias = if self.qkv_bias { d + 2 * kv } else { 0 };
+        let attn = d * d * 2 + d * kv * 2 + bias;
         let mlp = 3 * d * self.d_ff;
         let block = attn + mlp + 2 * d;
         let head = if self.tie_embeddings { 0 } else { d * self.vocab_size };

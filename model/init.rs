@@ -32,6 +32,15 @@ impl<B: Backend> HostInit<'_, B> {
         }
     }
 
+    /// `layer` with a zero bias added.
+    pub fn with_bias(&mut self, layer: Linear<B>) -> Linear<B> {
+        let width = layer.weight.dims()[1];
+        Linear {
+            bias: Some(Param::from_tensor(Tensor::zeros([width], self.device))),
+            ..layer
+        }
+    }
+
     pub fn embedding(&mut self, vocab: usize, d_model: usize) -> Embedding<B> {
         let std = self.std;
         Embedding {

@@ -8,6 +8,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod generate;
 mod flex;
+pub mod hf;
 pub mod init;
 pub mod logprobs;
 pub mod rope;

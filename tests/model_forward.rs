@@ -20,6 +20,7 @@ fn config(n_kv_heads: usize, tie: bool) -> TransformerConfig {
         rope_theta: 10_000.0,
         norm_eps: 1e-5,
         tie_embeddings: tie,
+        qkv_bias: false,
     }
 }
 
@@ -341,6 +342,7 @@ fn autodiff_gradients_match_finite_differences() {
         rope_theta: 10_000.0,
         norm_eps: 1e-5,
         tie_embeddings: false,
+        qkv_bias: false,
     };
     // Weights 6× the default init scale: attention is then far from uniform and every
     // gradient is large enough to stand out of f32 rounding in a finite difference.

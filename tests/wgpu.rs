@@ -88,6 +88,7 @@ fn gqa_tied() -> Transformer<Cpu> {
         rope_theta: 10_000.0,
         norm_eps: 1e-5,
         tie_embeddings: true,
+        qkv_bias: false,
     };
     Transformer::new(&cfg, 3, &Default::default()).unwrap()
 }

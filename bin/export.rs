@@ -1,0 +1,82 @@
+//! `export`: writes a model as a Hugging Face directory (`config.json`, f32 `model.safetensors`,
+//! the tokenizer) that `transformers` loads as `LlamaForCausalLM` (or `Qwen2ForCausalLM` for a
+//! model with q/k/v biases), so a model trained here is served with the usual tools.
+//!
+//!     export --checkpoint runs/search-mrt-dense-s0/checkpoints/final.ckpt --out my-model
+//!     export --model path/to/hf-model --out copy      # import and write back (a round trip)
+//!
+//! Runs on the CPU: exporting is copying tensors, no GPU helps.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use burn::backend::Flex;
+use clap::Parser;
+use mrt::backend::{exit_code, tune_allocator};
+use mrt::data::Vocab;
+use mrt::model::{checkpoint, hf, Transformer};
+
+/// Export a model as a Hugging Face directory.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// A checkpoint of this project (a run's `checkpoints/*.ckpt`); the run's `tokenizer.json`
+    /// goes with it.
+    #[arg(long, conflicts_with = "model", required_unless_present = "model")]
+    checkpoint: Option<PathBuf>,
+    /// A Hugging Face model directory (Llama or Qwen2) to import and write back.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// New directory to write.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+/// Files of a Hugging Face directory that describe the tokenizer and generation, copied as they are.
+const TOKENIZER_FILES: [&str; 4] = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"];
+
+fn run(args: Args) -> Result<()> {
+    let device = Default::default();
+    let (model, files, bos, eos): (Transformer<Flex>, Vec<PathBuf>, Option<u32>, Option<u32>) = match (&args.checkpoint, &args.model) {
+        (Some(ckpt), _) => {
+            let model = checkpoint::load(ckpt, None)?.model::<Flex>(&device)?;
+            let tokenizer = run_dir_of(ckpt).join("tokenizer.json");
+            if !tokenizer.is_file() {
+                bail!("{}: no tokenizer.json beside the run's checkpoints (expected {})", ckpt.display(), tokenizer.display());
+            }
+            let vocab = Vocab::load(&tokenizer)?;
+            if vocab.size() != model.config.vocab_size {
+                bail!("{}: holds {} tokens, the checkpoint's model {}", tokenizer.display(), vocab.size(), model.config.vocab_size);
+            }
+            (model, vec![tokenizer], Some(vocab.specials.bos), Some(vocab.specials.eos))
+        }
+        (None, Some(dir)) => {
+            let model = hf::load::<Flex>(dir, &device)?;
+            let config = hf::HfConfig::read(&dir.join("config.json"))?;
+            let id = |v: &Option<serde_json::Value>| v.as_ref().and_then(|v| v.as_u64()).map(|v| v as u32);
+            let files = TOKENIZER_FILES.iter().map(|f| dir.join(f)).filter(|p| p.is_file()).collect();
+            (model, files, id(&config.bos_token_id), id(&config.eos_token_id))
+        }
+        (None, None) => unreachable!("clap requires one of --checkpoint and --model"),
+    };
+    hf::save(&model, &args.out, bos, eos, &files).with_context(|| format!("exporting to {}", args.out.display()))?;
+    println!(
+        "{}: {} parameters as {}, with {}",
+        args.out.display(),
+        model.config.num_params(),
+        if model.config.qkv_bias { "Qwen2ForCausalLM" } else { "LlamaForCausalLM" },
+        if files.is_empty() { "no tokenizer files".to_string() } else { files.iter().filter_map(|f| f.file_name()?.to_str()).collect::<Vec<_>>().join(", ") }
+    );
+    Ok(())
+}
+
+/// `RUN/checkpoints/x.ckpt` → `RUN`.
+fn run_dir_of(ckpt: &Path) -> PathBuf {
+    ckpt.parent().and_then(Path::parent).map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."))
+}
+
+fn main() -> ExitCode {
+    tune_allocator();
+    exit_code(run(Args::parse()))
+}

@@ -1,0 +1,14 @@
+//! Hugging Face model directories: [`load`] reads `LlamaForCausalLM` and `Qwen2ForCausalLM`
+//! checkpoints (`config.json` plus one or sharded safetensors files, f32 / f16 / bf16) into the
+//! native [`Transformer`](crate::model::Transformer); [`save`] writes a native model back in
+//! the same form, so a fine-tuned model is served with the usual tools.
+
+mod config;
+mod export;
+mod import;
+mod weights;
+
+pub use config::{Family, HfConfig, ARCHITECTURES};
+pub use export::save;
+pub use import::load;
+pub use weights::{Weights, INDEX, SINGLE};
