@@ -2,6 +2,7 @@
 
 pub mod batch;
 pub mod countdown;
+pub mod math;
 pub mod search;
 pub mod split;
 pub mod task;
