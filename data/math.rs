@@ -75,21 +75,8 @@ pub fn render_prompt(template: &str, question: &str) -> Result<String> {
 /// The content of the last `\boxed{…}` (or `\fbox{…}`) in `text`, braces balanced; `None`
 /// when there is none or it is never closed.
 pub fn last_boxed(text: &str) -> Option<&str> {
-    let start = ["\\boxed{", "\\fbox{"].iter().filter_map(|m| text.rfind(m).map(|i| i + m.len())).max()?;
-    let mut depth = 1usize;
-    for (i, c) in text[start..].char_indices() {
-        match c {
-            '{' => depth += 1,
-            '}' => {
-                depth -= 1;
-                if depth == 0 {
-                    return Some(&text[start..start + i]);
-                }
-            }
-            _ => {}
-        }
-    }
-    None
+    let open = ["\\boxed{", "\\fbox{"].iter().filter_map(|m| text.rfind(m).map(|i| i + m.len() - 1)).max()?;
+    braced(text, open).map(|(inner, _)| inner)
 }
 
 /// A reduced fraction p/q, q > 0.
@@ -211,15 +198,15 @@ fn fracs_as_slashes(s: &str) -> String {
             break;
         };
         let plain = |x: &str| x.chars().all(|c| c.is_ascii_alphanumeric() || c == '.');
-        let (a, b) = if plain(&a) && plain(&b) { (a, b) } else { (format!("({a})"), format!("({b})")) };
+        let (a, b) = if plain(a) && plain(b) { (a.to_string(), b.to_string()) } else { (format!("({a})"), format!("({b})")) };
         out = format!("{}{a}/{b}{}", &out[..at], &out[end..]);
     }
     out
 }
 
 /// The text inside the brace group that opens at byte `open` (which must be `{`), and the
-/// byte after its closing brace.
-fn braced(s: &str, open: usize) -> Option<(String, usize)> {
+/// byte after its closing brace; `None` when it is never closed.
+fn braced(s: &str, open: usize) -> Option<(&str, usize)> {
     if s.as_bytes().get(open) != Some(&b'{') {
         return None;
     }
@@ -230,7 +217,7 @@ fn braced(s: &str, open: usize) -> Option<(String, usize)> {
             '}' => {
                 depth -= 1;
                 if depth == 0 {
-                    return Some((s[open + 1..open + i].to_string(), open + i + 1));
+                    return Some((&s[open + 1..open + i], open + i + 1));
                 }
             }
             _ => {}
