@@ -199,12 +199,15 @@ fn broken_model_directories_say_what_is_wrong() {
         let _ = fs::remove_dir_all(&dir);
     }
 
-    // A truncated weights file, a directory without weights, one without config.json.
+    // A truncated weights file, an empty one, a directory without weights, one without config.json.
     let dir = broken_copy("truncated", same, all, None);
     let bytes = fs::read(dir.join(hf::SINGLE)).unwrap();
     fs::write(dir.join(hf::SINGLE), &bytes[..bytes.len() - 1000]).unwrap();
     let err = load_err(&dir);
     assert!(err.contains("model.safetensors: not a complete safetensors file"), "{err}");
+    fs::write(dir.join(hf::SINGLE), b"").unwrap();
+    let err = load_err(&dir);
+    assert!(err.contains("model.safetensors: not a complete safetensors file"), "empty file: {err}");
     fs::remove_file(dir.join(hf::SINGLE)).unwrap();
     let err = load_err(&dir);
     assert!(err.contains("has neither `model.safetensors` nor `model.safetensors.index.json`"), "{err}");

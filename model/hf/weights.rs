@@ -1,13 +1,15 @@
 //! Reading the tensors of a Hugging Face model directory: one `model.safetensors`, or shards
 //! listed in `model.safetensors.index.json`. Tensors are read one at a time and widened to f32
-//! (from f32, f16 or bf16), so the host holds the files plus one tensor, never a second f32
-//! copy of the whole model.
+//! (from f32, f16 or bf16). The files are memory-mapped, so a multi-gigabyte checkpoint is
+//! paged in as its tensors are read instead of being copied into memory first; the host never
+//! holds a second f32 copy of the whole model, only one tensor at a time.
 
 use std::collections::HashMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 
 use half::{bf16, f16};
+use memmap2::Mmap;
 use safetensors::tensor::{Dtype, Metadata};
 use safetensors::SafeTensors;
 
@@ -21,7 +23,7 @@ pub const INDEX: &str = "model.safetensors.index.json";
 /// One safetensors file, its header parsed once.
 struct Shard {
     path: PathBuf,
-    bytes: Vec<u8>,
+    bytes: Mmap,
     /// Where the data section starts (after the 8-byte length and the JSON header).
     data_start: usize,
     metadata: Metadata,
@@ -53,7 +55,12 @@ impl Weights {
         let mut shards = Vec::with_capacity(files.len());
         let mut by_name = HashMap::new();
         for path in files {
-            let bytes = fs::read(&path).map_err(|e| Error::io(&path, e))?;
+            let file = fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
+            // SAFETY: the map is read-only and lives as long as `Weights`. Another process
+            // truncating or rewriting the file meanwhile could change what is read (or fault);
+            // that is the contract of every memory-mapped safetensors reader, and a model
+            // directory is not written while a model loads from it.
+            let bytes = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?;
             // The crate checks that the header's offsets cover the data exactly, which catches a
             // truncated download.
             let (header, metadata) = SafeTensors::read_metadata(&bytes)
