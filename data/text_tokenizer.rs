@@ -9,13 +9,13 @@
 //! entry counts). `</think>` is looked up in the vocabulary (reasoning models such as
 //! DeepSeek-R1-Distill have it).
 
-use std::fs;
 use std::path::Path;
 
 use serde_json::Value;
 use tokenizers::Tokenizer;
 
 use crate::error::{Error, Result};
+use crate::fsutil::read_json;
 
 /// A model directory's tokenizer and special token ids.
 #[derive(Clone)]
@@ -45,7 +45,7 @@ impl TextTokenizer {
             return Err(Error::Tokenizer(format!("{}: file not found", path.display())));
         }
         let tokenizer = Tokenizer::from_file(&path).map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
-        let [config, generation, model] = ["tokenizer_config.json", "generation_config.json", "config.json"].map(|f| read_json(&dir.join(f)));
+        let [config, generation, model] = ["tokenizer_config.json", "generation_config.json", "config.json"].map(|f| read_if_present(&dir.join(f)));
         let (config, generation, model) = (config?, generation?, model?);
         // A token named in tokenizer_config.json must exist; ids from the other files are used as given.
         let named = |field: &str| -> Result<Option<u32>> {
@@ -98,12 +98,8 @@ impl TextTokenizer {
 }
 
 /// A JSON file's value, `None` when the file is absent; malformed JSON is an error.
-fn read_json(path: &Path) -> Result<Option<Value>> {
-    if !path.is_file() {
-        return Ok(None);
-    }
-    let text = fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    serde_json::from_str(&text).map(Some).map_err(|e| Error::Json { path: path.to_path_buf(), reason: e.to_string() })
+fn read_if_present(path: &Path) -> Result<Option<Value>> {
+    path.is_file().then(|| read_json(path)).transpose()
 }
 
 /// `"<s>"` or `{"content": "<s>", …}` (how `transformers` writes an added token).

@@ -8,6 +8,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::fsutil::read_json;
 use crate::model::TransformerConfig;
 
 /// Architectures this importer reads, as `config.json` names them.
@@ -85,8 +86,7 @@ pub enum Family {
 impl HfConfig {
     /// Reads `path` (a model directory's `config.json`).
     pub fn read(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        serde_json::from_str(&text).map_err(|e| Error::Json { path: path.to_path_buf(), reason: e.to_string() })
+        read_json(path)
     }
 
     /// The family, from `architectures` (or `model_type` when that list is empty).

@@ -14,6 +14,7 @@ use safetensors::tensor::{Dtype, Metadata};
 use safetensors::SafeTensors;
 
 use crate::error::{Error, Result};
+use crate::fsutil::read_json;
 
 /// File of a single-file checkpoint.
 pub const SINGLE: &str = "model.safetensors";
@@ -129,8 +130,7 @@ fn shard_map(index: &Path) -> Result<HashMap<String, String>> {
     struct Index {
         weight_map: HashMap<String, String>,
     }
-    let text = fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
-    let parsed: Index = serde_json::from_str(&text).map_err(|e| Error::Json { path: index.to_path_buf(), reason: e.to_string() })?;
+    let parsed: Index = read_json(index)?;
     if let Some(bad) = parsed.weight_map.values().find(|f| Path::new(f).components().count() != 1) {
         return Err(Error::pretrained(index, format!("shard `{bad}` is not a file name in the model directory")));
     }

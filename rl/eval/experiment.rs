@@ -16,7 +16,9 @@ use serde_json::Value;
 
 use super::compare::{by_algo, learns, table, verdicts, versus, RunEval, TrainPoint, Versus};
 use super::figures::plots;
-use super::jobs::{cost_rank, run_costliest_first, run_when_ready, Job};
+use super::jobs::{cost_rank, run_when_ready, Job};
+use super::warm::{warm_start, warm_start_list};
+pub use super::warm::warm_starts;
 use super::regime::Regime;
 use super::report::{evaluate_report, EvalReport, ReportOptions};
 use super::stats::{Interval, Verdict};
@@ -164,60 +166,7 @@ pub(super) fn ensure_run<B: AutodiffBackend>(config: RunConfig, dir: &Path, init
     Ok(())
 }
 
-/// The shared warm start of seed `w` (in the regime's directory, shared by the headline runs
-/// and the sweep) and its evaluation on `split` (both cached there).
-pub(super) fn warm_start<B: AutodiffBackend>(opts: &ExperimentOptions, w: u64, report: &ReportOptions, split: Split, device: &B::Device) -> Result<(PathBuf, EvalReport)> {
-    let dir = opts.out.join(format!("warm-start-{w}"));
-    let mut cfg = opts.regime.run_config(&opts.regime.algos[0], w)?;
-    cfg.rl.steps = 0;
-    ensure_run::<B>(cfg, &dir, None, device)?;
-    let run = RunDir::new(&dir);
-    let ckpt = run.checkpoint("warm_start");
-    let cached = dir.join(format!("eval_base_{}_{}x{}.json", if split == Split::HeldOut { "held_out" } else { "validation" }, report.problems, report.samples));
-    let base = match read_json::<EvalReport>(&cached) {
-        Ok(b) => b,
-        Err(_) => {
-            let b = evaluate_report_on::<B>(&run, &ckpt, report, split, device)?;
-            write_json(&cached, &b)?;
-            b
-        }
-    };
-    Ok((ckpt, base))
-}
-
-/// Evaluates a checkpoint of a run on `split` whatever split its config names.
-fn evaluate_report_on<B: AutodiffBackend>(run: &RunDir, ckpt: &Path, opts: &ReportOptions, split: Split, device: &B::Device) -> Result<EvalReport> {
-    let (mut config, vocab) = run.open()?;
-    config.eval.split = split;
-    let task = config.task.build()?;
-    let model = checkpoint::load(ckpt, Some(&config.model))?.model::<B::InnerBackend>(device)?;
-    evaluate_report(&model, task.as_ref(), &vocab, &config, opts)
-}
-
-/// Every warm start of every regime given, with its held-out evaluation (both cached in the
-/// regime's directory), side by side: per regime, (warm-start seed, checkpoint, evaluation).
-pub fn warm_starts<B: AutodiffBackend>(list: &[ExperimentOptions], workers: usize, device: &B::Device) -> Result<Vec<Vec<(u64, PathBuf, EvalReport)>>> {
-    let mut jobs: Vec<(u64, Job<(PathBuf, EvalReport)>)> = Vec::new();
-    for opts in list {
-        std::fs::create_dir_all(&opts.out).map_err(|e| Error::io(&opts.out, e))?;
-        for &w in &opts.regime.warm_start_seeds {
-            let report = report_options(&opts.regime);
-            let cost = warm_start_cost(&opts.regime.run_config(&opts.regime.algos[0], w)?);
-            jobs.push((cost, Box::new(move || warm_start::<B>(opts, w, &report, Split::HeldOut, device))));
-        }
-    }
-    let mut done = run_costliest_first(jobs, workers)?.into_iter();
-    Ok(list.iter().map(|o| o.regime.warm_start_seeds.iter().map(|&w| { let (c, e) = done.next().expect("one per warm start"); (w, c, e) }).collect()).collect())
-}
-
-/// A warm start's cost in token slots: steps × batch × the longest trace. On the 2-core CPU
-/// this orders the committed regimes as their times do (countdown 3000 · 32 · 120 at ≈ 0.3 s
-/// a step; search and search-tight ≈ 3000 · 32 · 48 and · 40 at ≈ 0.1 s).
-fn warm_start_cost(config: &RunConfig) -> u64 {
-    (config.warm_start.steps * config.warm_start.batch_size * config.rl.rollout.max_tokens) as u64
-}
-
-fn report_options(r: &Regime) -> ReportOptions {
+pub(super) fn report_options(r: &Regime) -> ReportOptions {
     ReportOptions { problems: r.report.problems, samples: r.report.samples, extended_samples: r.report.extended_samples, seed: EVAL_SEED }
 }
 
@@ -229,24 +178,17 @@ fn report_options(r: &Regime) -> ReportOptions {
 /// warm start ends (≈ 3.5 min of one worker on the 2-core CPU when they were two phases).
 pub fn run_regimes<B: AutodiffBackend>(list: &[ExperimentOptions], workers: usize, device: &B::Device) -> Result<Vec<RegimeSummary>> {
     let t0 = Instant::now();
-    for opts in list {
-        std::fs::create_dir_all(&opts.out).map_err(|e| Error::io(&opts.out, e))?;
-    }
 
-    // 1. Warm starts and their evaluations, filled in by their jobs for the RL jobs to read.
+    // 1. Warm starts and their evaluations, filled in by their jobs for the RL jobs to read;
+    // `warm_job[r][i]`: the job of regime r's i-th warm start.
     let bases: Vec<Vec<OnceLock<(PathBuf, EvalReport)>>> = list.iter().map(|o| o.regime.warm_start_seeds.iter().map(|_| OnceLock::new()).collect()).collect();
-    let mut warm = Vec::new();
-    for (r, opts) in list.iter().enumerate() {
-        for (i, &w) in opts.regime.warm_start_seeds.iter().enumerate() {
-            warm.push((warm_start_cost(&opts.regime.run_config(&opts.regime.algos[0], w)?), r, i, w));
-        }
-    }
+    let mut warm = warm_start_list(list)?;
     warm.sort_by_key(|&(cost, ..)| std::cmp::Reverse(cost));
     let mut jobs: Vec<(Vec<usize>, Job<Option<RunEval>>)> = Vec::new();
-    let mut warm_job = vec![Vec::new(); list.len()];
+    let mut warm_job: Vec<Vec<usize>> = bases.iter().map(|b| vec![0; b.len()]).collect();
     for &(_, r, i, w) in &warm {
         let (opts, cell) = (&list[r], &bases[r][i]);
-        warm_job[r].push((i, jobs.len()));
+        warm_job[r][i] = jobs.len();
         jobs.push((
             Vec::new(),
             Box::new(move || {
@@ -276,7 +218,7 @@ pub fn run_regimes<B: AutodiffBackend>(list: &[ExperimentOptions], workers: usiz
         let (regime, spec) = (&opts.regime, &opts.regime.algos[a]);
         let i = (seed as usize) % regime.warm_start_seeds.len();
         let (w, cell) = (regime.warm_start_seeds[i], &bases[r][i]);
-        let needs = warm_job[r].iter().filter(|&&(wi, _)| wi == i).map(|&(_, j)| j).collect();
+        let needs = vec![warm_job[r][i]];
         let report = report_options(regime);
         jobs.push((
             needs,

@@ -4,8 +4,9 @@
 //! - `report`: everything measured on one checkpoint, at the training budget and past it;
 //! - `stats`: paired bootstrap intervals over seeds and the verdicts built on them;
 //! - `compare`, `figures`, `plots`: runs side by side, in tables and SVG plots;
-//! - `regime`, `experiment`, `sweep`, `jobs`: the named experiment regimes, the MRT-vs-GRPO
-//!   experiment and its α sweep on validation, runs side by side on one-thread pools.
+//! - `regime`, `experiment`, `warm`, `sweep`, `jobs`: the named experiment regimes, the
+//!   MRT-vs-GRPO experiment, its shared warm starts, its α sweep on validation, runs side by
+//!   side on one-thread pools.
 
 pub mod analysis;
 pub mod compare;
@@ -18,5 +19,6 @@ pub mod report;
 pub mod stats;
 pub mod summary;
 pub mod sweep;
+pub mod warm;
 
 pub use summary::{anytime, eval_problems, evaluate, scripted_pass1, summarize, EvalSummary};

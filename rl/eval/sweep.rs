@@ -13,7 +13,8 @@ use burn::tensor::backend::AutodiffBackend;
 use serde_json::Value;
 
 use super::compare::RunEval;
-use super::experiment::{ensure_run, evaluate_run, warm_start, ExperimentOptions, EVAL_SEED};
+use super::experiment::{ensure_run, evaluate_run, ExperimentOptions, EVAL_SEED};
+use super::warm::warm_start;
 use super::jobs::{cost_rank, run_all, Job};
 use super::report::{EvalReport, ReportOptions};
 use crate::data::Split;
