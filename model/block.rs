@@ -2,11 +2,11 @@
 
 use burn::nn::{Linear, RmsNorm, RmsNormConfig};
 use burn::prelude::*;
-use burn::tensor::activation::silu;
 
 use super::attention::Attention;
 use super::cache::LayerKv;
 use super::config::TransformerConfig;
+use super::flex::swiglu;
 use super::init::HostInit;
 use super::rope::Rope;
 
@@ -25,8 +25,9 @@ impl<B: Backend> Mlp<B> {
     /// # Shapes
     /// `[N, C]` → `[N, C]`
     pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
-        let gate = silu(self.gate.forward(x.clone()));
-        self.down.forward(gate * self.up.forward(x))
+        // silu(gate) ⊙ up, fused on the CPU backend (model/flex/swiglu.rs).
+        let hidden = swiglu(self.gate.forward(x.clone()), self.up.forward(x));
+        self.down.forward(hidden)
     }
 }
 
