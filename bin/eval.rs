@@ -13,15 +13,27 @@ use mrt::backend::{dispatch, exit_code, tune_allocator, BackendTask, DeviceChoic
 use mrt::rl::eval::compare::{table, verdicts, RunEval};
 use mrt::rl::eval::experiment::evaluate_run;
 use mrt::rl::eval::figures::plots;
-use mrt::rl::eval::report::ReportOptions;
+use mrt::rl::config::{Algo, RunConfig};
+use mrt::rl::eval::pretrained::evaluate_pretrained;
+use mrt::rl::eval::report::{EvalReport, ReportOptions};
 
 /// Evaluate runs (and compare them).
 #[derive(Parser, Debug)]
 #[command(version, about)]
 struct Args {
     /// Run directories (each with checkpoints/final.ckpt).
-    #[arg(required = true, value_name = "RUN_DIR")]
+    #[arg(required_unless_present = "model", value_name = "RUN_DIR")]
     runs: Vec<PathBuf>,
+    /// Instead of runs: a Hugging Face model directory, evaluated as it is on --task math
+    /// --data FILE (results in --out).
+    #[arg(long, value_name = "DIR", conflicts_with = "runs")]
+    model: Option<PathBuf>,
+    /// The text task of --model.
+    #[arg(long, default_value = "math")]
+    task: String,
+    /// The math task's problems (JSONL) for --model.
+    #[arg(long, value_name = "FILE")]
+    data: Option<PathBuf>,
     /// Overlay the runs in comparison plots and print the comparison table.
     #[arg(long)]
     compare: bool,
@@ -47,6 +59,17 @@ struct Args {
 
 struct Job(Vec<PathBuf>, ReportOptions);
 
+/// `eval --model`: one pretrained model directory.
+struct Pretrained(PathBuf, RunConfig, ReportOptions, PathBuf);
+
+impl BackendTask for Pretrained {
+    type Output = mrt::Result<EvalReport>;
+    fn run<B: AutodiffBackend>(self, device: B::Device, label: String) -> Self::Output {
+        eprintln!("device: {label}");
+        evaluate_pretrained::<B>(&self.0, &self.1, &self.2, &self.3, &device)
+    }
+}
+
 impl BackendTask for Job {
     type Output = mrt::Result<Vec<RunEval>>;
     fn run<B: AutodiffBackend>(self, device: B::Device, label: String) -> Self::Output {
@@ -66,6 +89,32 @@ fn run(args: Args) -> Result<()> {
     }
     let choice: DeviceChoice = args.device.parse()?;
     let opts = ReportOptions { problems: args.problems, samples: args.samples, extended_samples: args.extended_samples, seed: args.seed };
+    if let Some(dir) = &args.model {
+        if !dir.is_dir() {
+            bail!("--model {}: not a directory", dir.display());
+        }
+        let patch = match &args.data {
+            Some(data) if !data.is_file() => bail!("--data {}: file not found", data.display()),
+            Some(data) => Some(serde_json::json!({ "task": { "name": args.task, "data": data } })),
+            None => None,
+        };
+        let config = RunConfig::pretrained_with_patch(&args.task, dir, Algo::Grpo, args.seed, patch)?;
+        let report = dispatch(choice, Pretrained(dir.clone(), config, opts, args.out.clone()))??;
+        let n = &report.natural;
+        println!(
+            "{}: pass@1 {:.3} | answered {:.2} | episodes {:.2} | tokens {:.1} (solved {:.1}) | regret {:.3} | forced well-formed {:.3} | eval.json in {}",
+            dir.display(),
+            n.pass1,
+            n.answered,
+            n.mean_episodes,
+            n.mean_tokens,
+            n.tokens_to_solve,
+            n.regret,
+            n.forced_well_formed,
+            args.out.display()
+        );
+        return Ok(());
+    }
     let evals = dispatch(choice, Job(args.runs.clone(), opts))??;
     for (dir, e) in args.runs.iter().zip(&evals) {
         let (b, f) = (&e.base.natural, &e.fine_tuned.natural);

@@ -14,7 +14,8 @@ use anyhow::{bail, Context, Result};
 use burn::backend::Flex;
 use clap::Parser;
 use mrt::backend::{exit_code, tune_allocator};
-use mrt::data::Vocab;
+use mrt::data::{TextTokenizer, Vocab};
+use mrt::rl::protocol::TOKENIZER_FILES;
 use mrt::model::{checkpoint, hf, Transformer};
 
 /// Export a model as a Hugging Face directory.
@@ -33,23 +34,33 @@ struct Args {
     out: PathBuf,
 }
 
-/// Files of a Hugging Face directory that describe the tokenizer and generation, copied as they are.
-const TOKENIZER_FILES: [&str; 4] = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"];
 
 fn run(args: Args) -> Result<()> {
     let device = Default::default();
     let (model, files, bos, eos): (Transformer<Flex>, Vec<PathBuf>, Option<u32>, Option<u32>) = match (&args.checkpoint, &args.model) {
         (Some(ckpt), _) => {
             let model = checkpoint::load(ckpt, None)?.model::<Flex>(&device)?;
-            let tokenizer = run_dir_of(ckpt).join("tokenizer.json");
+            let run = run_dir_of(ckpt);
+            let tokenizer = run.join("tokenizer.json");
             if !tokenizer.is_file() {
                 bail!("{}: no tokenizer.json beside the run's checkpoints (expected {})", ckpt.display(), tokenizer.display());
             }
-            let vocab = Vocab::load(&tokenizer)?;
-            if vocab.size() != model.config.vocab_size {
-                bail!("{}: holds {} tokens, the checkpoint's model {}", tokenizer.display(), vocab.size(), model.config.vocab_size);
+            // A fine-tuned pretrained model keeps its own tokenizer files; a synthetic task's
+            // run has its word vocabulary.
+            if run.join("tokenizer_config.json").is_file() {
+                let text = TextTokenizer::load(&run)?;
+                if text.size() > model.config.vocab_size {
+                    bail!("{}: holds {} tokens, the checkpoint's model {}", tokenizer.display(), text.size(), model.config.vocab_size);
+                }
+                let files = TOKENIZER_FILES.iter().map(|f| run.join(f)).filter(|p| p.is_file()).collect();
+                (model, files, text.bos, Some(text.eos))
+            } else {
+                let vocab = Vocab::load(&tokenizer)?;
+                if vocab.size() != model.config.vocab_size {
+                    bail!("{}: holds {} tokens, the checkpoint's model {}", tokenizer.display(), vocab.size(), model.config.vocab_size);
+                }
+                (model, vec![tokenizer], Some(vocab.specials.bos), Some(vocab.specials.eos))
             }
-            (model, vec![tokenizer], Some(vocab.specials.bos), Some(vocab.specials.eos))
         }
         (None, Some(dir)) => {
             let model = hf::load::<Flex>(dir, &device)?;

@@ -2,7 +2,8 @@
 //! MRT (or GRPO / STaR), and report whether it spends its test-time tokens well.
 //!
 //! With no arguments: the `search` task, the `cpu-tiny` model, MRT (dense progress bonus), on
-//! the best device found.
+//! the best device found. With `--model DIR --task math --data FILE`: a pretrained Hugging Face
+//! model fine-tuned on a JSONL file of problems (no warm start).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -11,7 +12,7 @@ use anyhow::{bail, Context, Result};
 use burn::tensor::backend::AutodiffBackend;
 use clap::Parser;
 use mrt::backend::{dispatch, exit_code, tune_allocator, BackendTask, DeviceChoice};
-use mrt::rl::config::{Algo, RunConfig};
+use mrt::rl::config::{merge_json, Algo, RunConfig};
 use mrt::rl::eval::EvalSummary;
 use mrt::rl::pipeline::{run_pipeline, Outcome, PipelineOptions};
 use mrt::rl::run::{RunDir, SavedConfig};
@@ -20,9 +21,16 @@ use mrt::rl::run::{RunDir, SavedConfig};
 #[derive(Parser, Debug)]
 #[command(version, about, long_about = None)]
 struct Args {
-    /// Task family: search or countdown.
+    /// Task family: search or countdown (synthetic), or math (free text; needs --model).
     #[arg(long, default_value = "search")]
     task: String,
+    /// A Hugging Face model directory (Llama or Qwen2, safetensors) to fine-tune instead of
+    /// training a small model from scratch; with --task math.
+    #[arg(long, value_name = "DIR")]
+    model: Option<PathBuf>,
+    /// The math task's problems: a JSONL file of {"question", "answer"} objects.
+    #[arg(long, value_name = "FILE")]
+    data: Option<PathBuf>,
     /// RL objective: grpo, mrt (the paper's prefix/terminate/continue recipe), mrt-dense (MRT's
     /// per-episode progress bonus), star, mrt-star.
     #[arg(long, default_value = "mrt-dense")]
@@ -80,8 +88,25 @@ impl BackendTask for Job {
 
 fn build_config(args: &Args) -> Result<RunConfig> {
     let algo = Algo::parse(&args.algo)?;
-    let patch = args.config.as_deref().map(RunConfig::read_patch).transpose()?;
-    let mut config = RunConfig::with_patch(&args.task, &args.preset, algo, args.seed, !args.long, patch)?;
+    let mut patch = args.config.as_deref().map(RunConfig::read_patch).transpose()?;
+    if let Some(data) = &args.data {
+        if args.task != "math" {
+            bail!("--data gives the math task's problems: pass --task math");
+        }
+        if !data.is_file() {
+            bail!("--data {}: file not found", data.display());
+        }
+        merge_json(patch.get_or_insert_with(|| serde_json::json!({})), serde_json::json!({ "task": { "name": "math", "data": data } }));
+    }
+    let mut config = match &args.model {
+        Some(dir) => {
+            if !dir.is_dir() {
+                bail!("--model {}: not a directory", dir.display());
+            }
+            RunConfig::pretrained_with_patch(&args.task, dir, algo, args.seed, patch)?
+        }
+        None => RunConfig::with_patch(&args.task, &args.preset, algo, args.seed, !args.long, patch)?,
+    };
     if let Some(n) = args.warm_start_steps {
         config.warm_start.steps = n;
     }
@@ -99,7 +124,7 @@ fn print_summary(outcome: &Outcome) {
     let cell = |v: f64| if v.is_finite() { format!("{v:.3}") } else { "n/a".into() };
     let row = |name: &str, f: &dyn Fn(&EvalSummary) -> f64| println!("{name:<28} {:>10} {:>12}", cell(f(base)), cell(f(ft)));
     println!();
-    println!("{:<28} {:>10} {:>12}", "held-out", "warm start", "fine-tuned");
+    println!("{:<28} {:>10} {:>12}", "held-out", if outcome.pretrained { "pretrained" } else { "warm start" }, "fine-tuned");
     row("pass@1", &|s| s.pass1);
     row("mean tokens to solve", &|s| s.tokens_to_solve);
     row("mean episodes to solve", &|s| s.episodes_to_solve);

@@ -3,6 +3,7 @@
 pub mod batch;
 pub mod countdown;
 pub mod math;
+pub mod math_task;
 pub mod search;
 pub mod split;
 pub mod task;

@@ -11,6 +11,8 @@ use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use super::countdown::{Countdown, CountdownConfig, CountdownProblem};
+use super::math::MathProblem;
+use super::math_task::{Math, MathConfig};
 use super::search::{Search, SearchConfig, SearchProblem};
 use super::split::{split_of_key, Split};
 use super::trace::{Role, Trace};
@@ -21,6 +23,8 @@ use crate::error::{Error, Result};
 pub enum Problem {
     Search(SearchProblem),
     Countdown(CountdownProblem),
+    /// A free-text problem read from a JSONL file (pretrained models).
+    Math(MathProblem),
 }
 
 /// What every task family provides. Object safe, so a run picks its task at run time.
@@ -198,10 +202,15 @@ pub fn warm_start_trace(task: &dyn Task, problem: &Problem, mix: &WarmStartMix, 
 pub enum TaskConfig {
     Search(SearchConfig),
     Countdown(CountdownConfig),
+    /// Free-text problems from a JSONL file, for pretrained models.
+    Math(MathConfig),
 }
 
-/// Names accepted by `--task`.
+/// The synthetic task families (word vocabulary, scripted warm-start traces).
 pub const TASKS: [&str; 2] = ["search", "countdown"];
+
+/// Every name `--task` accepts: the synthetic tasks and `math` (free text, pretrained models).
+pub const ALL_TASKS: [&str; 3] = ["search", "countdown", "math"];
 
 impl TaskConfig {
     /// Default configuration of a task family by name.
@@ -209,10 +218,11 @@ impl TaskConfig {
         match name {
             "search" => Ok(Self::Search(SearchConfig::default())),
             "countdown" => Ok(Self::Countdown(CountdownConfig::default())),
+            "math" => Ok(Self::Math(MathConfig::default())),
             other => Err(Error::Unknown {
                 kind: "task",
                 name: other.into(),
-                expected: TASKS.join(", "),
+                expected: ALL_TASKS.join(", "),
             }),
         }
     }
@@ -221,6 +231,7 @@ impl TaskConfig {
         match self {
             Self::Search(_) => "search",
             Self::Countdown(_) => "countdown",
+            Self::Math(_) => "math",
         }
     }
 
@@ -229,14 +240,23 @@ impl TaskConfig {
         Ok(match self {
             Self::Search(c) => Box::new(Search::new(c.clone())?),
             Self::Countdown(c) => Box::new(Countdown::new(c.clone())?),
+            Self::Math(c) => Box::new(Math::new(c.clone())?),
         })
     }
 
-    /// The warm-start mixture configured for this task.
-    pub fn warm_start(&self) -> &WarmStartMix {
+    /// The warm-start mixture configured for this task; `None` for free text (no scripted
+    /// traces: the model is pretrained).
+    pub fn warm_start(&self) -> Option<&WarmStartMix> {
         match self {
-            Self::Search(c) => &c.warm_start,
-            Self::Countdown(c) => &c.warm_start,
+            Self::Search(c) => Some(&c.warm_start),
+            Self::Countdown(c) => Some(&c.warm_start),
+            Self::Math(_) => None,
         }
+    }
+
+    /// Whether the task's text comes from a pretrained model's tokenizer (the run starts from
+    /// a Hugging Face model directory) rather than a word vocabulary built from the task.
+    pub fn is_text(&self) -> bool {
+        matches!(self, Self::Math(_))
     }
 }

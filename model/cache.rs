@@ -260,6 +260,47 @@ impl<B: Backend> KvCache<B> {
         }
     }
 
+    /// Forgets, in each listed `(row, keep)`, every token after the row's first `keep`: their
+    /// slots become holes and the row's position counter moves back, so the row continues as
+    /// if they had never been fed (the next token sits at position `keep`).
+    ///
+    /// Free-text episodes end *before* the word that begins the next one ("Wait", …), which
+    /// is known only once it has been decoded: a fork of the row is rewound to the boundary
+    /// for the meta-prover, and a row at its episode cap is rewound there before its forced
+    /// answer. One host read of the validity mask per call.
+    pub fn rewind(&mut self, rows: &[(usize, usize)]) -> Result<()> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let (n, cap, device) = (self.rows(), self.allocated, self.valid.device());
+        let mut mask: Vec<bool> = self
+            .valid
+            .clone()
+            .into_data()
+            .convert::<bool>()
+            .to_vec()
+            .map_err(|e| Error::Budget(format!("reading the cache mask: {e:?}")))?;
+        for &(row, keep) in rows {
+            if row >= n || keep > self.lengths[row] {
+                return Err(Error::Budget(format!(
+                    "rewind row {row} to {keep} tokens: the cache has {n} rows and that row {} tokens",
+                    self.lengths.get(row).copied().unwrap_or(0)
+                )));
+            }
+            let mut seen = 0;
+            for v in &mut mask[row * cap..(row + 1) * cap] {
+                if *v {
+                    *v = seen < keep;
+                    seen += 1;
+                }
+            }
+            self.lengths[row] = keep;
+        }
+        self.valid = Tensor::from_data(TensorData::new(mask, [n, cap]), &device);
+        self.positions = int_tensor(&self.lengths, &device);
+        Ok(())
+    }
+
     /// Makes room for at least `extra` more slots, reallocating (doubling) when needed.
     pub fn ensure_capacity(&mut self, extra: usize) {
         if self.remaining() >= extra {

@@ -108,6 +108,15 @@ pub struct RlConfig {
     pub prover: ProverConfig,
     pub eval_every: usize,
     pub checkpoint_every: usize,
+    /// Rollouts per forward/backward pass of the training step, gradients summed over the
+    /// passes (0: all at once). Bounds the activations (a pretrained model's logits alone are
+    /// vocabulary × 4 bytes per token); the update is the same.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub micro_batch: usize,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 /// Evaluation during and after training.
@@ -133,12 +142,20 @@ fn held_out() -> Split {
     Split::HeldOut
 }
 
+/// Context length of a pretrained model's run unless configured (`model.max_seq_len`):
+/// prompt, 1024 thinking tokens, forced suffix and answer fit with room to spare.
+pub const PRETRAINED_CONTEXT: usize = 4096;
+
 /// Everything that defines a run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RunConfig {
     pub seed: u64,
     pub task: TaskConfig,
+    /// The Hugging Face model directory a text task's run starts from (its weights, shapes and
+    /// tokenizer); absent for the synthetic tasks, whose models start from scratch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pretrained: Option<std::path::PathBuf>,
     /// Model preset name (informational; `model` holds the shapes).
     pub preset: String,
     pub model: TransformerConfig,
@@ -158,6 +175,15 @@ impl RunConfig {
     /// is applied first, so the defaults derived from it (episode and token budgets, the
     /// vocabulary) follow it; then the rest of the patch overrides anything.
     pub fn with_patch(task: &str, preset: &str, algo: Algo, seed: u64, small_cpu: bool, patch: Option<serde_json::Value>) -> Result<Self> {
+        Self::patched(task, patch, |t| Self::defaults(t, preset, algo, seed, small_cpu))
+    }
+
+    /// [`Self::with_patch`] for a run that fine-tunes the pretrained model in `dir`.
+    pub fn pretrained_with_patch(task: &str, dir: &std::path::Path, algo: Algo, seed: u64, patch: Option<serde_json::Value>) -> Result<Self> {
+        Self::patched(task, patch, |t| Self::pretrained_defaults(t, dir, algo, seed))
+    }
+
+    fn patched(task: &str, patch: Option<serde_json::Value>, defaults: impl FnOnce(TaskConfig) -> Result<Self>) -> Result<Self> {
         let bad = |e: serde_json::Error| Error::config("--config", "patch", e.to_string());
         let mut task_cfg = TaskConfig::by_name(task)?;
         if let Some(task_patch) = patch.as_ref().and_then(|p| p.get("task")) {
@@ -168,7 +194,7 @@ impl RunConfig {
             merge_json(&mut value, task_patch.clone());
             task_cfg = serde_json::from_value(value).map_err(bad)?;
         }
-        let mut config = Self::defaults(task_cfg, preset, algo, seed, small_cpu)?;
+        let mut config = defaults(task_cfg)?;
         if let Some(patch) = patch {
             let mut value = serde_json::to_value(&config).map_err(bad)?;
             merge_json(&mut value, patch);
@@ -186,6 +212,28 @@ impl RunConfig {
         })
     }
 
+    /// The defaults of a pretrained model fine-tuned on a text task: no warm start, the model's
+    /// own shapes, a token budget for free text, a sampled meta-prover, and a learning rate for
+    /// fine-tuning rather than training from scratch.
+    pub fn pretrained_defaults(task: TaskConfig, dir: &std::path::Path, algo: Algo, seed: u64) -> Result<Self> {
+        let path = dir.join("config.json");
+        let mut model = crate::model::hf::HfConfig::read(&path)?.to_native(&path)?;
+        // Rotary tables for the context a run uses, not the model's maximum (often 128K).
+        model.max_seq_len = model.max_seq_len.min(PRETRAINED_CONTEXT);
+        let t = task.build()?;
+        let mut c = Self::assemble(task, "pretrained", model, algo, seed, 1, t.max_episodes(), 1024, 32, t.enumerable_answers());
+        c.pretrained = Some(dir.to_path_buf());
+        c.warm_start.steps = 0;
+        c.rl.steps = 100;
+        c.rl.problems_per_step = 4;
+        c.rl.optim.lr = 1e-6;
+        c.rl.micro_batch = 1;
+        c.rl.eval_every = 25;
+        c.rl.checkpoint_every = 25;
+        c.eval.problems = 32;
+        Ok(c)
+    }
+
     /// The defaults of a task configuration, preset and algorithm.
     pub fn defaults(task: TaskConfig, preset: &str, algo: Algo, seed: u64, small_cpu: bool) -> Result<Self> {
         let mut model = TransformerConfig::preset(preset)?;
@@ -193,17 +241,34 @@ impl RunConfig {
         let t = task.build()?;
         let max_episodes = t.max_episodes();
         let (max_tokens, answer_tokens) = if countdown { (16 * max_episodes + 24, 24) } else { (4 * max_episodes + 8, 4) };
+        // The tokenizer fixes the vocabulary; the preset fixes every other shape.
+        model.vocab_size = crate::data::vocab::SPECIAL_TOKENS.len() + t.words().len();
+        let scale = if small_cpu { 1 } else { 4 };
+        Ok(Self::assemble(task, preset, model, algo, seed, scale, max_episodes, max_tokens, answer_tokens, t.enumerable_answers()))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn assemble(
+        task: TaskConfig,
+        preset: &str,
+        model: TransformerConfig,
+        algo: Algo,
+        seed: u64,
+        scale: usize,
+        max_episodes: usize,
+        max_tokens: usize,
+        answer_tokens: usize,
+        enumerable: bool,
+    ) -> Self {
         let prover = ProverConfig {
-            mode: if t.enumerable_answers() { ProverMode::Exact } else { ProverMode::Sample },
+            mode: if enumerable { ProverMode::Exact } else { ProverMode::Sample },
             samples: 8,
             temperature: 1.0,
             max_answer_tokens: answer_tokens,
         };
-        // The tokenizer fixes the vocabulary; the preset fixes every other shape.
-        model.vocab_size = crate::data::vocab::SPECIAL_TOKENS.len() + t.words().len();
-        let scale = if small_cpu { 1 } else { 4 };
-        Ok(Self {
+        Self {
             seed,
+            pretrained: None,
             preset: preset.to_string(),
             model,
             warm_start: WarmStartConfig {
@@ -247,6 +312,7 @@ impl RunConfig {
                 prover: prover.clone(),
                 eval_every: 50 * scale,
                 checkpoint_every: 50 * scale,
+                micro_batch: 0,
             },
             eval: EvalConfig {
                 split: Split::HeldOut,
@@ -258,12 +324,27 @@ impl RunConfig {
                 prover,
             },
             task,
-        })
+        }
     }
 
     pub fn validate(&self) -> Result<()> {
         self.model.validate()?;
         let task = self.task.build()?;
+        match (self.task.is_text(), &self.pretrained) {
+            (true, None) => {
+                return Err(Error::config("pretrained", "none", format!("the `{}` task fine-tunes a pretrained model: pass --model DIR", self.task.name())));
+            }
+            (false, Some(dir)) => {
+                return Err(Error::config("pretrained", dir.display(), format!("the `{}` task trains its own model from scratch: only `math` starts from a pretrained one", self.task.name())));
+            }
+            _ => {}
+        }
+        if self.rl.micro_batch > 0 && self.rl.kl_beta > 0.0 {
+            return Err(Error::config("rl.micro_batch", self.rl.micro_batch, "the KL penalty is a mean over the whole batch: use 0 (one pass) with rl.kl_beta > 0"));
+        }
+        if self.task.is_text() && self.warm_start.steps > 0 {
+            return Err(Error::config("warm_start.steps", self.warm_start.steps, "a pretrained model has no scripted warm start: use 0"));
+        }
         self.warm_start.optim.validate("warm_start.optim")?;
         self.rl.optim.validate("rl.optim")?;
         self.rl.rollout.sampler.validate()?;
@@ -323,7 +404,7 @@ impl RunConfig {
             return Err(Error::config("eval.temperature", self.eval.temperature, "must be > 0"));
         }
         let vocab_needed = crate::data::vocab::SPECIAL_TOKENS.len() + task.words().len();
-        if self.model.vocab_size < vocab_needed {
+        if !self.task.is_text() && self.model.vocab_size < vocab_needed {
             return Err(Error::config(
                 "model.vocab_size",
                 self.model.vocab_size,

@@ -1,6 +1,8 @@
 //! Meta Reinforcement Fine-Tuning (Qu et al. 2025, `shared/MRT.md`) and outcome-reward RL.
 //!
 //! What is implemented, and where:
+//! - the token-level rules of a task's stream (`protocol`): word tasks with an episode token,
+//!   free text with episodes at the paper's markers;
 //! - episode-structured rollouts (`rollout`): G samples per problem from one prefilled prompt,
 //!   environment replies appended as non-trainable tokens, rows forced to answer at the episode
 //!   cap or token budget, budget forcing for evaluation;
@@ -46,6 +48,7 @@ pub mod loss;
 pub mod metrics;
 pub mod optim;
 pub mod pipeline;
+pub mod protocol;
 pub mod prover;
 pub mod rollout;
 pub mod run;

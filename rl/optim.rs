@@ -125,7 +125,12 @@ pub fn step<B: AutodiffBackend>(
     lr: f64,
     grad_clip: f64,
 ) -> (Transformer<B>, f64) {
-    let mut grads = GradientsParams::from_grads(loss.backward(), &model);
+    let grads = GradientsParams::from_grads(loss.backward(), &model);
+    step_grads(model, optim, grads, lr, grad_clip)
+}
+
+/// [`step`] with gradients already computed (accumulated over micro-batches).
+pub fn step_grads<B: AutodiffBackend>(model: Transformer<B>, optim: &mut Adam<B>, mut grads: GradientsParams, lr: f64, grad_clip: f64) -> (Transformer<B>, f64) {
     let norm = clip_global_norm(&model, &mut grads, grad_clip);
     (optim.step(lr, model, grads), norm)
 }

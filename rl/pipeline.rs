@@ -1,5 +1,6 @@
-//! The main job: warm start on scripted traces, then RL fine-tuning, with evaluation,
-//! checkpoints and resume. `bin/train.rs` only parses arguments and picks the backend.
+//! The main job: warm start on scripted traces (or a pretrained model, for a text task), then
+//! RL fine-tuning, with evaluation, checkpoints and resume. `bin/train.rs` only parses
+//! arguments and picks the backend.
 
 use std::path::PathBuf;
 
@@ -15,11 +16,11 @@ use super::run::{load_state, Progress, RunDir, Stage};
 use super::sft::warm_start;
 use super::stage::Ctx;
 use super::train::train_rl;
-use crate::data::Vocab;
+use super::protocol::Tokens;
+use crate::data::{TextTokenizer, Vocab};
 use crate::error::{Error, Result};
 use crate::fsutil::write_json;
-use crate::model::checkpoint;
-use crate::model::Transformer;
+use crate::model::{checkpoint, hf, Transformer};
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -43,6 +44,9 @@ pub struct PipelineOptions {
 pub struct Outcome {
     pub run_dir: PathBuf,
     pub completed: bool,
+    /// The run started from a pretrained model (its "base" is that model, not a warm start).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub pretrained: bool,
     pub base: Option<EvalSummary>,
     pub fine_tuned: Option<EvalSummary>,
 }
@@ -50,16 +54,24 @@ pub struct Outcome {
 /// Runs (or resumes) the pipeline on backend `B`.
 pub fn run_pipeline<B: AutodiffBackend>(opts: &PipelineOptions, device: &B::Device) -> Result<Outcome> {
     let run = RunDir::new(&opts.run_dir);
-    let (config, vocab) = if opts.resume {
+    let (config, tokens) = if opts.resume {
         run.open()?
     } else {
         opts.config.validate()?;
-        let task = opts.config.task.build()?;
-        let vocab = Vocab::build(&task.words())?;
-        run.init(&opts.config, &vocab)?;
-        (opts.config.clone(), vocab)
+        let tokens = match &opts.config.pretrained {
+            Some(dir) => Tokens::Text(TextTokenizer::load(dir)?),
+            None => Tokens::Words(Vocab::build(&opts.config.task.build()?.words())?),
+        };
+        run.init(&opts.config, &tokens, opts.config.pretrained.as_deref())?;
+        (opts.config.clone(), tokens)
     };
+    if let Tokens::Text(t) = &tokens {
+        if t.size() > config.model.vocab_size {
+            return Err(Error::config("model.vocab_size", config.model.vocab_size, format!("the model's tokenizer has {} ids", t.size())));
+        }
+    }
     let task = config.task.build()?;
+    let protocol = tokens.protocol(task.as_ref(), &config.task)?;
     let latest = run.checkpoint("latest");
     let optim_for = |stage: Stage| match stage {
         Stage::WarmStart => adamw::<B>(&config.warm_start.optim),
@@ -76,6 +88,16 @@ pub fn run_pipeline<B: AutodiffBackend>(opts: &PipelineOptions, device: &B::Devi
     } else if let Some(init) = &opts.init {
         let ck = checkpoint::load(init, Some(&config.model))?;
         (require_grad(ck.model::<B>(device)?), optim_for(Stage::Rl), Progress { stage: Stage::Rl, step: 0 })
+    } else if let Some(dir) = &config.pretrained {
+        let model = hf::load_with_context::<B>(dir, Some(config.model.max_seq_len), device)?;
+        if model.config != config.model {
+            return Err(Error::config(
+                "model",
+                serde_json::to_string(&config.model).unwrap_or_default(),
+                format!("differs from {}/config.json (only max_seq_len may be changed)", dir.display()),
+            ));
+        }
+        (require_grad(model), optim_for(Stage::Rl), Progress { stage: Stage::Rl, step: 0 })
     } else {
         let model = Transformer::<B>::new(&config.model, config.seed, device)?;
         (model, optim_for(Stage::WarmStart), Progress { stage: Stage::WarmStart, step: 0 })
@@ -84,14 +106,16 @@ pub fn run_pipeline<B: AutodiffBackend>(opts: &PipelineOptions, device: &B::Devi
     let mut ctx = Ctx {
         config: &config,
         task: task.as_ref(),
-        vocab: &vocab,
+        protocol: protocol.as_ref(),
+        vocab: tokens.words(),
         run: &run,
         metrics: MetricsWriter::open(&run.metrics_path())?,
         eval_problems: eval_problems(task.as_ref(), config.eval.problems, config.eval.split)?,
         quiet: opts.quiet,
         interrupt_after: opts.interrupt_after,
     };
-    let incomplete = |ctx: &Ctx| Outcome { run_dir: ctx.run.root.clone(), completed: false, base: None, fine_tuned: None };
+    let pretrained = config.pretrained.is_some();
+    let incomplete = |ctx: &Ctx| Outcome { run_dir: ctx.run.root.clone(), completed: false, pretrained, base: None, fine_tuned: None };
 
     let mut rl_start = progress.step;
     if progress.stage == Stage::WarmStart {
@@ -110,21 +134,27 @@ pub fn run_pipeline<B: AutodiffBackend>(opts: &PipelineOptions, device: &B::Devi
         checkpoint::save(&run.checkpoint("warm_start"), &model, vec![], serde_json::json!({ "stage": "init" }))?;
     }
 
-    // The frozen start policy: the KL reference and the "base" of the comparison.
-    let base_model = checkpoint::load(&run.checkpoint("warm_start"), Some(&config.model))?.model::<B::InnerBackend>(device)?;
-    let reference = (config.rl.kl_beta > 0.0).then_some(&base_model);
-    let (model, _optim, done) = train_rl(&mut ctx, model, optim, reference, rl_start)?;
+    // The frozen start policy: the KL reference and the "base" of the comparison. Loaded
+    // only when needed: for a pretrained model it is a second copy of the weights.
+    let load_base = || checkpoint::load(&run.checkpoint("warm_start"), Some(&config.model))?.model::<B::InnerBackend>(device);
+    let reference = if config.rl.kl_beta > 0.0 { Some(load_base()?) } else { None };
+    let (model, optim, done) = train_rl(&mut ctx, model, optim, reference.as_ref(), rl_start)?;
     if !done {
         return Ok(incomplete(&ctx));
     }
+    drop(optim);
     checkpoint::save(&run.checkpoint("final"), &model, vec![], serde_json::json!({ "stage": "final" }))?;
 
     if !opts.final_eval {
-        return Ok(Outcome { run_dir: run.root.clone(), completed: true, base: None, fine_tuned: None });
+        return Ok(Outcome { run_dir: run.root.clone(), completed: true, pretrained, base: None, fine_tuned: None });
     }
+    let base_model = match reference {
+        Some(m) => m,
+        None => load_base()?,
+    };
     let base = ctx.evaluate(&base_model, "base", 0)?;
     let fine_tuned = ctx.evaluate(&model.valid(), "final", config.rl.steps)?;
-    let outcome = Outcome { run_dir: run.root.clone(), completed: true, base: Some(base), fine_tuned: Some(fine_tuned) };
+    let outcome = Outcome { run_dir: run.root.clone(), completed: true, pretrained, base: Some(base), fine_tuned: Some(fine_tuned) };
     write_json(&run.root.join("summary.json"), &outcome)?;
     Ok(outcome)
 }

@@ -24,7 +24,8 @@ use burn::tensor::activation::log_softmax;
 use rand::rngs::StdRng;
 use serde::{Deserialize, Serialize};
 
-use crate::data::{Problem, Task, Vocab};
+use super::protocol::Protocol;
+use crate::data::{Problem, Task};
 use crate::error::{Error, Result};
 use crate::model::cache::int_tensor;
 use crate::model::{generate, last_logits, GenerateConfig, KvCache, SamplerConfig, Transformer};
@@ -90,20 +91,13 @@ pub struct Estimate {
     pub well_formed: f32,
 }
 
-/// The forced termination suffix as ids.
-pub fn suffix_ids(vocab: &Vocab) -> [u32; 3] {
-    let s = vocab.specials;
-    [s.time_up, s.end_think, s.answer]
-}
-
 /// Estimates J for every row of `cache`, row r being a prefix of a rollout of `problems[r]`
 /// that ends at an episode boundary. Consumes the cache (it is a fork).
 pub fn estimate<B: Backend>(
     model: &Transformer<B>,
     cache: KvCache<B>,
     problems: &[&Problem],
-    task: &dyn Task,
-    vocab: &Vocab,
+    protocol: &dyn Protocol,
     config: &ProverConfig,
     rng: &mut StdRng,
 ) -> Result<Vec<Estimate>> {
@@ -113,23 +107,28 @@ pub fn estimate<B: Backend>(
         return Ok(Vec::new());
     }
     match config.mode {
-        ProverMode::Exact => exact(model, cache, problems, task, vocab, config),
-        ProverMode::Sample => sampled(model, cache, problems, task, vocab, config, rng),
+        ProverMode::Exact => exact(model, cache, problems, protocol, config),
+        ProverMode::Sample => sampled(model, cache, problems, protocol, config, rng),
     }
 }
 
 /// Appends the suffix to every row and returns the logits of the first answer token, `[R, V]`.
-fn force<B: Backend>(model: &Transformer<B>, cache: &mut KvCache<B>, vocab: &Vocab) -> Result<Tensor<B, 2>> {
+fn force<B: Backend>(model: &Transformer<B>, cache: &mut KvCache<B>, protocol: &dyn Protocol) -> Result<Tensor<B, 2>> {
     let rows = cache.rows();
     let device = model.device();
-    let suffix: Vec<i64> = (0..rows).flat_map(|_| suffix_ids(vocab).map(|i| i as i64)).collect();
-    cache.ensure_capacity(3);
-    let logits = model.forward_cached(Tensor::from_data(TensorData::new(suffix, [rows, 3]), &device), cache, None)?;
-    Ok(last_logits(logits, &vec![3; rows]))
+    let n = protocol.suffix().len();
+    let suffix: Vec<i64> = (0..rows).flat_map(|_| protocol.suffix().iter().map(|&i| i as i64)).collect();
+    cache.ensure_capacity(n);
+    let logits = model.forward_cached(Tensor::from_data(TensorData::new(suffix, [rows, n]), &device), cache, None)?;
+    Ok(last_logits(logits, &vec![n; rows]))
 }
 
 fn not_enumerable(task: &dyn Task) -> Error {
     Error::config("prover.mode", "exact", format!("task `{}` cannot list its correct answers; use \"sample\"", task.name()))
+}
+
+fn not_listed() -> Error {
+    Error::config("prover.mode", "exact", "this task cannot list its correct answers; use \"sample\"")
 }
 
 /// Tree tokens (rows × the widest tree among them) scored per forward pass in `exact`: bounds
@@ -142,6 +141,8 @@ const TREE_TOKENS: usize = 4096;
 /// before children.
 struct AnswerTree {
     tokens: Vec<u32>,
+    /// The token that closes every answer (`</answer>`).
+    close: u32,
     parents: Vec<Option<usize>>,
     /// Per answer, in the listed order: the node that ends each of its prefixes (answer a's
     /// k-th token is `tokens[paths[a][k]]`).
@@ -149,8 +150,8 @@ struct AnswerTree {
 }
 
 impl AnswerTree {
-    fn new(answers: &[Vec<u32>]) -> Self {
-        let mut tree = Self { tokens: Vec::new(), parents: Vec::new(), paths: Vec::with_capacity(answers.len()) };
+    fn new(answers: &[Vec<u32>], close: u32) -> Self {
+        let mut tree = Self { tokens: Vec::new(), close, parents: Vec::new(), paths: Vec::with_capacity(answers.len()) };
         let mut nodes: HashMap<(Option<usize>, u32), usize> = HashMap::new();
         for answer in answers {
             let mut parent = None;
@@ -190,37 +191,42 @@ fn tree_groups(sizes: &[usize]) -> Vec<Vec<usize>> {
     groups
 }
 
-fn exact<B: Backend>(model: &Transformer<B>, mut cache: KvCache<B>, problems: &[&Problem], task: &dyn Task, vocab: &Vocab, config: &ProverConfig) -> Result<Vec<Estimate>> {
+fn exact<B: Backend>(model: &Transformer<B>, mut cache: KvCache<B>, problems: &[&Problem], protocol: &dyn Protocol, config: &ProverConfig) -> Result<Vec<Estimate>> {
     let rows = cache.rows();
     let device = model.device();
     let t = config.temperature;
-    let v = vocab.size();
+    // Mass on first answer tokens that can begin a well-formed answer.
+    let starts: Vec<f32> = protocol.answer_starts().ok_or_else(not_listed)?.into_iter().map(|s| s as u8 as f32).collect();
+    let v = starts.len();
     // Every correct answer of each row's problem as a token tree; built once per distinct
     // problem.
     let mut listed: HashMap<String, AnswerTree> = HashMap::new();
     let mut keys = Vec::with_capacity(rows);
     for p in problems {
-        let key = task.key(p);
+        let key = format!("{p:?}");
         if !listed.contains_key(&key) {
-            let list = task.correct_answers(p).ok_or_else(|| not_enumerable(task))?;
-            let mut ids = list
-                .iter()
-                .map(|a| vocab.encode_words(a))
-                .filter(|a| a.as_ref().map_or(true, |a| !a.is_empty() && a.len() < config.max_answer_tokens))
-                .collect::<Result<Vec<_>>>()?;
+            // Each listed answer ends with its closing token; the tree holds what comes before.
+            let list = protocol.correct_answers(p).ok_or_else(not_listed)??;
+            let close = list.first().and_then(|a| a.last().copied()).unwrap_or(protocol.pad());
+            let mut ids: Vec<Vec<u32>> = list
+                .into_iter()
+                .map(|mut a| {
+                    a.pop();
+                    a
+                })
+                .filter(|a| !a.is_empty() && a.len() < config.max_answer_tokens)
+                .collect();
             // An answer listed twice must not count twice.
             ids.sort_unstable();
             ids.dedup();
-            listed.insert(key.clone(), AnswerTree::new(&ids));
+            listed.insert(key.clone(), AnswerTree::new(&ids, close));
         }
         keys.push(key);
     }
     let trees: &[&AnswerTree] = &keys.iter().map(|k| &listed[k]).collect::<Vec<_>>();
-    // Mass on first answer tokens that can begin a well-formed answer.
-    let starts: Vec<f32> = (0..v as u32).map(|i| task.starts_answer(vocab.word(i)) as u8 as f32).collect();
     let starts = Tensor::<B, 1>::from_data(TensorData::new(starts, [v]), &device);
 
-    let first = log_softmax(force(model, &mut cache, vocab)? / t, 1); // [R, V]
+    let first = log_softmax(force(model, &mut cache, protocol)? / t, 1); // [R, V]
     let mass: Vec<f32> = (first.clone().exp().narrow(1, 0, v) * starts.reshape([1, v])).sum_dim(1).into_data().iter::<f32>().collect();
     let mut j = vec![0.0f32; rows];
     let groups = tree_groups(&trees.iter().map(|t| t.tokens.len()).collect::<Vec<_>>());
@@ -238,7 +244,7 @@ fn exact<B: Backend>(model: &Transformer<B>, mut cache: KvCache<B>, problems: &[
         let g = group.len();
         let width = trees[group[0]].tokens.len();
         rows_cache.ensure_capacity(width);
-        let pad = vocab.specials.pad;
+        let pad = protocol.pad();
         let ids: Vec<i64> = group.iter().flat_map(|&r| (0..width).map(move |k| *trees[r].tokens.get(k).unwrap_or(&pad) as i64)).collect();
         let parents: Vec<Vec<Option<usize>>> = group.iter().map(|&r| trees[r].parents.clone()).collect();
         let logits = model.forward_tree(Tensor::from_data(TensorData::new(ids, [g, width]), &device), &parents, &mut rows_cache)?;
@@ -253,7 +259,7 @@ fn exact<B: Backend>(model: &Transformer<B>, mut cache: KvCache<B>, problems: &[
         let (mut at, mut mask, mut heads, mut idx) = (Vec::with_capacity(e * span), Vec::with_capacity(e * span), Vec::with_capacity(e), Vec::with_capacity(e));
         for &(gi, tree, path) in &pairs {
             for k in 0..span {
-                let next = if k + 1 < path.len() { tree.tokens[path[k + 1]] } else { vocab.specials.end_answer };
+                let next = if k + 1 < path.len() { tree.tokens[path[k + 1]] } else { tree.close };
                 at.push(if k < path.len() { ((gi * width + path[k]) * v + next as usize) as i64 } else { 0 });
                 mask.push((k < path.len()) as u8 as f32);
             }
@@ -275,14 +281,13 @@ fn sampled<B: Backend>(
     model: &Transformer<B>,
     cache: KvCache<B>,
     problems: &[&Problem],
-    task: &dyn Task,
-    vocab: &Vocab,
+    protocol: &dyn Protocol,
     config: &ProverConfig,
     rng: &mut StdRng,
 ) -> Result<Vec<Estimate>> {
     let k = config.samples;
     let mut cache = cache.replicate(k);
-    let logits = force(model, &mut cache, vocab)?;
+    let logits = force(model, &mut cache, protocol)?;
     cache.ensure_capacity(config.max_answer_tokens);
     let gen = GenerateConfig {
         max_new_tokens: config.max_answer_tokens,
@@ -290,28 +295,34 @@ fn sampled<B: Backend>(
             temperature: config.temperature,
             ..SamplerConfig::default()
         },
-        stop_tokens: vec![vocab.specials.end_answer],
+        stop_tokens: protocol.answer_stops(),
         check_every: config.max_answer_tokens,
     };
     let outs = generate(model, cache, logits, &gen, rng)?;
-    Ok(problems
-        .iter()
-        .enumerate()
-        .map(|(r, p)| {
-            let (mut correct, mut formed) = (0usize, 0usize);
-            for out in &outs[r * k..(r + 1) * k] {
-                if out.last() == Some(&vocab.specials.end_answer) {
-                    let words = vocab.decode(&out[..out.len() - 1]);
-                    formed += task.well_formed(&words) as usize;
-                    correct += task.verify(p, &words) as usize;
+    let mut estimates = Vec::with_capacity(problems.len());
+    for (r, p) in problems.iter().enumerate() {
+        let (mut correct, mut formed) = (0usize, 0usize);
+        for out in &outs[r * k..(r + 1) * k] {
+            // The answer ends where it first closes (free text: its brace, maybe before a stop).
+            let mut closed = None;
+            for n in 1..=out.len() {
+                if protocol.answer_closed(&out[..n], true)? {
+                    closed = Some(n);
+                    break;
                 }
             }
-            Estimate {
-                j: correct as f32 / k as f32,
-                well_formed: formed as f32 / k as f32,
+            if let Some(n) = closed {
+                let verdict = protocol.judge(p, &out[..n], true)?;
+                formed += verdict.well_formed as usize;
+                correct += (verdict.reward > 0.0) as usize;
             }
-        })
-        .collect())
+        }
+        estimates.push(Estimate {
+            j: correct as f32 / k as f32,
+            well_formed: formed as f32 / k as f32,
+        });
+    }
+    Ok(estimates)
 }
 
 /// Boundary snapshots waiting for the prover, flushed in one batch.
@@ -340,8 +351,19 @@ impl<B: Backend> ProverQueue<B> {
         self.tags.extend(tags);
     }
 
+    /// Queues a cache that is already a fork (one tag per row).
+    pub fn push_owned(&mut self, cache: KvCache<B>, tags: impl IntoIterator<Item = (usize, usize, usize)>) {
+        self.caches.push(cache);
+        self.tags.extend(tags);
+    }
+
     pub fn len(&self) -> usize {
         self.tags.len()
+    }
+
+    /// Cache slots held by the queued forks (rows × slots): what the queue costs in memory.
+    pub fn held_slots(&self) -> usize {
+        self.caches.iter().map(|c| c.rows() * c.slots()).sum()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -353,8 +375,7 @@ impl<B: Backend> ProverQueue<B> {
         &mut self,
         model: &Transformer<B>,
         problems: &[Problem],
-        task: &dyn Task,
-        vocab: &Vocab,
+        protocol: &dyn Protocol,
         config: &ProverConfig,
         rng: &mut StdRng,
     ) -> Result<Vec<((usize, usize, usize), Estimate)>> {
@@ -364,7 +385,7 @@ impl<B: Backend> ProverQueue<B> {
         let cache = KvCache::cat(std::mem::take(&mut self.caches));
         let tags = std::mem::take(&mut self.tags);
         let probs: Vec<&Problem> = tags.iter().map(|t| &problems[t.2]).collect();
-        let est = estimate(model, cache, &probs, task, vocab, config, rng)?;
+        let est = estimate(model, cache, &probs, protocol, config, rng)?;
         Ok(tags.into_iter().zip(est).collect())
     }
 }

@@ -7,12 +7,14 @@
 //! suffix when the row ran out of episodes or tokens. Chunks are ragged; the cache's holes
 //! absorb the difference (see `model::cache`).
 //!
-//! A row ends at `</answer>`; at the episode cap or the token budget it is forced to answer
-//! through the meta-prover's suffix (`<timeup> </think> <answer>`), so every rollout has an
-//! outcome. With `budget_forcing`, `</think>` is suppressed until the episode budget is spent
-//! (evaluation past the training budget), except in rows whose environment has confirmed a
-//! solution. At every episode boundary the row's cache is forked into the prover queue, so J_j
-//! is estimated from the cached prefix.
+//! What the tokens mean is the task's [`Protocol`]: where an episode ends, what the environment
+//! replies, when an answer is complete and whether it is right. A row ends when its answer
+//! closes; at the episode cap or the token budget it is forced to answer through the
+//! meta-prover's suffix, so every rollout has an outcome. With `budget_forcing` the row is kept
+//! thinking until the episode budget is spent (evaluation past the training budget), except in
+//! rows whose environment has confirmed a solution. At every episode boundary the row's cache
+//! is forked into the prover queue, so J_j is estimated from the cached prefix; a free-text
+//! episode ends before the marker that opens the next one, so its fork is rewound to there.
 //!
 //! Rollouts start from *seeds*: partial rollouts that end at an episode boundary (a prompt, or
 //! an MRT prefix cut from an earlier stream). Each seed is prefilled once and its cache
@@ -25,8 +27,9 @@ use burn::prelude::*;
 use rand::rngs::StdRng;
 use serde::{Deserialize, Serialize};
 
-use super::prover::{suffix_ids, ProverConfig, ProverQueue};
-use crate::data::{Problem, Role, Task, Vocab};
+use super::protocol::{Forcing, Protocol, Thinking};
+use super::prover::{ProverConfig, ProverQueue};
+use crate::data::{Problem, Role};
 use crate::error::{Error, Result};
 use crate::model::sampling::uniforms;
 use crate::model::{last_logits, read_ids, sample, KvCache, SamplerConfig, Transformer};
@@ -73,7 +76,8 @@ pub struct Rollout {
     /// Token counts at the meta-prover's evaluation points: `boundaries[0]` is the start,
     /// `boundaries[j]` is after episode j and its environment reply.
     pub boundaries: Vec<usize>,
-    /// Words between `<answer>` and `</answer>`, when the answer closed.
+    /// The answer as the task reads it (the words between `<answer>` and `</answer>`, or a
+    /// free-text answer's normalised content), when the answer closed.
     pub answer: Option<Vec<String>>,
     /// Outcome reward: 1 if the answer verifies, else 0.
     pub reward: f32,
@@ -156,10 +160,31 @@ impl<B: Backend> Batch<B> {
 /// Runs rollouts of one policy on one task.
 pub struct Engine<'a, B: Backend> {
     pub model: &'a Transformer<B>,
-    pub task: &'a dyn Task,
-    pub vocab: &'a Vocab,
+    pub protocol: &'a dyn Protocol,
     pub config: &'a RolloutConfig,
     pub prover: Option<&'a ProverConfig>,
+}
+
+/// Cache slots (rows × slots) the prover queue may hold before it is scored mid-rollout. The
+/// synthetic tasks never come near it (≈ 40 000 at most), so their J are scored once, after
+/// decoding, as before; a pretrained model's long streams are scored in several batches.
+const PROVER_QUEUE_SLOTS: usize = 1 << 18;
+
+/// What one sampled token did to a row.
+struct Advance {
+    /// Tokens to feed this step.
+    chunk: Vec<u32>,
+    /// The row now has an episode boundary after this many tokens (for the prover).
+    boundary: Option<usize>,
+    /// Forget the row's cached tokens after this many before feeding (a free-text row at its
+    /// episode cap goes back to the boundary before its forced answer).
+    rewind: Option<usize>,
+}
+
+impl Advance {
+    fn feed(chunk: Vec<u32>) -> Self {
+        Self { chunk, boundary: None, rewind: None }
+    }
 }
 
 impl<'a, B: Backend> Engine<'a, B> {
@@ -170,7 +195,7 @@ impl<'a, B: Backend> Engine<'a, B> {
             .iter()
             .enumerate()
             .map(|(i, p)| {
-                let prompt = self.vocab.encode_words(&self.task.prompt(p))?;
+                let prompt = self.protocol.prompt(p)?;
                 let n = prompt.len();
                 Ok(Rollout {
                     problem: i,
@@ -204,7 +229,8 @@ impl<'a, B: Backend> Engine<'a, B> {
         }
         let device = self.model.device();
         let width = seeds.iter().map(|s| s.tokens.len()).max().unwrap_or(1);
-        let ids: Vec<i64> = seeds.iter().flat_map(|s| (0..width).map(|i| *s.tokens.get(i).unwrap_or(&self.vocab.specials.pad) as i64)).collect();
+        let pad = self.protocol.pad();
+        let ids: Vec<i64> = seeds.iter().flat_map(|s| (0..width).map(|i| *s.tokens.get(i).unwrap_or(&pad) as i64)).collect();
         let counts: Vec<usize> = seeds.iter().map(|s| s.tokens.len()).collect();
         let mut cache = self.model.new_cache(seeds.len(), width + 2 * self.config.max_tokens + 16);
         let logits = self.model.forward_cached(Tensor::from_data(TensorData::new(ids, [seeds.len(), width]), &device), &mut cache, Some(&counts))?;
@@ -215,7 +241,7 @@ impl<'a, B: Backend> Engine<'a, B> {
             let missing: Vec<usize> = (0..seeds.len()).filter(|&i| seeds[i].j.len() < seeds[i].boundaries.len()).collect();
             let mut queue = ProverQueue::default();
             queue.push(&cache, &missing, missing.iter().map(|&i| (i, seeds[i].episodes.len(), seeds[i].problem)));
-            for ((i, _, _), est) in queue.flush(self.model, problems, self.task, self.vocab, cfg, rng)? {
+            for ((i, _, _), est) in queue.flush(self.model, problems, self.protocol, cfg, rng)? {
                 let s = &mut seeds[i];
                 let last = s.boundaries.len() - 1;
                 s.j.resize(last, f32::NAN);
@@ -225,15 +251,16 @@ impl<'a, B: Backend> Engine<'a, B> {
             }
         }
         // A seed that already spent its episodes or tokens goes straight to its forced answer.
-        let starts: Vec<(Phase, bool)> = seeds
-            .iter()
-            .map(|seed| {
-                let problem = &problems[seed.problem];
-                let solved = seed.episodes.iter().any(|span| self.task.confirms_solution(problem, &self.vocab.decode(&seed.tokens[span.start..span.end - 1])));
-                let spent = seed.episodes.len() >= self.config.max_episodes || seed.policy_tokens() >= self.config.max_tokens;
-                (if spent { Phase::NeedsSuffix } else { Phase::Thinking }, solved)
-            })
-            .collect();
+        let mut starts: Vec<(Phase, bool)> = Vec::with_capacity(seeds.len());
+        for seed in &seeds {
+            let problem = &problems[seed.problem];
+            let mut solved = false;
+            for span in &seed.episodes {
+                solved |= self.protocol.confirms(problem, &seed.tokens[span.clone()])?;
+            }
+            let spent = seed.episodes.len() >= self.config.max_episodes || seed.policy_tokens() >= self.config.max_tokens;
+            starts.push((if spent { Phase::NeedsSuffix } else { Phase::Thinking }, solved));
+        }
         let order: Vec<usize> = (0..seeds.len()).flat_map(|s| std::iter::repeat_n(s, group)).collect();
         let rows = order
             .iter()
@@ -260,21 +287,28 @@ impl<'a, B: Backend> Engine<'a, B> {
     /// Decodes until every row has answered, then scores the outcomes.
     pub fn run(&self, batch: &mut Batch<B>, problems: &[Problem], rng: &mut StdRng) -> Result<()> {
         let device = self.model.device();
-        let sp = self.vocab.specials;
-        let suffix = suffix_ids(self.vocab);
+        let pad = self.protocol.pad();
         let rows = batch.rows.len();
         let mut queue = ProverQueue::<B>::default();
         let vocab_size = self.model.config.vocab_size;
-        let end_think_bias = self.config.budget_forcing.then(|| {
-            let mut b = vec![0.0f32; vocab_size];
-            b[sp.end_think as usize] = -1e9;
-            Tensor::<B, 1>::from_data(TensorData::new(b, [vocab_size]), &device).reshape([1, vocab_size])
-        });
+        let forcing = self.config.budget_forcing.then(|| self.protocol.forcing());
+        let suppress = match &forcing {
+            Some(Forcing::Suppress(token)) => {
+                let mut b = vec![0.0f32; vocab_size];
+                b[*token as usize] = -1e9;
+                Some(Tensor::<B, 1>::from_data(TensorData::new(b, [vocab_size]), &device).reshape([1, vocab_size]))
+            }
+            _ => None,
+        };
+        let replace = match &forcing {
+            Some(Forcing::Replace { stops, instead }) => Some((stops.as_slice(), instead.as_slice())),
+            _ => None,
+        };
         loop {
             if batch.rows.iter().all(|r| r.phase == Phase::Done) {
                 break;
             }
-            let logits = match &end_think_bias {
+            let logits = match &suppress {
                 // Only rows still thinking without a confirmed solution are kept thinking.
                 Some(bias) => {
                     let forced: Vec<f32> = batch.rows.iter().map(|r| (r.phase == Phase::Thinking && !r.solved) as u8 as f32).collect();
@@ -286,103 +320,161 @@ impl<'a, B: Backend> Engine<'a, B> {
             let u = uniforms::<B>(1, rows, rng, &device).reshape([rows]);
             let next = read_ids(sample(logits, u, &self.config.sampler));
             let mut chunks: Vec<Vec<u32>> = vec![Vec::new(); rows];
-            let mut boundary: Vec<usize> = Vec::new();
+            let mut boundary: Vec<(usize, usize)> = Vec::new();
+            let mut rewind: Vec<(usize, usize)> = Vec::new();
             for (i, row) in batch.rows.iter_mut().enumerate() {
-                let (chunk, at_boundary) = self.advance_row(row, next[i], &problems[row.r.problem], &suffix)?;
-                chunks[i] = chunk;
-                if at_boundary {
-                    boundary.push(i);
-                }
+                let step = self.advance_row(row, next[i], &problems[row.r.problem], replace)?;
+                chunks[i] = step.chunk;
+                boundary.extend(step.boundary.map(|b| (i, b)));
+                rewind.extend(step.rewind.map(|b| (i, b)));
             }
+            batch.cache.rewind(&rewind)?;
             let counts: Vec<usize> = chunks.iter().map(Vec::len).collect();
             let width = counts.iter().copied().max().unwrap_or(0);
-            if width == 0 {
-                continue;
+            if width > 0 {
+                let ids: Vec<i64> = chunks.iter().flat_map(|c| (0..width).map(|k| *c.get(k).unwrap_or(&pad) as i64)).collect();
+                batch.cache.ensure_capacity(width);
+                let logits = self.model.forward_cached(Tensor::from_data(TensorData::new(ids, [rows, width]), &device), &mut batch.cache, Some(&counts))?;
+                // Rows that fed nothing are done or about to feed their forced suffix: their
+                // (meaningless) logits are never sampled from.
+                let pick: Vec<usize> = counts.iter().map(|&c| c.max(1)).collect();
+                batch.logits = last_logits(logits, &pick);
             }
-            let ids: Vec<i64> = chunks.iter().flat_map(|c| (0..width).map(|k| *c.get(k).unwrap_or(&sp.pad) as i64)).collect();
-            batch.cache.ensure_capacity(width);
-            let logits = self.model.forward_cached(Tensor::from_data(TensorData::new(ids, [rows, width]), &device), &mut batch.cache, Some(&counts))?;
-            // Rows that fed nothing are done: their (meaningless) logits are never sampled from.
-            let pick: Vec<usize> = counts.iter().map(|&c| c.max(1)).collect();
-            batch.logits = last_logits(logits, &pick);
             if self.prover.is_some() {
-                let tags: Vec<(usize, usize, usize)> = boundary.iter().map(|&i| (i, batch.rows[i].r.episodes.len(), batch.rows[i].r.problem)).collect();
-                queue.push(&batch.cache, &boundary, tags);
+                // A boundary behind the row's last cached token (free text: before the marker
+                // that opened the next episode) is forked and rewound to there.
+                let lengths = batch.cache.lengths().to_vec();
+                let (at_end, behind): (Vec<(usize, usize)>, Vec<(usize, usize)>) = boundary.into_iter().partition(|&(i, b)| lengths[i] == b);
+                let tag = |i: usize| (i, batch.rows[i].r.episodes.len(), batch.rows[i].r.problem);
+                let rows_at_end: Vec<usize> = at_end.iter().map(|&(i, _)| i).collect();
+                queue.push(&batch.cache, &rows_at_end, rows_at_end.iter().map(|&i| tag(i)));
+                for (i, b) in behind {
+                    let mut fork = batch.cache.select_rows(&[i]);
+                    fork.rewind(&[(0, b)])?;
+                    queue.push_owned(fork, [tag(i)]);
+                }
+                // Long free-text streams: score what is queued before the forks outgrow memory.
+                if queue.held_slots() > PROVER_QUEUE_SLOTS {
+                    self.score_queue(&mut queue, batch, problems, rng)?;
+                }
             }
         }
-        if let Some(cfg) = self.prover {
-            for ((row, j, _), est) in queue.flush(self.model, problems, self.task, self.vocab, cfg, rng)? {
-                let r = &mut batch.rows[row].r;
-                if r.j.len() <= j {
-                    r.j.resize(j + 1, f32::NAN);
-                    r.j_well_formed.resize(j + 1, f32::NAN);
-                }
-                r.j[j] = est.j;
-                r.j_well_formed[j] = est.well_formed;
+        self.score_queue(&mut queue, batch, problems, rng)
+    }
+
+    /// Runs the prover on the queued boundary snapshots and stores their J in the rows.
+    fn score_queue(&self, queue: &mut ProverQueue<B>, batch: &mut Batch<B>, problems: &[Problem], rng: &mut StdRng) -> Result<()> {
+        let Some(cfg) = self.prover else {
+            return Ok(());
+        };
+        for ((row, j, _), est) in queue.flush(self.model, problems, self.protocol, cfg, rng)? {
+            let r = &mut batch.rows[row].r;
+            if r.j.len() <= j {
+                r.j.resize(j + 1, f32::NAN);
+                r.j_well_formed.resize(j + 1, f32::NAN);
             }
+            r.j[j] = est.j;
+            r.j_well_formed[j] = est.well_formed;
         }
         Ok(())
     }
 
-    /// Applies one sampled token to a row. Returns the tokens to feed and whether the row now
-    /// sits at an episode boundary.
-    fn advance_row(&self, row: &mut Row, token: u32, problem: &Problem, suffix: &[u32; 3]) -> Result<(Vec<u32>, bool)> {
-        let sp = self.vocab.specials;
-        let r = &mut row.r;
+    /// Records a closed answer's verdict and ends the row.
+    fn conclude(&self, row: &mut Row, problem: &Problem, answer: std::ops::Range<usize>, forced: bool) -> Result<()> {
+        let verdict = self.protocol.judge(problem, &row.r.tokens[answer], forced)?;
+        row.r.reward = verdict.reward;
+        row.r.answer = Some(verdict.answer);
+        row.r.finish = if forced { Finish::Forced } else { Finish::Answered };
+        row.phase = Phase::Done;
+        Ok(())
+    }
+
+    /// Applies one sampled token to a row: what to feed, and whether the row now sits at an
+    /// episode boundary. `replace`: budget forcing feeds the second list instead of any token
+    /// of the first.
+    fn advance_row(&self, row: &mut Row, token: u32, problem: &Problem, replace: Option<(&[u32], &[u32])>) -> Result<Advance> {
         match row.phase {
-            Phase::Done => Ok((Vec::new(), false)),
+            Phase::Done => Ok(Advance::feed(Vec::new())),
             Phase::NeedsSuffix => {
+                let suffix = self.protocol.suffix();
+                let r = &mut row.r;
                 r.tokens.extend_from_slice(suffix);
-                r.roles.extend([Role::Forced; 3]);
+                r.roles.extend(std::iter::repeat_n(Role::Forced, suffix.len()));
                 row.phase = Phase::Answering { forced: true, start: r.tokens.len() };
-                Ok((suffix.to_vec(), false))
+                Ok(Advance::feed(suffix.to_vec()))
             }
             Phase::Answering { forced, start } => {
-                r.tokens.push(token);
-                r.roles.push(Role::Policy);
-                if token == sp.end_answer {
-                    let words = self.vocab.decode(&r.tokens[start..r.tokens.len() - 1]);
-                    r.reward = self.task.verify(problem, &words) as u8 as f32;
-                    r.answer = Some(words);
-                    r.finish = if forced { Finish::Forced } else { Finish::Answered };
-                    row.phase = Phase::Done;
-                    return Ok((Vec::new(), false));
+                row.r.tokens.push(token);
+                row.r.roles.push(Role::Policy);
+                let end = row.r.tokens.len();
+                if self.protocol.answer_closed(&row.r.tokens[start..], forced)? {
+                    self.conclude(row, problem, start..end, forced)?;
+                    return Ok(Advance::feed(Vec::new()));
                 }
-                if r.tokens.len() - start >= self.config.max_answer_tokens {
-                    r.finish = Finish::Unfinished;
+                if end - start >= self.config.max_answer_tokens {
+                    row.r.finish = Finish::Unfinished;
                     row.phase = Phase::Done;
-                    return Ok((Vec::new(), false));
+                    return Ok(Advance::feed(Vec::new()));
                 }
-                Ok((vec![token], false))
+                Ok(Advance::feed(vec![token]))
             }
             Phase::Thinking => {
-                r.tokens.push(token);
-                r.roles.push(Role::Policy);
-                let mut chunk = vec![token];
-                let mut at_boundary = false;
-                if token == sp.ep {
-                    r.episodes.push(row.episode_start..r.tokens.len());
-                    let words = self.vocab.decode(&r.tokens[row.episode_start..r.tokens.len() - 1]);
-                    row.solved |= self.task.confirms_solution(problem, &words);
-                    if let Some(reply) = self.task.reply(problem, &words) {
-                        let ids = self.vocab.encode_words(&reply)?;
-                        r.tokens.extend_from_slice(&ids);
-                        r.roles.extend(std::iter::repeat_n(Role::Env, ids.len()));
-                        chunk.extend(ids);
+                let mut chunk = match replace.filter(|(stops, _)| !row.solved && stops.contains(&token)) {
+                    // Budget forcing: the policy would stop thinking; it is told to go on.
+                    Some((_, instead)) => {
+                        row.r.tokens.extend_from_slice(instead);
+                        row.r.roles.extend(std::iter::repeat_n(Role::Forced, instead.len()));
+                        instead.to_vec()
                     }
-                    row.episode_start = r.tokens.len();
-                    r.boundaries.push(r.tokens.len());
-                    at_boundary = true;
-                    if r.episodes.len() >= self.config.max_episodes {
-                        row.phase = Phase::NeedsSuffix;
+                    None => {
+                        row.r.tokens.push(token);
+                        row.r.roles.push(Role::Policy);
+                        vec![token]
                     }
-                } else if token == sp.answer {
-                    row.phase = Phase::Answering { forced: false, start: r.tokens.len() };
+                };
+                let mut step = Advance { chunk: Vec::new(), boundary: None, rewind: None };
+                match self.protocol.thinking(problem, &row.r.tokens[row.episode_start..])? {
+                    Thinking::Continue => {}
+                    Thinking::AnswerOpens => row.phase = Phase::Answering { forced: false, start: row.r.tokens.len() },
+                    Thinking::Finished => {
+                        let (start, end) = (row.r.boundaries[0], row.r.tokens.len());
+                        self.conclude(row, problem, start..end, false)?;
+                        return Ok(Advance::feed(Vec::new()));
+                    }
+                    Thinking::EpisodeEnd { carry, reply, confirms } => {
+                        let r = &mut row.r;
+                        let end = r.tokens.len() - carry;
+                        r.episodes.push(row.episode_start..end);
+                        row.solved |= confirms;
+                        if carry == 0 {
+                            r.tokens.extend_from_slice(&reply);
+                            r.roles.extend(std::iter::repeat_n(Role::Env, reply.len()));
+                            chunk.extend(reply);
+                        }
+                        let b = if carry == 0 { r.tokens.len() } else { end };
+                        row.episode_start = b;
+                        r.boundaries.push(b);
+                        step.boundary = Some(b);
+                        if r.episodes.len() >= self.config.max_episodes {
+                            row.phase = Phase::NeedsSuffix;
+                            if carry > 0 {
+                                // The next episode has begun: forget it, answer from the boundary.
+                                let fed = r.tokens.len() - chunk.len();
+                                r.tokens.truncate(end);
+                                r.roles.truncate(end);
+                                chunk.clear();
+                                if fed > end {
+                                    step.rewind = Some(end);
+                                }
+                            }
+                        }
+                    }
                 }
-                if row.phase == Phase::Thinking && r.policy_tokens() >= self.config.max_tokens {
+                if row.phase == Phase::Thinking && row.r.policy_tokens() >= self.config.max_tokens {
                     row.phase = Phase::NeedsSuffix;
                 }
-                Ok((chunk, at_boundary))
+                step.chunk = chunk;
+                Ok(step)
             }
         }
     }

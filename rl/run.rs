@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use super::config::RunConfig;
 use super::optim::{load_optimizer, optimizer_bytes, Adam};
 use crate::data::split::fnv1a;
-use crate::data::Vocab;
+use super::protocol::Tokens;
 use crate::error::{Error, Result};
 use crate::fsutil::{read_json, write_json};
 use crate::model::checkpoint;
@@ -75,27 +75,28 @@ impl RunDir {
         self.root.join("checkpoints").join(format!("{name}.ckpt"))
     }
 
-    /// Writes `config.json` and `tokenizer.json` for a new run.
-    pub fn init(&self, config: &RunConfig, vocab: &Vocab) -> Result<()> {
+    /// Writes `config.json` and the tokenizer for a new run (`tokenizer.json`; a pretrained
+    /// model's tokenizer files are copied from `model_dir`).
+    pub fn init(&self, config: &RunConfig, tokens: &Tokens, model_dir: Option<&Path>) -> Result<()> {
         std::fs::create_dir_all(self.root.join("checkpoints")).map_err(|e| Error::io(&self.root, e))?;
         let saved = SavedConfig {
             git_commit: git_commit(),
             version: env!("CARGO_PKG_VERSION").to_string(),
             config: config.clone(),
         };
-        write_json(&self.config_path(), &saved)?;
-        vocab.save(&self.tokenizer_path())
+        tokens.save(&self.root, model_dir)?;
+        write_json(&self.config_path(), &saved)
     }
 
-    /// Reads `config.json` and `tokenizer.json` of an existing run.
-    pub fn open(&self) -> Result<(RunConfig, Vocab)> {
+    /// Reads `config.json` and the tokenizer of an existing run.
+    pub fn open(&self) -> Result<(RunConfig, Tokens)> {
         if !self.config_path().exists() {
             return Err(Error::config("run directory", self.root.display(), "has no config.json (not a run directory?)"));
         }
         let saved: SavedConfig = read_json(&self.config_path())?;
         saved.config.validate()?;
-        let vocab = Vocab::load(&self.tokenizer_path())?;
-        Ok((saved.config, vocab))
+        let tokens = Tokens::load(&self.root, saved.config.task.is_text())?;
+        Ok((saved.config, tokens))
     }
 }
 

@@ -133,7 +133,7 @@ fn score_mrt<B: Backend>(engine: &Engine<B>, problems: &[Problem], cfg: &RlConfi
         seeds.push(s.prefix(k));
         baselines.push(b);
     }
-    let continuation = Engine { model: engine.model, task: engine.task, vocab: engine.vocab, config: engine.config, prover: None };
+    let continuation = Engine { model: engine.model, protocol: engine.protocol, config: engine.config, prover: None };
     let mut batch = continuation.start_from(&seeds, problems, m, rng)?;
     continuation.run(&mut batch, problems, rng)?;
     let rollouts = Engine::finish(batch);

@@ -27,7 +27,13 @@ pub fn warm_start<B: AutodiffBackend>(
 ) -> Result<(Transformer<B>, Adam<B>, bool)> {
     let cfg = ctx.config.warm_start.clone();
     let device = model.device();
-    let mix = ctx.config.task.warm_start().clone();
+    let mix = ctx
+        .config
+        .task
+        .warm_start()
+        .ok_or_else(|| Error::config("warm_start.steps", cfg.steps, "this task has no scripted traces: a pretrained model starts RL directly (use 0)"))?
+        .clone();
+    let vocab = ctx.vocab.ok_or_else(|| Error::config("warm_start.steps", cfg.steps, "a warm start needs the task's word vocabulary"))?;
     let bar = ctx.progress_bar("warm-start", cfg.steps, start);
     let log_every = (cfg.steps / 20).max(1);
     for step in start..cfg.steps {
@@ -39,11 +45,11 @@ pub fn warm_start<B: AutodiffBackend>(
         let traces: Vec<Tokenized> = (0..cfg.batch_size)
             .map(|_| {
                 let p = sample_problem(ctx.task, Split::Train, &mut rng)?;
-                warm_start_trace(ctx.task, &p, &mix, &mut rng).tokenize(ctx.vocab)
+                warm_start_trace(ctx.task, &p, &mix, &mut rng).tokenize(vocab)
             })
             .collect::<Result<_>>()?;
         let refs: Vec<&Tokenized> = traces.iter().collect();
-        let batch = collate::<B>(&refs, ctx.vocab.specials.pad, &device);
+        let batch = collate::<B>(&refs, vocab.specials.pad, &device);
         let lp = token_logprobs(&model, batch.tokens, Some(batch.mask.clone()), false, 1.0);
         let loss = sft_loss(lp.logprobs, &batch.mask);
         let loss_value: f64 = loss.clone().into_scalar().elem();

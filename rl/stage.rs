@@ -9,6 +9,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use super::config::RunConfig;
 use super::eval::{evaluate, EvalSummary};
 use super::metrics::{MetricsWriter, Record};
+use super::protocol::Protocol;
 use super::run::RunDir;
 use crate::data::{Problem, Task, Vocab};
 use crate::error::Result;
@@ -18,7 +19,11 @@ use crate::model::Transformer;
 pub struct Ctx<'a> {
     pub config: &'a RunConfig,
     pub task: &'a dyn Task,
-    pub vocab: &'a Vocab,
+    /// The rules of the task's token stream.
+    pub protocol: &'a dyn Protocol,
+    /// The word vocabulary of a synthetic task (its warm start tokenizes scripted traces);
+    /// `None` for a pretrained model's text.
+    pub vocab: Option<&'a Vocab>,
     pub run: &'a RunDir,
     pub metrics: MetricsWriter,
     /// The fixed held-out evaluation set.
@@ -62,7 +67,7 @@ impl Ctx<'_> {
     pub fn evaluate<B: Backend>(&mut self, model: &Transformer<B>, stage: &str, step: usize) -> Result<EvalSummary> {
         let t0 = Instant::now();
         let seed = self.config.seed ^ 0x5eed_e7a1;
-        let (summary, _) = evaluate(model, self.task, self.vocab, &self.eval_problems, &self.config.eval, false, seed)?;
+        let (summary, _) = evaluate(model, self.task, self.protocol, &self.eval_problems, &self.config.eval, false, seed)?;
         let mut rec = Record::new(stage, step);
         rec.set("eval/pass@1", summary.pass1)
             .set("eval/answered", summary.answered)

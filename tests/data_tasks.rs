@@ -33,7 +33,7 @@ fn generators_are_deterministic_per_seed() {
         };
         assert_eq!(draw(1), draw(1), "{}", task.name());
         assert_ne!(draw(1), draw(2), "{}", task.name());
-        let mix = TaskConfig::by_name(task.name()).unwrap().warm_start().clone();
+        let mix = TaskConfig::by_name(task.name()).unwrap().warm_start().expect("a word task").clone();
         let traces = |seed| {
             let mut rng = StdRng::seed_from_u64(seed);
             draw(3).iter().map(|p| warm_start_trace(task.as_ref(), p, &mix, &mut rng)).collect::<Vec<_>>()
@@ -46,7 +46,7 @@ fn generators_are_deterministic_per_seed() {
 fn verifiers_accept_every_scripted_correct_answer() {
     let mut rng = StdRng::seed_from_u64(7);
     for task in tasks() {
-        let mix = TaskConfig::by_name(task.name()).unwrap().warm_start().clone();
+        let mix = TaskConfig::by_name(task.name()).unwrap().warm_start().expect("a word task").clone();
         let (mut solved, mut forced) = (0, 0);
         for _ in 0..300 {
             let p = task.generate(&mut rng);
@@ -209,7 +209,7 @@ fn train_validation_and_held_out_problems_never_share_a_prompt() {
 #[test]
 fn warm_start_cuts_reach_the_boundary_after_the_solving_episode() {
     for task in tasks() {
-        let mut mix = TaskConfig::by_name(task.name()).unwrap().warm_start().clone();
+        let mut mix = TaskConfig::by_name(task.name()).unwrap().warm_start().expect("a word task").clone();
         mix.cut_fraction = 1.0;
         let mut rng = StdRng::seed_from_u64(8);
         let mut after_solution = 0;

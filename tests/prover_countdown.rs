@@ -8,7 +8,8 @@ use burn::prelude::*;
 use common::B;
 use mrt::data::{sample_problem, Problem, Split, Task, Vocab};
 use mrt::model::Transformer;
-use mrt::rl::prover::{estimate, suffix_ids, ProverConfig, ProverMode};
+use mrt::rl::protocol::{suffix_ids, WordProtocol};
+use mrt::rl::prover::{estimate, ProverConfig, ProverMode};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
@@ -70,7 +71,7 @@ fn exact_j_over_every_correct_line_equals_recomputation_and_sampling() {
     for (j, t) in [(0, 1.0), (2, 1.0), (2, 0.7)] {
         let rows = prefixes(task.as_ref(), &vocab, &problems, j);
         let exact = ProverConfig { mode: ProverMode::Exact, samples: 1, temperature: t, max_answer_tokens: 24 };
-        let ex = estimate(&model, prefilled(&model, &rows), &refs, task.as_ref(), &vocab, &exact, &mut StdRng::seed_from_u64(0)).unwrap();
+        let ex = estimate(&model, prefilled(&model, &rows), &refs, &WordProtocol::new(task.as_ref(), &vocab), &exact, &mut StdRng::seed_from_u64(0)).unwrap();
         for ((e, p), prefix) in ex.iter().zip(&problems).zip(&rows) {
             let again = recomputed(&model, task.as_ref(), &vocab, p, prefix, t);
             assert!((e.j as f64 - again).abs() <= 1e-4 + 1e-3 * again, "{} lines in: exact {} vs recomputed {again}", j, e.j);
@@ -80,7 +81,7 @@ fn exact_j_over_every_correct_line_equals_recomputation_and_sampling() {
         }
         let k = 128;
         let sample = ProverConfig { mode: ProverMode::Sample, samples: k, temperature: t, max_answer_tokens: 24 };
-        let sm = estimate(&model, prefilled(&model, &rows), &refs, task.as_ref(), &vocab, &sample, &mut StdRng::seed_from_u64(5)).unwrap();
+        let sm = estimate(&model, prefilled(&model, &rows), &refs, &WordProtocol::new(task.as_ref(), &vocab), &sample, &mut StdRng::seed_from_u64(5)).unwrap();
         let (mut se, mut ss, mut var) = (0.0f64, 0.0f64, 0.0f64);
         for (e, s) in ex.iter().zip(&sm) {
             let p = e.j as f64;
@@ -137,7 +138,7 @@ fn answer_trees_give_the_j_of_one_pass_per_answer() {
     for (j, t) in [(0, 1.0), (3, 0.7)] {
         let rows = prefixes(task.as_ref(), &vocab, &problems, j);
         let exact = ProverConfig { mode: ProverMode::Exact, samples: 1, temperature: t, max_answer_tokens: 24 };
-        let tree = estimate(&model, prefilled(&model, &rows), &refs, task.as_ref(), &vocab, &exact, &mut StdRng::seed_from_u64(0)).unwrap();
+        let tree = estimate(&model, prefilled(&model, &rows), &refs, &WordProtocol::new(task.as_ref(), &vocab), &exact, &mut StdRng::seed_from_u64(0)).unwrap();
         let reference = per_answer(&model, prefilled(&model, &rows), task.as_ref(), &vocab, &problems, t, 24);
         let worst = tree.iter().zip(&reference).map(|(a, b)| (a.j - b).abs()).fold(0f32, f32::max);
         eprintln!("{j} lines, T = {t}: largest |J_tree − J_per_answer| = {worst:e}");

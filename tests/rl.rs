@@ -8,7 +8,8 @@ use common::{exact, exact_at, full_forward_last_logits, problems, rollout_config
 use mrt::data::{Problem, Role};
 use mrt::model::Transformer;
 use mrt::rl::advantage::progress;
-use mrt::rl::prover::{estimate, suffix_ids, ProverConfig, ProverMode};
+use mrt::rl::protocol::{suffix_ids, WordProtocol};
+use mrt::rl::prover::{estimate, ProverConfig, ProverMode};
 use mrt::rl::rollout::{Engine, Finish, Rollout};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
@@ -86,7 +87,8 @@ fn forked_cache_prover_equals_recomputing_the_prefix_at_its_temperature() {
             let seeds: Vec<Rollout> = (0..r.boundaries.len()).map(|k| { let mut s = r.prefix(k); s.j.clear(); s.j_well_formed.clear(); s }).collect();
             let rc = rollout_config();
             let prover = exact_at(t);
-            let engine = Engine { model: &f.model, task: f.task.as_ref(), vocab: &f.vocab, config: &rc, prover: Some(&prover) };
+            let protocol = WordProtocol::new(f.task.as_ref(), &f.vocab);
+            let engine = Engine { model: &f.model, protocol: &protocol, config: &rc, prover: Some(&prover) };
             let batch = engine.start_from(&seeds, &ps, 1, &mut StdRng::seed_from_u64(0)).unwrap();
             for (k, row) in Engine::rollouts_of(&batch).enumerate() {
                 let again = recomputed_j(&f.model, &r.tokens[..r.boundaries[k]], suffix_ids(&f.vocab), x, f.vocab.specials.end_answer, t);
@@ -110,7 +112,8 @@ fn continuations_start_from_the_full_forward_logits_of_their_prefix() {
     let seeds: Vec<Rollout> = rs.iter().enumerate().map(|(i, r)| r.prefix(i % r.boundaries.len())).collect();
     assert!(seeds.iter().any(|s| !s.episodes.is_empty()));
     let rc = rollout_config();
-    let engine = Engine { model: &f.model, task: f.task.as_ref(), vocab: &f.vocab, config: &rc, prover: None };
+    let protocol = WordProtocol::new(f.task.as_ref(), &f.vocab);
+    let engine = Engine { model: &f.model, protocol: &protocol, config: &rc, prover: None };
     let batch = engine.start_from(&seeds, &ps, 2, &mut StdRng::seed_from_u64(1)).unwrap();
     let v = f.model.config.vocab_size;
     let logits: Vec<f32> = batch.next_logits().clone().into_data().to_vec().unwrap();
@@ -172,8 +175,8 @@ fn exact_and_sampled_j_agree_within_sampling_error() {
     let refs: Vec<&Problem> = ps.iter().collect();
     let k = 64;
     let sample = ProverConfig { mode: ProverMode::Sample, samples: k, temperature: 1.0, max_answer_tokens: 4 };
-    let ex = estimate(&f.model, cache.clone(), &refs, f.task.as_ref(), &f.vocab, &exact(), &mut StdRng::seed_from_u64(0)).unwrap();
-    let sm = estimate(&f.model, cache, &refs, f.task.as_ref(), &f.vocab, &sample, &mut StdRng::seed_from_u64(5)).unwrap();
+    let ex = estimate(&f.model, cache.clone(), &refs, &WordProtocol::new(f.task.as_ref(), &f.vocab), &exact(), &mut StdRng::seed_from_u64(0)).unwrap();
+    let sm = estimate(&f.model, cache, &refs, &WordProtocol::new(f.task.as_ref(), &f.vocab), &sample, &mut StdRng::seed_from_u64(5)).unwrap();
     let (mut sum_e, mut sum_s, mut var) = (0.0f64, 0.0f64, 0.0f64);
     for (e, s) in ex.iter().zip(&sm) {
         let p = e.j as f64;
@@ -196,7 +199,8 @@ fn budget_forcing_keeps_unsolved_rows_thinking_and_lets_solved_rows_stop() {
     rc.max_episodes = 8;
     rc.max_tokens = 64;
     rc.budget_forcing = true;
-    let engine = Engine { model: &f.model, task: f.task.as_ref(), vocab: &f.vocab, config: &rc, prover: None };
+    let protocol = WordProtocol::new(f.task.as_ref(), &f.vocab);
+    let engine = Engine { model: &f.model, protocol: &protocol, config: &rc, prover: None };
     let rs = engine.rollouts(&ps, 2, &mut StdRng::seed_from_u64(4)).unwrap();
     let end_think = f.vocab.specials.end_think;
     let correct = f.vocab.id("correct").unwrap();
@@ -213,7 +217,8 @@ fn budget_forcing_keeps_unsolved_rows_thinking_and_lets_solved_rows_stop() {
     assert!(rs.iter().any(|r| stops_by_itself(r).is_some()), "no solved row ended its thinking");
     // Without forcing, the same policy does end its thinking by itself.
     rc.budget_forcing = false;
-    let engine = Engine { model: &f.model, task: f.task.as_ref(), vocab: &f.vocab, config: &rc, prover: None };
+    let protocol = WordProtocol::new(f.task.as_ref(), &f.vocab);
+    let engine = Engine { model: &f.model, protocol: &protocol, config: &rc, prover: None };
     let free = engine.rollouts(&ps, 2, &mut StdRng::seed_from_u64(4)).unwrap();
     assert!(free.iter().any(|r| r.tokens.iter().zip(&r.roles).any(|(t, role)| *t == end_think && *role == Role::Policy)));
 }

@@ -13,6 +13,7 @@ use mrt::rl::batch::{rollout_batch, RolloutBatch, Signal};
 use mrt::rl::config::{Algo, RlConfig, RunConfig};
 use mrt::rl::loss::{policy_loss, PgBatch};
 use mrt::rl::optim::{adamw, require_grad, OptimConfig};
+use mrt::rl::protocol::WordProtocol;
 use mrt::rl::rollout::{Engine, Rollout};
 use mrt::rl::score::{score, Scored};
 use rand::rngs::StdRng;
@@ -31,7 +32,8 @@ fn scored(algo: Algo, alpha: f64, seed: u64) -> (Vec<Problem>, Scored) {
     let cfg = rl_config(algo, alpha);
     let ps = problems(12, 9);
     let prover = exact();
-    let engine = Engine { model: &f.model, task: f.task.as_ref(), vocab: &f.vocab, config: &cfg.rollout, prover: algo.needs_prover().then_some(&prover) };
+    let protocol = WordProtocol::new(f.task.as_ref(), &f.vocab);
+    let engine = Engine { model: &f.model, protocol: &protocol, config: &cfg.rollout, prover: algo.needs_prover().then_some(&prover) };
     let s = score(&engine, &ps, &cfg, &mut StdRng::seed_from_u64(seed)).unwrap();
     (ps, s)
 }

@@ -27,11 +27,21 @@ fn ignorable(name: &str) -> bool {
 
 /// Loads `dir` (`config.json` plus safetensors) as a native model on `device`.
 pub fn load<B: Backend>(dir: &Path, device: &B::Device) -> Result<Transformer<B>> {
+    load_with_context(dir, None, device)
+}
+
+/// [`load`], with the context length (`max_seq_len`, the rotary tables' size) set to
+/// `context` instead of the directory's `max_position_embeddings`: a run that never decodes
+/// that far need not hold tables for it, and a tiny test model can be given room.
+pub fn load_with_context<B: Backend>(dir: &Path, context: Option<usize>, device: &B::Device) -> Result<Transformer<B>> {
     if !dir.is_dir() {
         return Err(Error::pretrained(dir, "is not a directory"));
     }
     let config_path = dir.join("config.json");
-    let config = HfConfig::read(&config_path)?.to_native(&config_path)?;
+    let mut config = HfConfig::read(&config_path)?.to_native(&config_path)?;
+    if let Some(n) = context {
+        config.max_seq_len = n;
+    }
     let weights = Weights::open(dir)?;
     let mut reader = Reader { weights: &weights, used: BTreeSet::new(), device };
     let model = reader.model(&config)?;

@@ -10,5 +10,5 @@ mod weights;
 
 pub use config::{Family, HfConfig, ARCHITECTURES};
 pub use export::save;
-pub use import::load;
+pub use import::{load, load_with_context};
 pub use weights::{Weights, INDEX, SINGLE};

@@ -79,10 +79,11 @@ fn say(opts: &ExperimentOptions, msg: String) {
 
 /// Evaluates one checkpoint of a run directory on its config's evaluation split.
 pub fn evaluate_checkpoint<B: AutodiffBackend>(run: &RunDir, path: &Path, opts: &ReportOptions, device: &B::Device) -> Result<EvalReport> {
-    let (config, vocab) = run.open()?;
+    let (config, tokens) = run.open()?;
     let task = config.task.build()?;
+    let protocol = tokens.protocol(task.as_ref(), &config.task)?;
     let model = checkpoint::load(path, Some(&config.model))?.model::<B::InnerBackend>(device)?;
-    evaluate_report(&model, task.as_ref(), &vocab, &config, opts)
+    evaluate_report(&model, task.as_ref(), protocol.as_ref(), &config, opts)
 }
 
 /// A run's held-out pass@1 during RL with the tokens and seconds spent up to each evaluation.

@@ -2,6 +2,7 @@
 //! - `summary`: held-out (or validation) rollouts → pass@1, anytime accuracy, regret;
 //! - `analysis`: the paper's measures as pure functions (regret curves, maj@k, token curves);
 //! - `report`: everything measured on one checkpoint, at the training budget and past it;
+//! - `pretrained`: the same for a Hugging Face model directory as it is (`eval --model`);
 //! - `stats`: paired bootstrap intervals over seeds and the verdicts built on them;
 //! - `compare`, `figures`, `plots`: runs side by side, in tables and SVG plots;
 //! - `regime`, `experiment`, `warm`, `sweep`, `jobs`: the named experiment regimes, the
@@ -14,6 +15,7 @@ pub mod experiment;
 pub mod figures;
 pub mod jobs;
 pub mod plots;
+pub mod pretrained;
 pub mod regime;
 pub mod report;
 pub mod stats;

@@ -12,7 +12,8 @@ use serde::{Deserialize, Serialize};
 use super::analysis::{maj_at_k, progress_histogram, regret_curve, token_anytime, CostPoint, Vote};
 use crate::rl::config::{EvalConfig, RunConfig};
 use super::summary::{eval_problems, evaluate, EvalSummary};
-use crate::data::{Task, Vocab};
+use crate::data::Task;
+use crate::rl::protocol::Protocol;
 use crate::error::Result;
 use crate::model::Transformer;
 
@@ -61,7 +62,7 @@ pub struct ReportOptions {
 }
 
 /// Evaluates `model` on the held-out set of `config`'s task.
-pub fn evaluate_report<B: Backend>(model: &Transformer<B>, task: &dyn Task, vocab: &Vocab, config: &RunConfig, opts: &ReportOptions) -> Result<EvalReport> {
+pub fn evaluate_report<B: Backend>(model: &Transformer<B>, task: &dyn Task, protocol: &dyn Protocol, config: &RunConfig, opts: &ReportOptions) -> Result<EvalReport> {
     let problems = eval_problems(task, opts.problems, config.eval.split)?;
     let budget = config.rl.rollout.max_episodes;
     let natural_cfg = EvalConfig {
@@ -71,15 +72,15 @@ pub fn evaluate_report<B: Backend>(model: &Transformer<B>, task: &dyn Task, voca
         max_tokens: config.rl.rollout.max_tokens,
         ..config.eval.clone()
     };
-    let (natural, rollouts) = evaluate(model, task, vocab, &problems, &natural_cfg, false, opts.seed)?;
+    let (natural, rollouts) = evaluate(model, task, protocol, &problems, &natural_cfg, false, opts.seed)?;
     let extended_cfg = EvalConfig {
         samples: opts.extended_samples,
         max_episodes: 2 * budget,
         max_tokens: 2 * config.rl.rollout.max_tokens,
         ..natural_cfg.clone()
     };
-    let (extended, _) = evaluate(model, task, vocab, &problems, &extended_cfg, false, opts.seed ^ 0xe7e4d)?;
-    let (forced, _) = evaluate(model, task, vocab, &problems, &extended_cfg, true, opts.seed ^ 0xb0d6e7)?;
+    let (extended, _) = evaluate(model, task, protocol, &problems, &extended_cfg, false, opts.seed ^ 0xe7e4d)?;
+    let (forced, _) = evaluate(model, task, protocol, &problems, &extended_cfg, true, opts.seed ^ 0xb0d6e7)?;
 
     let token_budget = config.rl.rollout.max_tokens;
     let token_curve = token_anytime(&rollouts, token_budget);

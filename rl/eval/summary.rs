@@ -14,9 +14,10 @@ use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
 use crate::rl::config::EvalConfig;
+use crate::rl::protocol::Protocol;
 use crate::rl::rollout::{Engine, Finish, Rollout, RolloutConfig};
 use crate::data::split::fnv1a;
-use crate::data::{sample_problem, Problem, Split, Task, Vocab};
+use crate::data::{sample_problem, Problem, Split, Task};
 use crate::error::Result;
 use crate::model::{SamplerConfig, Transformer};
 
@@ -123,7 +124,7 @@ pub fn summarize(task: &dyn Task, problems: &[Problem], rollouts: &[Rollout], bu
 pub fn evaluate<B: Backend>(
     model: &Transformer<B>,
     task: &dyn Task,
-    vocab: &Vocab,
+    protocol: &dyn Protocol,
     problems: &[Problem],
     config: &EvalConfig,
     budget_forcing: bool,
@@ -141,8 +142,7 @@ pub fn evaluate<B: Backend>(
     };
     let engine = Engine {
         model,
-        task,
-        vocab,
+        protocol,
         config: &rollout,
         prover: Some(&config.prover),
     };

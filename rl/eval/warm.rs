@@ -38,11 +38,12 @@ pub(super) fn warm_start<B: AutodiffBackend>(opts: &ExperimentOptions, w: u64, r
 
 /// Evaluates a checkpoint of a run on `split` whatever split its config names.
 fn evaluate_report_on<B: AutodiffBackend>(run: &RunDir, ckpt: &Path, opts: &ReportOptions, split: Split, device: &B::Device) -> Result<EvalReport> {
-    let (mut config, vocab) = run.open()?;
+    let (mut config, tokens) = run.open()?;
     config.eval.split = split;
     let task = config.task.build()?;
+    let protocol = tokens.protocol(task.as_ref(), &config.task)?;
     let model = checkpoint::load(ckpt, Some(&config.model))?.model::<B::InnerBackend>(device)?;
-    evaluate_report(&model, task.as_ref(), &vocab, &config, opts)
+    evaluate_report(&model, task.as_ref(), protocol.as_ref(), &config, opts)
 }
 
 /// Every warm start of every regime given, with its held-out evaluation (both cached in the

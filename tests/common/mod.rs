@@ -12,6 +12,7 @@ use mrt::data::{sample_problem, warm_start_trace, Problem, Split, Task, TaskConf
 use mrt::model::{token_logprobs, SamplerConfig, Transformer, TransformerConfig};
 use mrt::rl::loss::sft_loss;
 use mrt::rl::optim::{adamw, step, OptimConfig};
+use mrt::rl::protocol::WordProtocol;
 use mrt::rl::prover::{ProverConfig, ProverMode};
 use mrt::rl::rollout::{Engine, Rollout, RolloutConfig};
 use mrt::rl::run::step_rng;
@@ -48,7 +49,7 @@ pub fn warm_started(task_name: &str, steps: usize, init: u64, seed: u64, label: 
     let mut model = Transformer::<AD>::new(&cfg, init, &device).unwrap();
     let optim_cfg = OptimConfig { lr: 3e-3, warmup_steps: 20, min_lr_ratio: 0.1, weight_decay: 0.01, grad_clip: 1.0 };
     let mut optim = adamw::<AD>(&optim_cfg);
-    let mix = task_config.warm_start().clone();
+    let mix = task_config.warm_start().expect("a word task").clone();
     for s in 0..steps {
         let mut rng = step_rng(seed, label, s);
         let traces: Vec<Tokenized> = (0..32)
@@ -99,7 +100,8 @@ pub fn rollouts_with_j(n: usize, group: usize, seed: u64) -> (Vec<Problem>, Vec<
     let ps = problems(n, seed);
     let rc = rollout_config();
     let prover = exact();
-    let engine = Engine { model: &f.model, task: f.task.as_ref(), vocab: &f.vocab, config: &rc, prover: Some(&prover) };
+    let protocol = WordProtocol::new(f.task.as_ref(), &f.vocab);
+    let engine = Engine { model: &f.model, protocol: &protocol, config: &rc, prover: Some(&prover) };
     let rs = engine.rollouts(&ps, group, &mut StdRng::seed_from_u64(seed)).unwrap();
     (ps, rs)
 }
