@@ -21,108 +21,18 @@
 //! replicated into the rows that continue it, so every row's first token is sampled from the
 //! full-forward logits at the end of its seed.
 
-use std::ops::Range;
-
 use burn::prelude::*;
 use rand::rngs::StdRng;
-use serde::{Deserialize, Serialize};
 
 use super::protocol::{Forcing, Protocol, Thinking};
 use super::prover::{ProverConfig, ProverQueue};
 use crate::data::{Problem, Role};
 use crate::error::{Error, Result};
 use crate::model::sampling::uniforms;
-use crate::model::{last_logits, read_ids, sample, KvCache, SamplerConfig, Transformer};
+use crate::model::{last_logits, read_ids, sample, KvCache, Transformer};
 
-/// Limits and sampling of a rollout.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RolloutConfig {
-    /// Episodes before the row is forced to answer.
-    pub max_episodes: usize,
-    /// Policy tokens (episodes and answer) before the row is forced to answer.
-    pub max_tokens: usize,
-    /// Tokens after `<answer>` before the answer counts as unfinished.
-    pub max_answer_tokens: usize,
-    pub sampler: SamplerConfig,
-    /// Suppress `</think>` until `max_episodes` episodes are done.
-    #[serde(default)]
-    pub budget_forcing: bool,
-}
-
-/// How a rollout ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Finish {
-    /// The policy answered on its own.
-    Answered,
-    /// The policy was forced to answer (episode cap or token budget).
-    Forced,
-    /// The answer never closed within `max_answer_tokens`.
-    Unfinished,
-}
-
-/// One sampled output stream.
-#[derive(Debug, Clone)]
-pub struct Rollout {
-    /// Index of the problem in the slice the rollouts were made from.
-    pub problem: usize,
-    pub tokens: Vec<u32>,
-    pub roles: Vec<Role>,
-    /// Tokens that were given, not generated here: the prompt, plus the seed prefix of an MRT
-    /// continuation. Only policy tokens at or after this index are trained.
-    pub context_len: usize,
-    /// Token ranges of the policy's completed episodes (delimiter included).
-    pub episodes: Vec<Range<usize>>,
-    /// Token counts at the meta-prover's evaluation points: `boundaries[0]` is the start,
-    /// `boundaries[j]` is after episode j and its environment reply.
-    pub boundaries: Vec<usize>,
-    /// The answer as the task reads it (the words between `<answer>` and `</answer>`, or a
-    /// free-text answer's normalised content), when the answer closed.
-    pub answer: Option<Vec<String>>,
-    /// Outcome reward: 1 if the answer verifies, else 0.
-    pub reward: f32,
-    pub finish: Finish,
-    /// J estimates at `boundaries` (empty without a prover).
-    pub j: Vec<f32>,
-    /// Well-formedness of the forced answers at `boundaries` (empty without a prover).
-    pub j_well_formed: Vec<f32>,
-}
-
-impl Rollout {
-    /// Policy tokens in the whole rollout (an MRT continuation counts its prefix's too).
-    pub fn policy_tokens(&self) -> usize {
-        self.roles.iter().filter(|&&r| r == Role::Policy).count()
-    }
-
-    /// Policy tokens sampled here, after the context.
-    pub fn policy_tokens_after_context(&self) -> usize {
-        self.roles[self.context_len..].iter().filter(|&&r| r == Role::Policy).count()
-    }
-
-    /// Trainable flags: policy tokens after the context.
-    pub fn trainable(&self) -> Vec<bool> {
-        self.roles.iter().enumerate().map(|(i, &r)| r == Role::Policy && i >= self.context_len).collect()
-    }
-
-    /// The rollout cut at boundary `k` (after its first k episodes and their replies): a seed
-    /// for continuations, with the J estimates it had up to there. Outcome fields are reset.
-    pub fn prefix(&self, k: usize) -> Rollout {
-        let end = self.boundaries[k];
-        Rollout {
-            problem: self.problem,
-            tokens: self.tokens[..end].to_vec(),
-            roles: self.roles[..end].to_vec(),
-            context_len: self.context_len.min(end),
-            episodes: self.episodes[..k].to_vec(),
-            boundaries: self.boundaries[..=k].to_vec(),
-            answer: None,
-            reward: 0.0,
-            finish: Finish::Unfinished,
-            j: self.j.iter().copied().take(k + 1).collect(),
-            j_well_formed: self.j_well_formed.iter().copied().take(k + 1).collect(),
-        }
-    }
-}
+mod record;
+pub use record::{Finish, Rollout, RolloutConfig};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
