@@ -1,23 +1,26 @@
 //! Checkpoint files: a JSON header (format version, model config, caller's metadata) and named
 //! binary sections (model weights, optimizer state, …), each with its length and CRC-32.
 //!
-//! Layout: `b"MRTCKPT1"`, header length (u64 LE), header JSON, then the sections back to back.
+//! Layout: `b"MRTCKPT1"`, header length (u64 LE), header JSON (padded with spaces: it is
+//! written last, into room reserved for it), then the sections back to back.
 //! Files are written to a temporary sibling, flushed, and renamed into place, so a crash never
 //! leaves a half-written checkpoint under the real name; a truncated or corrupted file is caught
 //! by the lengths and checksums before anything is deserialised.
 
 use std::fs;
+use std::io::{Seek, Write};
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use burn::module::Module;
 use burn::prelude::*;
-use burn::record::{FullPrecisionSettings, NamedMpkBytesRecorder, Recorder};
+use burn::record::{BurnRecord, FullPrecisionSettings, NamedMpkBytesRecorder, Record};
 use serde::{Deserialize, Serialize};
 
 use super::config::TransformerConfig;
 use super::transformer::Transformer;
 use crate::error::{Error, Result};
-use crate::fsutil::write_atomic;
+use crate::fsutil::write_atomic_with;
 
 const MAGIC: &[u8; 8] = b"MRTCKPT1";
 const FORMAT_VERSION: u32 = 1;
@@ -47,7 +50,10 @@ pub struct Checkpoint {
     pub path: PathBuf,
     pub config: TransformerConfig,
     pub meta: serde_json::Value,
-    sections: Vec<(String, Vec<u8>)>,
+    /// The whole file; sections are ranges of it (a pretrained model's are gigabytes, and
+    /// not copied).
+    bytes: Vec<u8>,
+    sections: Vec<(String, Range<usize>)>,
 }
 
 impl Checkpoint {
@@ -56,7 +62,7 @@ impl Checkpoint {
         self.sections
             .iter()
             .find(|(n, _)| n == name)
-            .map(|(_, b)| b.as_slice())
+            .map(|(_, r)| &self.bytes[r.clone()])
             .ok_or_else(|| Error::checkpoint(&self.path, format!("has no `{name}` section")))
     }
 
@@ -77,51 +83,112 @@ impl Checkpoint {
     }
 }
 
-/// Serialises a module's record (model or optimizer state) to bytes.
-pub fn encode_record<B: Backend, R: burn::record::Record<B>>(record: R) -> Result<Vec<u8>> {
-    NamedMpkBytesRecorder::<FullPrecisionSettings>::default()
-        .record(record, ())
-        .map_err(|e| Error::checkpoint("<memory>", format!("cannot encode record: {e}")))
+/// The record format: Burn's named MessagePack at full precision, as its
+/// `NamedMpkBytesRecorder` writes it, but serialised into a writer.
+type Format = NamedMpkBytesRecorder<FullPrecisionSettings>;
+
+/// Serialises a module's record (model or optimizer state) into `w`.
+pub fn write_record<B: Backend, R: Record<B>>(record: R, w: &mut dyn Write) -> Result<()> {
+    let item = BurnRecord::<_, B>::new::<Format>(record.into_item::<FullPrecisionSettings>());
+    rmp_serde::encode::write_named(w, &item).map_err(|e| Error::checkpoint("<memory>", format!("cannot encode record: {e}")))
 }
 
-/// Deserialises a record written by [`encode_record`].
-pub fn decode_record<B: Backend, R: burn::record::Record<B>>(path: &Path, bytes: &[u8], device: &B::Device) -> Result<R> {
-    NamedMpkBytesRecorder::<FullPrecisionSettings>::default()
-        .load(bytes.to_vec(), device)
-        .map_err(|e| Error::checkpoint(path, format!("cannot decode record: {e}")))
+/// Serialises a module's record to bytes.
+pub fn encode_record<B: Backend, R: Record<B>>(record: R) -> Result<Vec<u8>> {
+    let mut bytes = Vec::new();
+    write_record::<B, R>(record, &mut bytes)?;
+    Ok(bytes)
+}
+
+/// Deserialises a record written by [`encode_record`] or [`write_record`].
+pub fn decode_record<B: Backend, R: Record<B>>(path: &Path, bytes: &[u8], device: &B::Device) -> Result<R> {
+    let record: BurnRecord<R::Item<FullPrecisionSettings>, B> =
+        rmp_serde::decode::from_slice(bytes).map_err(|e| Error::checkpoint(path, format!("cannot decode record: {e}")))?;
+    Ok(R::from_item(record.item, device))
+}
+
+/// A section of a checkpoint, written by a function straight into the file: a module's record
+/// is never held as bytes.
+pub struct Section<'a> {
+    pub name: String,
+    write: Box<dyn FnOnce(&mut dyn Write) -> Result<()> + 'a>,
+}
+
+impl<'a> Section<'a> {
+    /// Bytes already in memory.
+    pub fn bytes(name: &str, bytes: Vec<u8>) -> Self {
+        Self { name: name.into(), write: Box::new(move |w| w.write_all(&bytes).map_err(|e| Error::checkpoint("<memory>", e.to_string()))) }
+    }
+
+    /// A module's record (cheap to make: it shares the module's tensors).
+    pub fn record<B: Backend, R: Record<B> + 'a>(name: &str, record: R) -> Self {
+        Self { name: name.into(), write: Box::new(move |w| write_record::<B, R>(record, w)) }
+    }
+}
+
+/// Passes writes on to the file, counting and checksumming them.
+struct Measured<'w> {
+    file: &'w mut dyn Write,
+    len: u64,
+    crc: crc32fast::Hasher,
+}
+
+impl Write for Measured<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.file.write(buf)?;
+        self.len += n as u64;
+        self.crc.update(&buf[..n]);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.flush()
+    }
 }
 
 /// Writes a checkpoint atomically: the model plus any extra sections and metadata.
-pub fn save<B: Backend>(
-    path: &Path,
-    model: &Transformer<B>,
-    extra_sections: Vec<(String, Vec<u8>)>,
-    meta: serde_json::Value,
-) -> Result<()> {
-    let mut sections = vec![(MODEL_SECTION.to_string(), encode_record::<B, _>(model.clone().into_record())?)];
+///
+/// Each section is serialised once, straight into the file, so the peak is the live state plus
+/// one section's record (for a pretrained model, gigabytes less than assembling the file in
+/// memory; BENCHMARKS.md). The header, which names every section's length and checksum, comes
+/// first in the file: room for it is reserved (its JSON with the widest possible numbers), and
+/// it is written there, padded with spaces, once the sections are known.
+pub fn save<B: Backend>(path: &Path, model: &Transformer<B>, extra_sections: Vec<Section>, meta: serde_json::Value) -> Result<()> {
+    let mut sections = vec![Section::record::<B, _>(MODEL_SECTION, model.clone().into_record())];
     sections.extend(extra_sections);
-    let header = Header {
+    let mut header = Header {
         format_version: FORMAT_VERSION,
         config: model.config.clone(),
-        sections: sections
-            .iter()
-            .map(|(name, bytes)| SectionInfo {
-                name: name.clone(),
-                len: bytes.len() as u64,
-                crc32: crc32fast::hash(bytes),
-            })
-            .collect(),
+        sections: sections.iter().map(|s| SectionInfo { name: s.name.clone(), len: u64::MAX, crc32: u32::MAX }).collect(),
         meta,
     };
-    let header = serde_json::to_vec(&header).map_err(|e| Error::checkpoint(path, e.to_string()))?;
-    let mut buf = Vec::with_capacity(16 + header.len() + sections.iter().map(|s| s.1.len()).sum::<usize>());
-    buf.extend_from_slice(MAGIC);
-    buf.extend_from_slice(&(header.len() as u64).to_le_bytes());
-    buf.extend_from_slice(&header);
-    for (_, bytes) in &sections {
-        buf.extend_from_slice(bytes);
+    let json = |h: &Header| serde_json::to_vec(h).map_err(|e| Error::checkpoint(path, e.to_string()));
+    let room = json(&header)?.len();
+    let mut failure = None;
+    let result = write_atomic_with(path, |f| {
+        f.write_all(MAGIC)?;
+        f.write_all(&(room as u64).to_le_bytes())?;
+        f.write_all(&vec![b' '; room])?;
+        for (section, info) in sections.into_iter().zip(&mut header.sections) {
+            let mut w = Measured { file: &mut *f, len: 0, crc: crc32fast::Hasher::new() };
+            if let Err(e) = (section.write)(&mut w) {
+                failure = Some(e);
+                return Err(std::io::Error::other("section not written"));
+            }
+            (info.len, info.crc32) = (w.len, w.crc.finalize());
+        }
+        let mut text = serde_json::to_vec(&header).map_err(std::io::Error::other)?;
+        if text.len() > room {
+            return Err(std::io::Error::other(format!("header of {} bytes outgrew its {room} reserved", text.len())));
+        }
+        text.resize(room, b' ');
+        f.seek(std::io::SeekFrom::Start(16))?;
+        f.write_all(&text)
+    });
+    match failure {
+        Some(e) => Err(e),
+        None => result,
     }
-    write_atomic(path, &buf)
 }
 
 /// Reads and verifies a checkpoint. With `expected`, a checkpoint of another model config is
@@ -159,7 +226,7 @@ pub fn load(path: &Path, expected: Option<&TransformerConfig>) -> Result<Checkpo
         if crc32fast::hash(data) != info.crc32 {
             return Err(bad(format!("section `{}` is corrupt (checksum mismatch)", info.name)));
         }
-        sections.push((info.name.clone(), data.to_vec()));
+        sections.push((info.name.clone(), 16 + offset..16 + end));
         offset = end;
     }
     if offset != body.len() {
@@ -169,6 +236,7 @@ pub fn load(path: &Path, expected: Option<&TransformerConfig>) -> Result<Checkpo
         path: path.to_path_buf(),
         config: header.config,
         meta: header.meta,
+        bytes,
         sections,
     })
 }

@@ -9,7 +9,7 @@ use burn::tensor::backend::AutodiffBackend;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::model::checkpoint::{decode_record, encode_record};
+use crate::model::checkpoint::{decode_record, Section};
 use crate::model::Transformer;
 
 /// Optimiser settings shared by warm start and RL.
@@ -64,12 +64,12 @@ pub fn adamw<B: AutodiffBackend>(config: &OptimConfig) -> Adam<B> {
         .init()
 }
 
-/// Serialised optimizer state.
-pub fn optimizer_bytes<B: AutodiffBackend>(optim: &Adam<B>) -> Result<Vec<u8>> {
-    encode_record::<B, _>(optim.to_record())
+/// The optimizer's state as a checkpoint section, serialised straight into the file.
+pub fn optimizer_section<B: AutodiffBackend>(optim: &Adam<B>) -> Section<'_> {
+    Section::record::<B, _>("optimizer", optim.to_record())
 }
 
-/// Restores optimizer state written by [`optimizer_bytes`].
+/// Restores optimizer state written by [`optimizer_section`].
 pub fn load_optimizer<B: AutodiffBackend>(optim: Adam<B>, path: &std::path::Path, bytes: &[u8], device: &B::Device) -> Result<Adam<B>> {
     Ok(optim.load_record(decode_record::<B, _>(path, bytes, device)?))
 }

@@ -18,7 +18,7 @@ use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
 use super::config::RunConfig;
-use super::optim::{load_optimizer, optimizer_bytes, Adam};
+use super::optim::{load_optimizer, optimizer_section, Adam};
 use crate::data::split::fnv1a;
 use super::protocol::Tokens;
 use crate::error::{Error, Result};
@@ -129,7 +129,7 @@ pub fn step_rng(seed: u64, stream: &str, step: usize) -> StdRng {
 /// Saves model, optimizer and progress atomically.
 pub fn save_state<B: AutodiffBackend>(path: &Path, model: &Transformer<B>, optim: &Adam<B>, progress: Progress) -> Result<()> {
     let meta = serde_json::to_value(progress).map_err(|e| Error::checkpoint(path, e.to_string()))?;
-    checkpoint::save(path, model, vec![("optimizer".into(), optimizer_bytes(optim)?)], serde_json::json!({ "progress": meta }))
+    checkpoint::save(path, model, vec![optimizer_section(optim)], serde_json::json!({ "progress": meta }))
 }
 
 /// Loads a state saved by [`save_state`]: the model (trainable), the optimizer and progress.

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use burn::backend::Flex;
 use burn::prelude::*;
-use mrt::model::checkpoint::{load, save};
+use mrt::model::checkpoint::{load, save, Section};
 use mrt::model::{Transformer, TransformerConfig};
 
 type B = Flex;
@@ -26,7 +26,7 @@ fn saved(name: &str) -> (PathBuf, Transformer<B>) {
     let cfg = TransformerConfig::preset("cpu-tiny").unwrap();
     let m = Transformer::<B>::new(&cfg, 21, &Default::default()).unwrap();
     let path = dir(name).join("model.ckpt");
-    save(&path, &m, vec![("extra".into(), vec![1, 2, 3])], serde_json::json!({"step": 12})).unwrap();
+    save(&path, &m, vec![Section::bytes("extra", vec![1, 2, 3])], serde_json::json!({"step": 12})).unwrap();
     (path, m)
 }
 
