@@ -6,15 +6,21 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use burn::backend::{Autodiff, Flex};
+use burn::module::Param;
 use burn::prelude::*;
 use mrt::data::math::MathProblem;
 use mrt::data::math_task::TextFormat;
-use mrt::data::{Problem, TextTokenizer};
-use mrt::model::hf;
+use mrt::data::{Problem, Role, TextTokenizer};
+use mrt::model::{hf, SamplerConfig, Transformer, TransformerConfig};
 use mrt::rl::config::{Algo, RunConfig};
 use mrt::rl::metrics::read_metrics;
 use mrt::rl::pipeline::{run_pipeline, PipelineOptions};
+use mrt::rl::prover::{ProverConfig, ProverMode};
 use mrt::rl::protocol::{Protocol, TextProtocol, Thinking};
+use mrt::rl::rollout::{Engine, Finish, Rollout, RolloutConfig};
+use mrt::rl::score::score;
+use rand::rngs::StdRng;
+use rand::SeedableRng;
 
 type B = Flex;
 
@@ -138,6 +144,139 @@ fn forced_and_free_answers_are_read_and_judged() {
     assert_eq!(protocol.judge(&problem("42"), &free, false).unwrap().reward, 1.0);
     let unboxed = protocol.judge(&problem("42"), &tok.encode("42").unwrap(), false).unwrap();
     assert_eq!((unboxed.reward, unboxed.well_formed), (0.0, false));
+}
+
+/// A model that samples every token from one fixed distribution, whatever it has read: every
+/// embedding is the same unit vector and the head reads only that direction, so token t's
+/// logit is `logits[t]` (0 for those not listed) at every position, and each rollout is a
+/// pure function of the protocol's rules and the sampler's uniforms.
+fn unigram(vocab: usize, logits: &[(u32, f32)]) -> Transformer<B> {
+    let config = TransformerConfig {
+        vocab_size: vocab,
+        d_model: 16,
+        n_layers: 1,
+        n_heads: 2,
+        n_kv_heads: 2,
+        d_ff: 32,
+        max_seq_len: 512,
+        rope_theta: 10_000.0,
+        norm_eps: 1e-6,
+        tie_embeddings: false,
+        qkv_bias: false,
+    };
+    let device = Default::default();
+    let mut model = Transformer::<B>::new(&config, 0, &device).unwrap();
+    model.blocks.clear(); // the residual stream is the embedding itself
+    let mut embed = vec![0.0f32; vocab * 16];
+    (0..vocab).for_each(|t| embed[t * 16] = 1.0);
+    model.embed.weight = Param::from_tensor(Tensor::from_data(TensorData::new(embed, [vocab, 16]), &device));
+    // RMSNorm turns e₀ into 4·e₀; the head is [d_model, vocab].
+    let mut head = vec![0.0f32; 16 * vocab];
+    for &(t, logit) in logits {
+        head[t as usize] = logit / 4.0;
+    }
+    model.head.as_mut().unwrap().weight = Param::from_tensor(Tensor::from_data(TensorData::new(head, [16, vocab]), &device));
+    model
+}
+
+/// Budget forcing on free text: each end of output the policy samples is replaced by "Wait",
+/// which opens a paragraph, so episodes end at the markers until the episode cap forces the
+/// answer; a forcing text without a paragraph break is bounded by `max_tokens` instead.
+#[test]
+fn budget_forcing_replaces_the_end_of_thinking_by_wait() {
+    let tok = char_tokenizer(&scratch("forcing"));
+    // It ends its output at once (logit 40 against 0).
+    let model = unigram(tok.size(), &[(tok.eos, 40.0)]);
+    let problems = [problem("42")];
+    let prover = ProverConfig { mode: ProverMode::Sample, samples: 2, temperature: 1.0, max_answer_tokens: 4 };
+    let run = |format: &TextFormat, budget_forcing: bool, max_tokens: usize| -> Rollout {
+        let protocol = TextProtocol::new(&tok, format).unwrap();
+        let sampler = SamplerConfig { temperature: 1.0, top_k: 0, top_p: 1.0 };
+        let config = RolloutConfig { max_episodes: 2, max_tokens, max_answer_tokens: 4, sampler, budget_forcing };
+        let engine = Engine { model: &model, protocol: &protocol, config: &config, prover: Some(&prover) };
+        engine.rollouts(&problems, 1, &mut StdRng::seed_from_u64(0)).unwrap().remove(0)
+    };
+    let format = TextFormat::default();
+    let prompt = TextProtocol::new(&tok, &format).unwrap().prompt(&problems[0]).unwrap().len();
+
+    // Free to stop: the first token ends the output, an answer without a boxed expression.
+    let free = run(&format, false, 200);
+    assert_eq!(free.tokens.len(), prompt + 1);
+    assert_eq!((free.finish, free.reward, free.episodes.len()), (Finish::Answered, 0.0, 0));
+
+    // Forced: "\n\nWait" again and again. Episode 1 ends before the fourth "Wait" paragraph
+    // (min_paragraphs 3), known once the fifth has begun; episode 2, which starts with the
+    // carried "Wait", ends the same way and reaches the cap, so what was decoded after it is
+    // dropped and the suffix follows; the forced answer (end of output at once) is empty.
+    let forced = run(&format, true, 200);
+    let wait = "\n\nWait";
+    let episode_1 = format!("{}\n\n", wait.repeat(3));
+    let episode_2 = "Wait\n\n".repeat(3);
+    let thought = tok.decode(&forced.tokens[prompt..prompt + episode_1.len() + episode_2.len()]).unwrap();
+    assert_eq!(thought, format!("{episode_1}{episode_2}"));
+    assert_eq!(forced.boundaries, vec![prompt, prompt + episode_1.len(), prompt + episode_1.len() + episode_2.len()]);
+    assert_eq!(forced.episodes.len(), 2);
+    let suffix = TextProtocol::new(&tok, &format).unwrap().suffix().to_vec();
+    let after = prompt + episode_1.len() + episode_2.len();
+    assert_eq!(&forced.tokens[after..after + suffix.len()], suffix.as_slice());
+    assert_eq!(forced.tokens[after + suffix.len()..], [tok.eos]);
+    assert!(forced.roles[prompt..after + suffix.len()].iter().all(|&r| r == Role::Forced), "forcing and suffix are not the policy's");
+    assert_eq!((forced.finish, forced.reward, forced.policy_tokens()), (Finish::Forced, 0.0, 1));
+    // The prover answered at every boundary, the two behind the cached stream included.
+    assert_eq!((forced.j.clone(), forced.j_well_formed.clone()), (vec![0.0; 3], vec![0.0; 3]));
+
+    // A forcing text that never opens a paragraph: the token budget ends the thinking.
+    let inline = TextFormat { wait: " Wait".into(), ..TextFormat::default() };
+    let bounded = run(&inline, true, 20);
+    let end = bounded.tokens.len() - suffix.len() - 1;
+    assert_eq!(tok.decode(&bounded.tokens[prompt..end]).unwrap(), " Wait".repeat(4));
+    assert_eq!((bounded.finish, bounded.episodes.len()), (Finish::Forced, 0));
+}
+
+/// The paper's recipe on free text: a stream whose episodes end at paragraph breaks is cut at
+/// one of its boundaries (never inside the next episode's carried opening), the prover's J
+/// there is the baseline, and the continuations resume from exactly that prefix.
+#[test]
+fn mrt_cuts_free_text_streams_at_their_episode_boundaries() {
+    let tok = char_tokenizer(&scratch("mrt"));
+    let newline = tok.encode("\n").unwrap()[0];
+    // Line breaks often (p ≈ 0.3), the end of output rarely.
+    let model = unigram(tok.size(), &[(newline, 3.57), (tok.eos, -2.0)]);
+    let mut format = TextFormat::default();
+    format.episodes.min_paragraphs = 1;
+    format.episodes.max_paragraphs = 1; // every paragraph is an episode
+    let protocol = TextProtocol::new(&tok, &format).unwrap();
+    let mut rl = RunConfig::pretrained_with_patch("math", &root().join("tests/fixtures/hf/llama"), Algo::Mrt, 0, None).unwrap().rl;
+    rl.group_size = 3;
+    rl.rollout.max_episodes = 4;
+    rl.rollout.max_tokens = 40;
+    rl.rollout.max_answer_tokens = 4;
+    rl.prover.samples = 2;
+    rl.prover.max_answer_tokens = 4;
+    let engine = Engine { model: &model, protocol: &protocol, config: &rl.rollout, prover: Some(&rl.prover) };
+    let problems: Vec<Problem> = ["42", "7", "12"].map(problem).to_vec();
+    let scored = score(&engine, &problems, &rl, &mut StdRng::seed_from_u64(3)).unwrap();
+    assert_eq!((scored.prefix_streams.len(), scored.rollouts.len(), scored.baselines.len()), (3, 9, 3));
+    let mut cut_inside = 0;
+    for (g, stream) in scored.prefix_streams.iter().enumerate() {
+        assert_eq!(stream.j.len(), stream.boundaries.len(), "J at every boundary");
+        let prompt = stream.boundaries[0];
+        for continuation in &scored.rollouts[g * 3..(g + 1) * 3] {
+            let b = continuation.context_len;
+            let k = stream.boundaries.iter().position(|&x| x == b).expect("cut at a boundary");
+            assert_eq!(continuation.tokens[..b], stream.tokens[..b]);
+            assert_eq!(scored.baselines[g], stream.j[k]);
+            assert!(continuation.trainable()[..b].iter().all(|t| !t), "the prefix is context");
+            assert!(continuation.tokens.len() > b, "the continuation samples its own tokens");
+            if k > 0 {
+                cut_inside += 1;
+                let text = tok.decode(&stream.tokens[prompt..b]).unwrap();
+                // It ends in the blank line (and any spaces) before the next paragraph's text.
+                assert!(text[text.trim_end().len()..].contains("\n\n"), "{text:?} ends before a new paragraph");
+            }
+        }
+    }
+    assert!(cut_inside > 0, "some stream is cut after an episode");
 }
 
 /// `train --model <fixture> --task math --data <sample>` in miniature: a couple of RL steps of

@@ -18,8 +18,10 @@ use crate::data::math_task::TextFormat;
 use crate::data::{Problem, TextTokenizer};
 use crate::error::{Error, Result};
 
-/// Tokens looked at for a paragraph break before the whole episode is decoded: a marker
-/// completes within a few tokens of the break that precedes it.
+/// Fewest tokens looked at for a paragraph break (a blank line) before the whole episode is
+/// decoded: a marker completes within a few tokens of the break that precedes it, so most
+/// tokens cost one short decode, and single line breaks (frequent in worked equations) none
+/// more. Longer markers widen the window (see [`TextProtocol::new`]).
 const WINDOW: usize = 12;
 
 /// The `math` task's stream through `tokenizer`.
@@ -28,12 +30,21 @@ pub struct TextProtocol<'a> {
     pub config: &'a TextFormat,
     suffix: Vec<u32>,
     wait: Vec<u32>,
+    /// Tokens after which a paragraph break can no longer open an unconfirmed episode.
+    window: usize,
 }
 
 impl<'a> TextProtocol<'a> {
     pub fn new(tokenizer: &'a TextTokenizer, config: &'a TextFormat) -> Result<Self> {
         config.validate()?;
-        Ok(Self { tokenizer, config, suffix: tokenizer.encode(&config.suffix)?, wait: tokenizer.encode(&config.wait)? })
+        // The break, the longest marker and the character that confirms it, with slack for
+        // tokenizers that merge differently in context.
+        let mut window = WINDOW;
+        for marker in &config.episodes.markers {
+            let text = format!("\n\n{marker}, ");
+            window = window.max(tokenizer.encode(&text).map_or(text.len(), |t| t.len()) + 4);
+        }
+        Ok(Self { tokenizer, config, suffix: tokenizer.encode(&config.suffix)?, wait: tokenizer.encode(&config.wait)?, window })
     }
 
     fn gold(problem: &Problem) -> Result<&str> {
@@ -46,8 +57,8 @@ impl<'a> TextProtocol<'a> {
     /// Where the next episode begins in `episode`'s tokens, when a boundary is confirmed: the
     /// number of tokens before it.
     fn boundary(&self, episode: &[u32]) -> Result<Option<usize>> {
-        let tail = &episode[episode.len().saturating_sub(WINDOW)..];
-        if !self.tokenizer.decode(tail)?.contains('\n') {
+        let tail = &episode[episode.len().saturating_sub(self.window)..];
+        if !self.tokenizer.decode(tail)?.contains("\n\n") {
             return Ok(None);
         }
         let text = self.tokenizer.decode(episode)?;

@@ -50,6 +50,9 @@ struct Row {
     episode_start: usize,
     /// The environment confirmed a solution (budget forcing leaves the row free to stop).
     solved: bool,
+    /// Tokens budget forcing fed in place of a stop ("Wait"): they count against
+    /// `max_tokens` like the policy's own, or a row that keeps stopping would never end.
+    forced: usize,
 }
 
 /// Rows decoding together on one cache.
@@ -178,7 +181,7 @@ impl<'a, B: Backend> Engine<'a, B> {
                 let mut r = seeds[s].clone();
                 r.context_len = r.tokens.len();
                 let (phase, solved) = starts[s];
-                Row { episode_start: r.tokens.len(), r, phase, solved }
+                Row { episode_start: r.tokens.len(), r, phase, solved, forced: 0 }
             })
             .collect();
         let idx = crate::model::cache::int_tensor::<B>(&order, &device);
@@ -334,6 +337,7 @@ impl<'a, B: Backend> Engine<'a, B> {
                     Some((_, instead)) => {
                         row.r.tokens.extend_from_slice(instead);
                         row.r.roles.extend(std::iter::repeat_n(Role::Forced, instead.len()));
+                        row.forced += instead.len();
                         instead.to_vec()
                     }
                     None => {
@@ -380,7 +384,7 @@ impl<'a, B: Backend> Engine<'a, B> {
                         }
                     }
                 }
-                if row.phase == Phase::Thinking && row.r.policy_tokens() >= self.config.max_tokens {
+                if row.phase == Phase::Thinking && row.r.policy_tokens() + row.forced >= self.config.max_tokens {
                     row.phase = Phase::NeedsSuffix;
                 }
                 step.chunk = chunk;

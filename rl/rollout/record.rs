@@ -15,12 +15,14 @@ use crate::model::SamplerConfig;
 pub struct RolloutConfig {
     /// Episodes before the row is forced to answer.
     pub max_episodes: usize,
-    /// Policy tokens (episodes and answer) before the row is forced to answer.
+    /// Policy tokens (episodes and answer), and tokens budget forcing fed in their place,
+    /// before the row is forced to answer.
     pub max_tokens: usize,
     /// Tokens after `<answer>` before the answer counts as unfinished.
     pub max_answer_tokens: usize,
     pub sampler: SamplerConfig,
-    /// Suppress `</think>` until `max_episodes` episodes are done.
+    /// Keep the row thinking until `max_episodes` episodes are done (the protocol's
+    /// [`Forcing`](crate::rl::protocol::Forcing): `</think>` masked, or replaced by "Wait").
     #[serde(default)]
     pub budget_forcing: bool,
 }
