@@ -50,9 +50,10 @@ pub struct Checkpoint {
     pub path: PathBuf,
     pub config: TransformerConfig,
     pub meta: serde_json::Value,
-    /// The whole file; sections are ranges of it (a pretrained model's are gigabytes, and
-    /// not copied).
-    bytes: Vec<u8>,
+    /// The whole file, memory-mapped; sections are ranges of it. A pretrained model's run
+    /// state is gigabytes: mapped pages are the kernel's page cache, read on demand and never
+    /// a second copy in the process's own memory.
+    bytes: memmap2::Mmap,
     sections: Vec<(String, Range<usize>)>,
 }
 
@@ -194,7 +195,11 @@ pub fn save<B: Backend>(path: &Path, model: &Transformer<B>, extra_sections: Vec
 /// Reads and verifies a checkpoint. With `expected`, a checkpoint of another model config is
 /// rejected, naming the fields that differ.
 pub fn load(path: &Path, expected: Option<&TransformerConfig>) -> Result<Checkpoint> {
-    let bytes = fs::read(path).map_err(|e| Error::checkpoint(path, format!("cannot read: {e}")))?;
+    let file = fs::File::open(path).map_err(|e| Error::checkpoint(path, format!("cannot read: {e}")))?;
+    // SAFETY: checkpoints are only ever replaced by renaming a new file over the old one
+    // (`write_atomic_with`), never modified in place, so the mapped file does not change
+    // under the map.
+    let bytes = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::checkpoint(path, format!("cannot read: {e}")))?;
     let bad = |reason: String| Error::checkpoint(path, reason);
     if bytes.len() < 16 || &bytes[..8] != MAGIC {
         return Err(bad("not a checkpoint of this project (bad magic bytes)".into()));
