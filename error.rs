@@ -20,13 +20,10 @@ pub enum Error {
         name: String,
         expected: String,
     },
-    /// A file could not be read or written.
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    /// A file could not be read or written. The OS error is part of the message and not a
+    /// separate cause, so that `error: {e:#}` does not print it twice.
+    #[error("{path}: {error}")]
+    Io { path: PathBuf, error: std::io::Error },
     /// A checkpoint that is missing, truncated, corrupt, or made for another model.
     #[error("checkpoint {path}: {reason}")]
     Checkpoint { path: PathBuf, reason: String },
@@ -61,10 +58,7 @@ impl Error {
     }
 
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io {
-            path: path.into(),
-            source,
-        }
+        Error::Io { path: path.into(), error: source }
     }
 
     pub fn pretrained(path: impl Into<PathBuf>, reason: impl Into<String>) -> Self {

@@ -127,16 +127,18 @@ impl<'a> Section<'a> {
     }
 }
 
-/// Passes writes on to the file, counting and checksumming them.
+/// Passes writes on to the file, counting and checksumming them. Keeps the file's own error
+/// (a full disk, say), which the record serialiser would report only as a failed write.
 struct Measured<'w> {
     file: &'w mut dyn Write,
     len: u64,
     crc: crc32fast::Hasher,
+    error: Option<std::io::Error>,
 }
 
 impl Write for Measured<'_> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let n = self.file.write(buf)?;
+        let n = self.file.write(buf).inspect_err(|e| self.error = Some(std::io::Error::new(e.kind(), e.to_string())))?;
         self.len += n as u64;
         self.crc.update(&buf[..n]);
         Ok(n)
@@ -171,10 +173,13 @@ pub fn save<B: Backend>(path: &Path, model: &Transformer<B>, extra_sections: Vec
         f.write_all(&(room as u64).to_le_bytes())?;
         f.write_all(&vec![b' '; room])?;
         for (section, info) in sections.into_iter().zip(&mut header.sections) {
-            let mut w = Measured { file: &mut *f, len: 0, crc: crc32fast::Hasher::new() };
+            let mut w = Measured { file: &mut *f, len: 0, crc: crc32fast::Hasher::new(), error: None };
             if let Err(e) = (section.write)(&mut w) {
-                failure = Some(e);
-                return Err(std::io::Error::other("section not written"));
+                // The file's error is what the user needs to see ("No space left on device").
+                return Err(w.error.take().unwrap_or_else(|| {
+                    failure = Some(e);
+                    std::io::Error::other("section not written")
+                }));
             }
             (info.len, info.crc32) = (w.len, w.crc.finalize());
         }
