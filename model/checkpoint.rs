@@ -175,11 +175,13 @@ pub fn save<B: Backend>(path: &Path, model: &Transformer<B>, extra_sections: Vec
         for (section, info) in sections.into_iter().zip(&mut header.sections) {
             let mut w = Measured { file: &mut *f, len: 0, crc: crc32fast::Hasher::new(), error: None };
             if let Err(e) = (section.write)(&mut w) {
-                // The file's error is what the user needs to see ("No space left on device").
-                return Err(w.error.take().unwrap_or_else(|| {
-                    failure = Some(e);
-                    std::io::Error::other("section not written")
-                }));
+                // The file's error is what the user needs to see ("No space left on device");
+                // else the serialiser's own.
+                if let Some(io) = w.error.take() {
+                    return Err(io);
+                }
+                failure = Some(e);
+                return Err(std::io::Error::other("section not written"));
             }
             (info.len, info.crc32) = (w.len, w.crc.finalize());
         }
