@@ -10,6 +10,7 @@ pub mod backend;
 pub mod data;
 pub mod error;
 pub mod fsutil;
+pub mod gguf;
 pub mod model;
 pub mod rl;
 

@@ -24,9 +24,19 @@ use crate::error::{Error, Result};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TextFormat {
-    /// The prompt, with `{question}` where the problem goes (a chat template's text, for
-    /// chat models).
-    pub prompt: String,
+    /// The user's turn, with `{question}` where the problem goes. A chat model sees it through
+    /// its own chat template (after `system`, with the assistant's turn opened), as
+    /// `transformers`' `apply_chat_template` renders it.
+    pub user: String,
+    /// A system turn before the user's, for a chat template; none by default (a template may
+    /// add its own).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub system: Option<String>,
+    /// The whole prompt, with `{question}`: when set, used as it is instead of the chat
+    /// template. A model without a template is prompted with the user's turn followed by
+    /// `\n<think>\n`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt: Option<String>,
     /// Where episodes begin.
     pub episodes: EpisodeMarkers,
     /// The meta-prover's forced-termination text, fed at an episode boundary; it ends where
@@ -39,9 +49,13 @@ pub struct TextFormat {
 impl Default for TextFormat {
     fn default() -> Self {
         Self {
-            prompt: "{question}\nPlease reason step by step, and put your final answer within \\boxed{}.\n<think>\n".into(),
+            user: "{question}\nPlease reason step by step, and put your final answer within \\boxed{}.".into(),
+            system: None,
+            prompt: None,
             episodes: EpisodeMarkers::default(),
-            suffix: "\n\nTime is up. Given the time I've spent and the approaches I've tried, I should stop thinking and give my final answer now.\n</think>\n\nThe final answer is \\boxed{".into(),
+            suffix: "\n\nTime is up. Given the time I've spent and the approaches I've tried, I should stop thinking and give my \
+                     final answer now.\n</think>\n\nThe final answer is \\boxed{"
+                .into(),
             wait: "\n\nWait".into(),
         }
     }
@@ -49,7 +63,10 @@ impl Default for TextFormat {
 
 impl TextFormat {
     pub fn validate(&self) -> Result<()> {
-        render_prompt(&self.prompt, "")?;
+        render_prompt(&self.user, "").map_err(|_| Error::config("task.format.user", &self.user, "must contain `{question}`"))?;
+        if let Some(prompt) = &self.prompt {
+            render_prompt(prompt, "").map_err(|_| Error::config("task.format.prompt", prompt, "must contain `{question}`"))?;
+        }
         self.episodes.validate()?;
         if !self.suffix.trim_end().ends_with('{') {
             return Err(Error::config("task.format.suffix", &self.suffix, "must end inside an opened `\\boxed{` (the forced answer closes that brace)"));
@@ -58,6 +75,19 @@ impl TextFormat {
             return Err(Error::config("task.format.wait", &self.wait, "must not be empty"));
         }
         Ok(())
+    }
+
+    /// The user's turn for `question`.
+    pub fn user_turn(&self, question: &str) -> String {
+        self.user.replace("{question}", question)
+    }
+
+    /// The prompt of a model without a chat template (or of an explicit `prompt`).
+    pub fn plain_prompt(&self, question: &str) -> String {
+        match &self.prompt {
+            Some(p) => p.replace("{question}", question),
+            None => format!("{}\n<think>\n", self.user_turn(question)),
+        }
     }
 }
 
@@ -157,7 +187,7 @@ impl Task for Math {
 
     /// The rendered prompt as one piece of text (the tokenizer is the model's).
     fn prompt(&self, problem: &Problem) -> Vec<String> {
-        vec![render_prompt(&self.config.format.prompt, &self.problem(problem).question).unwrap_or_default()]
+        vec![self.config.format.plain_prompt(&self.problem(problem).question)]
     }
 
     fn verify(&self, problem: &Problem, answer: &[String]) -> bool {

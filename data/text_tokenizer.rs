@@ -8,14 +8,25 @@
 //! and then `config.json` (`bos_token_id`, `eos_token_id`: a number or a list whose first
 //! entry counts). `</think>` is looked up in the vocabulary (reasoning models such as
 //! DeepSeek-R1-Distill have it).
+//!
+//! A GGUF file carries its tokenizer too ([`super::gguf_tokenizer`]); [`TextTokenizer::load`]
+//! takes either, and [`TextTokenizer::save`] writes one as a directory's files, so a run or an
+//! export of a GGUF model has the usual `tokenizer.json` and `tokenizer_config.json`.
+//!
+//! The chat template comes from `chat_template.jinja`, else `tokenizer_config.json`'s
+//! `chat_template` (a string, or a list of named templates of which `default` counts), or a
+//! GGUF file's `tokenizer.chat_template`.
 
 use std::path::Path;
 
 use serde_json::Value;
 use tokenizers::Tokenizer;
 
+use super::chat::{ChatTemplate, Message};
+use super::gguf_tokenizer;
 use crate::error::{Error, Result};
-use crate::fsutil::read_json;
+use crate::fsutil::{read_json, write_atomic, write_json};
+use crate::gguf::{is_gguf, GgufFile};
 
 /// A model directory's tokenizer and special token ids.
 #[derive(Clone)]
@@ -29,6 +40,8 @@ pub struct TextTokenizer {
     pub pad: u32,
     /// `</think>`, when the vocabulary has it as one token.
     pub end_think: Option<u32>,
+    /// The model's chat template, when it has one.
+    pub chat: Option<ChatTemplate>,
 }
 
 impl std::fmt::Debug for TextTokenizer {
@@ -38,8 +51,12 @@ impl std::fmt::Debug for TextTokenizer {
 }
 
 impl TextTokenizer {
-    /// Reads `dir/tokenizer.json` and the special tokens from the files beside it.
+    /// Reads a model's tokenizer: `dir/tokenizer.json` and the special tokens from the files
+    /// beside it, or the tokenizer inside a GGUF file.
     pub fn load(dir: &Path) -> Result<Self> {
+        if is_gguf(dir) {
+            return Self::from_gguf(&GgufFile::open(dir)?);
+        }
         let path = dir.join("tokenizer.json");
         if !path.is_file() {
             return Err(Error::Tokenizer(format!("{}: file not found", path.display())));
@@ -72,7 +89,70 @@ impl TextTokenizer {
             }
         }
         let end_think = tokenizer.token_to_id("</think>");
-        Ok(Self { tokenizer, bos, eos, pad, end_think })
+        let source = match std::fs::read_to_string(dir.join("chat_template.jinja")) {
+            Ok(text) => Some(text),
+            Err(_) => config.as_ref().and_then(|c| template_text(&c["chat_template"])),
+        };
+        let mut text = Self { tokenizer, bos, eos, pad, end_think, chat: None };
+        text.chat = text.template(source.as_deref())?;
+        Ok(text)
+    }
+
+    /// The tokenizer stored in a GGUF file.
+    pub fn from_gguf(file: &GgufFile) -> Result<Self> {
+        let built = gguf_tokenizer::from_gguf(file)?;
+        let tokenizer: Tokenizer = built
+            .json
+            .to_string()
+            .parse()
+            .map_err(|e| Error::Tokenizer(format!("{}: cannot build its tokenizer: {e}", file.path.display())))?;
+        let end_think = tokenizer.token_to_id("</think>");
+        let mut text = Self { tokenizer, bos: built.bos, eos: built.eos, pad: built.pad.unwrap_or(built.eos), end_think, chat: None };
+        text.chat = text.template(built.chat_template.as_deref())?;
+        Ok(text)
+    }
+
+    fn token_text(&self, id: Option<u32>) -> String {
+        id.and_then(|id| self.tokenizer.id_to_token(id)).unwrap_or_default()
+    }
+
+    fn template(&self, source: Option<&str>) -> Result<Option<ChatTemplate>> {
+        source.map(|s| ChatTemplate::new(s, &self.token_text(self.bos), &self.token_text(Some(self.eos)))).transpose()
+    }
+
+    /// Writes this tokenizer as a model directory's `tokenizer.json` and
+    /// `tokenizer_config.json` (special tokens, chat template), which [`Self::load`] reads back.
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        let json = self.tokenizer.to_string(true).map_err(|e| Error::Tokenizer(format!("cannot serialise: {e}")))?;
+        write_atomic(&dir.join("tokenizer.json"), json.as_bytes())?;
+        let mut config = serde_json::json!({
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "eos_token": self.token_text(Some(self.eos)),
+            "pad_token": self.token_text(Some(self.pad)),
+            "bos_token": self.bos.map(|b| self.token_text(Some(b))),
+            "add_bos_token": self.encode_with_specials("a")?.first() != self.encode("a")?.first(),
+            "clean_up_tokenization_spaces": false,
+        });
+        if let Some(chat) = &self.chat {
+            config["chat_template"] = chat.source().into();
+        }
+        write_json(&dir.join("tokenizer_config.json"), &config)
+    }
+
+    /// The prompt text of a one-question conversation through the chat template, the
+    /// assistant's turn opened; `None` for a model without a template.
+    pub fn chat_prompt(&self, system: Option<&str>, user: &str) -> Result<Option<String>> {
+        let Some(chat) = &self.chat else { return Ok(None) };
+        let mut messages: Vec<Message> = system.map(|s| Message::new("system", s)).into_iter().collect();
+        messages.push(Message::new("user", user));
+        chat.render(&messages, true).map(Some)
+    }
+
+    /// Ids of `text` as `transformers`' `tokenizer(text)` gives them: with whatever special
+    /// tokens the tokenizer's post-processor adds (a beginning-of-sequence token, for most).
+    pub fn encode_with_specials(&self, text: &str) -> Result<Vec<u32>> {
+        let encoding = self.tokenizer.encode(text, true).map_err(|e| Error::Tokenizer(e.to_string()))?;
+        Ok(encoding.get_ids().to_vec())
     }
 
     /// Number of ids, added tokens included (the model's `vocab_size` may be larger: padded).
@@ -105,6 +185,16 @@ fn read_if_present(path: &Path) -> Result<Option<Value>> {
 /// `"<s>"` or `{"content": "<s>", …}` (how `transformers` writes an added token).
 fn token_text(v: &Value) -> Option<String> {
     v.as_str().or_else(|| v.get("content").and_then(Value::as_str)).map(str::to_string)
+}
+
+/// A `chat_template` field: the template, or from a list of `{"name", "template"}` the one
+/// named `default`.
+fn template_text(v: &Value) -> Option<String> {
+    v.as_str().map(str::to_string).or_else(|| {
+        let list = v.as_array()?;
+        let default = list.iter().find(|t| t["name"] == "default")?;
+        default["template"].as_str().map(str::to_string)
+    })
 }
 
 /// `7` or `[7, 8]` (several stop tokens: the first is the end-of-sequence token).

@@ -1,4 +1,5 @@
-//! Building the native [`Transformer`] from a Hugging Face Llama / Qwen2 directory.
+//! Building the native [`Transformer`] from a Hugging Face Llama / Qwen2 directory or a GGUF
+//! file of either architecture ([`super::gguf`] gives it the directory's names and config).
 //!
 //! The native model has the same parameters under other names, with one difference of layout:
 //! PyTorch's `nn.Linear` stores `[out, in]`, Burn's `Linear` `[in, out]`, so every projection
@@ -14,7 +15,9 @@ use burn::nn::{Embedding, Linear, RmsNorm};
 use burn::prelude::*;
 
 use super::config::HfConfig;
-use super::weights::Weights;
+use super::gguf::GgufWeights;
+use super::weights::{Safetensors, Weights};
+use crate::gguf::is_gguf;
 use crate::error::{Error, Result};
 use crate::model::attention::Attention;
 use crate::model::block::{Block, Mlp};
@@ -25,7 +28,7 @@ fn ignorable(name: &str) -> bool {
     name.ends_with(".rotary_emb.inv_freq")
 }
 
-/// Loads `dir` (`config.json` plus safetensors) as a native model on `device`.
+/// Loads `dir` (`config.json` plus safetensors, or a `.gguf` file) as a native model on `device`.
 pub fn load<B: Backend>(dir: &Path, device: &B::Device) -> Result<Transformer<B>> {
     load_with_context(dir, None, device)
 }
@@ -34,15 +37,19 @@ pub fn load<B: Backend>(dir: &Path, device: &B::Device) -> Result<Transformer<B>
 /// `context` instead of the directory's `max_position_embeddings`: a run that never decodes
 /// that far need not hold tables for it, and a tiny test model can be given room.
 pub fn load_with_context<B: Backend>(dir: &Path, context: Option<usize>, device: &B::Device) -> Result<Transformer<B>> {
-    if !dir.is_dir() {
-        return Err(Error::pretrained(dir, "is not a directory"));
-    }
-    let config_path = dir.join("config.json");
-    let mut config = HfConfig::read(&config_path)?.to_native(&config_path)?;
+    let (weights, hf_config, config_path) = if dir.is_dir() {
+        let config_path = dir.join("config.json");
+        (Weights::Safetensors(Safetensors::open(dir)?), HfConfig::read(&config_path)?, config_path)
+    } else if is_gguf(dir) {
+        let (weights, config) = GgufWeights::open(dir)?;
+        (Weights::Gguf(weights), config, dir.to_path_buf())
+    } else {
+        return Err(Error::pretrained(dir, "is neither a model directory nor a GGUF file"));
+    };
+    let mut config = hf_config.to_native(&config_path)?;
     if let Some(n) = context {
         config.max_seq_len = n;
     }
-    let weights = Weights::open(dir)?;
     let mut reader = Reader { weights: &weights, used: BTreeSet::new(), device };
     let model = reader.model(&config)?;
     let tied_head = config.tie_embeddings && weights.contains("lm_head.weight");

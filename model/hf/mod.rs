@@ -1,14 +1,17 @@
 //! Hugging Face model directories: [`load`] reads `LlamaForCausalLM` and `Qwen2ForCausalLM`
-//! checkpoints (`config.json` plus one or sharded safetensors files, f32 / f16 / bf16) into the
+//! checkpoints (`config.json` plus one or sharded safetensors files, f32 / f16 / bf16; or one
+//! GGUF file, quantised or not) into the
 //! native [`Transformer`](crate::model::Transformer); [`save`] writes a native model back in
 //! the same form, so a fine-tuned model is served with the usual tools.
 
 mod config;
 mod export;
+mod gguf;
 mod import;
 mod weights;
 
 pub use config::{Family, HfConfig, ARCHITECTURES};
 pub use export::save;
 pub use import::{load, load_with_context};
-pub use weights::{Weights, INDEX, SINGLE};
+pub use gguf::{unpermute_rows, GgufWeights};
+pub use weights::{Safetensors, Weights, INDEX, SINGLE};

@@ -13,6 +13,7 @@ use memmap2::Mmap;
 use safetensors::tensor::{Dtype, Metadata};
 use safetensors::SafeTensors;
 
+use super::gguf::GgufWeights;
 use crate::error::{Error, Result};
 use crate::fsutil::read_json;
 
@@ -30,14 +31,47 @@ struct Shard {
     metadata: Metadata,
 }
 
+/// The tensors of a pretrained model, under their `transformers` names: a directory's
+/// safetensors files, or a GGUF file's tensors dequantised.
+pub enum Weights {
+    Safetensors(Safetensors),
+    Gguf(GgufWeights),
+}
+
+impl Weights {
+    /// Whether the checkpoint holds a tensor of this name.
+    pub fn contains(&self, name: &str) -> bool {
+        match self {
+            Self::Safetensors(w) => w.contains(name),
+            Self::Gguf(w) => w.contains(name),
+        }
+    }
+
+    /// All tensor names, sorted.
+    pub fn names(&self) -> Vec<&str> {
+        match self {
+            Self::Safetensors(w) => w.names(),
+            Self::Gguf(w) => w.names(),
+        }
+    }
+
+    /// The values of tensor `name` as f32, row-major, checked against the `shape` the model needs.
+    pub fn get(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        match self {
+            Self::Safetensors(w) => w.get(name, shape),
+            Self::Gguf(w) => w.get(name, shape),
+        }
+    }
+}
+
 /// Every tensor of a model directory, by name.
-pub struct Weights {
+pub struct Safetensors {
     shards: Vec<Shard>,
     /// Tensor name → shard.
     by_name: HashMap<String, usize>,
 }
 
-impl Weights {
+impl Safetensors {
     /// Opens `dir/model.safetensors`, or the shards that `dir/model.safetensors.index.json`
     /// names (each read once, however many tensors it holds).
     pub fn open(dir: &Path) -> Result<Self> {

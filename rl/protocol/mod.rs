@@ -27,7 +27,8 @@ use crate::error::{Error, Result};
 
 /// Files of a Hugging Face model directory that define its tokenizer; a text run keeps copies
 /// so that it reads the same tokens when resumed or evaluated.
-pub const TOKENIZER_FILES: [&str; 4] = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"];
+pub const TOKENIZER_FILES: [&str; 5] =
+    ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json", "chat_template.jinja"];
 
 /// A run's tokenizer: the word vocabulary a synthetic task builds, or a pretrained model's.
 #[derive(Debug, Clone)]
@@ -51,10 +52,12 @@ impl Tokens {
     }
 
     /// Writes the tokenizer into a run directory: `tokenizer.json` for words; for a text
-    /// tokenizer, copies of the files in `source` (the model directory) that define it.
+    /// tokenizer, copies of the files in `source` (the model directory) that define it, or for
+    /// a GGUF model the files that [`TextTokenizer::save`] writes.
     pub fn save(&self, dir: &Path, source: Option<&Path>) -> Result<()> {
         match self {
             Self::Words(vocab) => vocab.save(&dir.join("tokenizer.json")),
+            Self::Text(text) if source.is_some_and(|s| !s.is_dir()) => text.save(dir),
             Self::Text(_) => {
                 let source = source.ok_or_else(|| Error::Tokenizer("a text tokenizer is saved from its model directory".into()))?;
                 for name in TOKENIZER_FILES {

@@ -13,7 +13,7 @@
 //! that brace closes.
 
 use super::{Forcing, Judgement, Protocol, Thinking};
-use crate::data::math::{equivalent, last_boxed, normalize, render_prompt};
+use crate::data::math::{equivalent, last_boxed, normalize};
 use crate::data::math_task::TextFormat;
 use crate::data::{Problem, TextTokenizer};
 use crate::error::{Error, Result};
@@ -103,9 +103,17 @@ impl Protocol for TextProtocol<'_> {
         let Problem::Math(p) = problem else {
             return Err(Error::config("task", format!("{problem:?}"), "the text protocol reads `math` problems only"));
         };
-        let mut ids: Vec<u32> = self.tokenizer.bos.into_iter().collect();
-        ids.extend(self.tokenizer.encode(&render_prompt(&self.config.prompt, &p.question)?)?);
-        Ok(ids)
+        // A chat template writes every special token itself (as `apply_chat_template` does);
+        // a plain prompt gets what the tokenizer adds to any text (its post-processor).
+        let chat = if self.config.prompt.is_none() {
+            self.tokenizer.chat_prompt(self.config.system.as_deref(), &self.config.user_turn(&p.question))?
+        } else {
+            None
+        };
+        match chat {
+            Some(text) => self.tokenizer.encode(&text),
+            None => self.tokenizer.encode_with_specials(&self.config.plain_prompt(&p.question)),
+        }
     }
 
     fn thinking(&self, _problem: &Problem, episode: &[u32]) -> Result<Thinking> {
