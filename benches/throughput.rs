@@ -50,6 +50,19 @@ struct Args {
     /// bit-identical losses and logits.
     #[arg(long)]
     determinism: bool,
+    /// A pretrained model (Hugging Face directory or GGUF file) instead of a preset's random
+    /// one; decoding only, with --batch, --prompt and --gen (compare benches/hf_generate.py).
+    #[arg(long)]
+    model: Option<std::path::PathBuf>,
+    /// Decode rows (with --model).
+    #[arg(long, default_value_t = 16)]
+    batch: usize,
+    /// Prompt tokens per row (with --model).
+    #[arg(long, default_value_t = 128)]
+    prompt: usize,
+    /// New tokens per row (with --model).
+    #[arg(long, default_value_t = 128)]
+    gen: usize,
     /// Passed by `cargo bench`; ignored.
     #[arg(long, hide = true)]
     bench: bool,
@@ -81,20 +94,34 @@ impl BackendTask for Bench {
 
     fn run<B: AutodiffBackend>(self, device: B::Device, label: String) -> serde_json::Value {
         let Bench(args, cfg) = self;
-        let (tb, ts, db, pl, gl) = shapes(&args.preset);
+        let (tb, ts, mut db, mut pl, mut gl) = shapes(&args.preset);
         let mut rng = StdRng::seed_from_u64(0);
-        let mut model = Transformer::<B>::new(&cfg, 0, &device).expect("valid preset");
+        let (mut model, cfg, name) = match &args.model {
+            Some(path) => {
+                (db, pl, gl) = (args.batch, args.prompt, args.gen);
+                let model = mrt::model::hf::load_with_context::<B>(path, Some(pl + gl), &device).unwrap_or_else(|e| {
+                    eprintln!("error: {e}");
+                    std::process::exit(1)
+                });
+                let cfg = model.config.clone();
+                (model, cfg, path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default())
+            }
+            None => (Transformer::<B>::new(&cfg, 0, &device).expect("valid preset"), cfg, args.preset.clone()),
+        };
         let params = cfg.num_params();
-        eprintln!("bench: {} ({params} params) on {label}", args.preset);
+        eprintln!("bench: {name} ({params} params) on {label}");
         let mut result = serde_json::json!({
             "engine": format!("burn-0.21.0 ({label})"),
             "device": label,
-            "preset": args.preset,
+            "preset": name,
+            "batch": db,
+            "prompt": pl,
+            "gen": gl,
             "dtype": "f32",
             "params": params,
         });
 
-        if !args.no_train {
+        if !args.no_train && args.model.is_none() {
             let mut optim = AdamWConfig::new().with_epsilon(1e-8).with_weight_decay(0.01).init();
             let x = random_tokens::<B>(&mut rng, tb, ts + 1, cfg.vocab_size, &device);
             let mut step = |model: Transformer<B>| {
@@ -121,7 +148,7 @@ impl BackendTask for Bench {
             result["train_tflops"] = (flops_per_tok * (tb * ts) as f64 / t / 1e12).into();
         }
 
-        if args.determinism {
+        if args.determinism && args.model.is_none() {
             let run = || {
                 let mut rng = StdRng::seed_from_u64(42);
                 let mut model = Transformer::<B>::new(&cfg, 7, &device).expect("valid preset");

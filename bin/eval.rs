@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use burn::tensor::backend::AutodiffBackend;
 use clap::Parser;
 use mrt::backend::{dispatch, exit_code, tune_allocator, BackendTask, DeviceChoice};
@@ -24,9 +24,9 @@ struct Args {
     /// Run directories (each with checkpoints/final.ckpt).
     #[arg(required_unless_present = "model", value_name = "RUN_DIR")]
     runs: Vec<PathBuf>,
-    /// Instead of runs: a Hugging Face model directory, evaluated as it is on --task math
-    /// --data FILE (results in --out).
-    #[arg(long, value_name = "DIR", conflicts_with = "runs")]
+    /// Instead of runs: a pretrained model (a Hugging Face directory or a GGUF file),
+    /// evaluated as it is on --task math --data FILE (results in --out).
+    #[arg(long, value_name = "DIR|FILE.gguf", conflicts_with = "runs")]
     model: Option<PathBuf>,
     /// The text task of --model.
     #[arg(long, default_value = "math")]
@@ -88,10 +88,11 @@ fn run(args: Args) -> Result<()> {
         }
     }
     let choice: DeviceChoice = args.device.parse()?;
-    let opts = ReportOptions { problems: args.problems, samples: args.samples, extended_samples: args.extended_samples, seed: args.seed };
+    let mut opts =
+        ReportOptions { problems: args.problems, samples: args.samples, extended_samples: args.extended_samples, seed: args.seed, samples_file: None, progress: true };
     if let Some(dir) = &args.model {
-        if !dir.is_dir() {
-            bail!("--model {}: not a directory", dir.display());
+        if !dir.is_dir() && !mrt::gguf::is_gguf(dir) {
+            bail!("--model {}: neither a model directory nor a GGUF file", dir.display());
         }
         let patch = match &args.data {
             Some(data) if !data.is_file() => bail!("--data {}: file not found", data.display()),
@@ -99,6 +100,8 @@ fn run(args: Args) -> Result<()> {
             None => None,
         };
         let config = RunConfig::pretrained_with_patch(&args.task, dir, Algo::Grpo, args.seed, patch)?;
+        opts.samples_file = Some(args.out.join("samples.jsonl"));
+        std::fs::create_dir_all(&args.out).with_context(|| args.out.display().to_string())?;
         let report = dispatch(choice, Pretrained(dir.clone(), config, opts, args.out.clone()))??;
         let n = &report.natural;
         println!(

@@ -26,8 +26,9 @@ struct Args {
     /// goes with it.
     #[arg(long, conflicts_with = "model", required_unless_present = "model")]
     checkpoint: Option<PathBuf>,
-    /// A Hugging Face model directory (Llama or Qwen2) to import and write back.
-    #[arg(long)]
+    /// A pretrained model to write as a Hugging Face directory: a directory (Llama or Qwen2;
+    /// a round trip) or a GGUF file (dequantised to f32, with its tokenizer and chat template).
+    #[arg(long, value_name = "DIR|FILE.gguf")]
     model: Option<PathBuf>,
     /// New directory to write.
     #[arg(long)]
@@ -62,6 +63,21 @@ fn run(args: Args) -> Result<()> {
                 (model, vec![tokenizer], Some(vocab.specials.bos), Some(vocab.specials.eos))
             }
         }
+        (None, Some(file)) if mrt::gguf::is_gguf(file) => {
+            let model = hf::load::<Flex>(file, &device)?;
+            let text = TextTokenizer::load(file)?;
+            // The tokenizer files are written beside the export's temporary directory first
+            // and copied in with the weights.
+            let staging = args.out.with_file_name(format!(".{}.tokenizer-{}", file_stem(&args.out), std::process::id()));
+            std::fs::create_dir_all(&staging).with_context(|| staging.display().to_string())?;
+            text.save(&staging)?;
+            let files: Vec<PathBuf> = ["tokenizer.json", "tokenizer_config.json"].iter().map(|f| staging.join(f)).collect();
+            let result = hf::save(&model, &args.out, text.bos, Some(text.eos), &files);
+            let _ = std::fs::remove_dir_all(&staging);
+            result.with_context(|| format!("exporting to {}", args.out.display()))?;
+            println!("{}: {} parameters of {} as {}, with its tokenizer", args.out.display(), model.config.num_params(), file.display(), arch(&model));
+            return Ok(());
+        }
         (None, Some(dir)) => {
             let model = hf::load::<Flex>(dir, &device)?;
             let config = hf::HfConfig::read(&dir.join("config.json"))?;
@@ -76,10 +92,18 @@ fn run(args: Args) -> Result<()> {
         "{}: {} parameters as {}, with {}",
         args.out.display(),
         model.config.num_params(),
-        if model.config.qkv_bias { "Qwen2ForCausalLM" } else { "LlamaForCausalLM" },
+        arch(&model),
         if files.is_empty() { "no tokenizer files".to_string() } else { files.iter().filter_map(|f| f.file_name()?.to_str()).collect::<Vec<_>>().join(", ") }
     );
     Ok(())
+}
+
+fn arch(model: &Transformer<Flex>) -> &'static str {
+    if model.config.qkv_bias { "Qwen2ForCausalLM" } else { "LlamaForCausalLM" }
+}
+
+fn file_stem(path: &Path) -> String {
+    path.file_name().and_then(|n| n.to_str()).unwrap_or("export").to_string()
 }
 
 /// `RUN/checkpoints/x.ckpt` → `RUN`.

@@ -24,11 +24,13 @@ struct Args {
     /// Task family: search or countdown (synthetic), or math (free text; needs --model).
     #[arg(long, default_value = "search")]
     task: String,
-    /// A Hugging Face model directory (Llama or Qwen2, safetensors) to fine-tune instead of
-    /// training a small model from scratch; with --task math.
-    #[arg(long, value_name = "DIR")]
+    /// A pretrained model to fine-tune instead of training a small model from scratch, with
+    /// --task math: a Hugging Face directory (Llama or Qwen2, safetensors) or a GGUF file
+    /// (llama or qwen2, quantised or not).
+    #[arg(long, value_name = "DIR|FILE.gguf")]
     model: Option<PathBuf>,
-    /// The math task's problems: a JSONL file of {"question", "answer"} objects.
+    /// The math task's problems, JSONL: GSM8K, MATH, MATH-500, SVAMP, ASDiv or MAWPS files as
+    /// distributed, or {"question", "answer"} objects.
     #[arg(long, value_name = "FILE")]
     data: Option<PathBuf>,
     /// RL objective: grpo, mrt (the paper's prefix/terminate/continue recipe), mrt-dense (MRT's
@@ -100,8 +102,8 @@ fn build_config(args: &Args) -> Result<RunConfig> {
     }
     let mut config = match &args.model {
         Some(dir) => {
-            if !dir.is_dir() {
-                bail!("--model {}: not a directory", dir.display());
+            if !dir.is_dir() && !mrt::gguf::is_gguf(dir) {
+                bail!("--model {}: neither a model directory nor a GGUF file", dir.display());
             }
             RunConfig::pretrained_with_patch(&args.task, dir, algo, args.seed, patch)?
         }

@@ -34,18 +34,17 @@ fn string_or_number<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Resu
     }
 }
 
-/// Reads a JSONL file: one `{"question": …, "answer": …}` object per line (`problem` is
-/// accepted for `question`; other fields are ignored; blank lines are skipped). Errors name
-/// the file and line.
+/// Reads a JSONL file of problems in any of the layouts of [`super::datasets`] (GSM8K,
+/// MATH, MATH-500, SVAMP, ASDiv, MAWPS, plain `question`/`answer`; other fields are ignored;
+/// blank lines are skipped). Errors name the file and line.
 pub fn read_jsonl(path: &Path) -> Result<Vec<MathProblem>> {
     let text = fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     let mut problems = Vec::new();
     for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
         let bad = |reason: String| Error::Json { path: path.to_path_buf(), reason: format!("line {}: {reason}", i + 1) };
-        let p: MathProblem = serde_json::from_str(line).map_err(|e| bad(e.to_string()))?;
-        if p.question.trim().is_empty() || p.answer.trim().is_empty() {
-            return Err(bad("empty question or answer".into()));
-        }
+        let value: serde_json::Value = serde_json::from_str(line).map_err(|e| bad(e.to_string()))?;
+        let object = value.as_object().ok_or_else(|| bad("not a JSON object".into()))?;
+        let (p, _) = super::datasets::parse_line(object).map_err(bad)?;
         problems.push(p);
     }
     if problems.is_empty() {

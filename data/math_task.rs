@@ -15,6 +15,7 @@ use rand::rngs::StdRng;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
+use super::datasets::AnswerStyle;
 use super::math::{equivalent, read_jsonl, render_prompt, EpisodeMarkers, MathProblem};
 use super::task::{validate_split_fractions, Problem, Task};
 use super::trace::Trace;
@@ -44,6 +45,8 @@ pub struct TextFormat {
     pub suffix: String,
     /// What budget forcing feeds instead of the end of thinking: the opening of a new episode.
     pub wait: String,
+    /// How the model's own (unforced) answer is read from its text.
+    pub answer: AnswerStyle,
 }
 
 impl Default for TextFormat {
@@ -57,6 +60,7 @@ impl Default for TextFormat {
                      final answer now.\n</think>\n\nThe final answer is \\boxed{"
                 .into(),
             wait: "\n\nWait".into(),
+            answer: AnswerStyle::Boxed,
         }
     }
 }

@@ -3,6 +3,7 @@
 pub mod batch;
 pub mod chat;
 pub mod countdown;
+pub mod datasets;
 pub mod gguf_tokenizer;
 pub mod math;
 pub mod math_task;

@@ -96,6 +96,11 @@ impl TransformerConfig {
     }
 
     /// Per-head width (D).
+    /// Bytes of KV cache one token of one row takes (f32 keys and values in every layer).
+    pub fn kv_bytes_per_token(&self) -> usize {
+        self.n_layers * 2 * self.n_kv_heads * self.head_dim() * 4
+    }
+
     pub fn head_dim(&self) -> usize {
         self.d_model / self.n_heads
     }

@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use super::optim::OptimConfig;
 use super::prover::{ProverConfig, ProverMode};
-use super::rollout::RolloutConfig;
+use super::rollout::{AnswerLimit, RolloutConfig};
 use crate::data::{Split, TaskConfig};
 use crate::error::{Error, Result};
 use crate::model::{SamplerConfig, TransformerConfig};
@@ -113,6 +113,9 @@ pub struct RlConfig {
     /// vocabulary × 4 bytes per token); the update is the same.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub micro_batch: usize,
+    /// Completions of each step appended as text to the run's `samples.jsonl` (0: none).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub samples_per_step: usize,
 }
 
 fn is_zero(n: &usize) -> bool {
@@ -135,6 +138,9 @@ pub struct EvalConfig {
     /// Episode budget of evaluation rollouts (≥ the training budget; past it via budget forcing).
     pub max_episodes: usize,
     pub max_tokens: usize,
+    /// How long the policy's own answer may run (as in `rl.rollout.free_answer`).
+    #[serde(default, skip_serializing_if = "AnswerLimit::is_forced")]
+    pub free_answer: AnswerLimit,
     pub prover: ProverConfig,
 }
 
@@ -216,8 +222,7 @@ impl RunConfig {
     /// own shapes, a token budget for free text, a sampled meta-prover, and a learning rate for
     /// fine-tuning rather than training from scratch.
     pub fn pretrained_defaults(task: TaskConfig, dir: &std::path::Path, algo: Algo, seed: u64) -> Result<Self> {
-        let path = dir.join("config.json");
-        let mut model = crate::model::hf::HfConfig::read(&path)?.to_native(&path)?;
+        let mut model = crate::model::hf::native_config(dir)?;
         // Rotary tables for the context a run uses, not the model's maximum (often 128K).
         model.max_seq_len = model.max_seq_len.min(PRETRAINED_CONTEXT);
         let t = task.build()?;
@@ -228,9 +233,13 @@ impl RunConfig {
         c.rl.problems_per_step = 4;
         c.rl.optim.lr = 1e-6;
         c.rl.micro_batch = 1;
+        c.rl.samples_per_step = 2;
         c.rl.eval_every = 25;
         c.rl.checkpoint_every = 25;
         c.eval.problems = 32;
+        // A sentence before the `\boxed{}` is normal free text: only the budget bounds it.
+        c.rl.rollout.free_answer = AnswerLimit::Budget;
+        c.eval.free_answer = AnswerLimit::Budget;
         Ok(c)
     }
 
@@ -306,6 +315,7 @@ impl RunConfig {
                     max_episodes,
                     max_tokens,
                     max_answer_tokens: answer_tokens,
+                    free_answer: AnswerLimit::Forced,
                     sampler: SamplerConfig::default(),
                     budget_forcing: false,
                 },
@@ -313,6 +323,7 @@ impl RunConfig {
                 eval_every: 50 * scale,
                 checkpoint_every: 50 * scale,
                 micro_batch: 0,
+                samples_per_step: 0,
             },
             eval: EvalConfig {
                 split: Split::HeldOut,
@@ -321,6 +332,7 @@ impl RunConfig {
                 temperature: 1.0,
                 max_episodes,
                 max_tokens,
+                free_answer: AnswerLimit::Forced,
                 prover,
             },
             task,

@@ -108,9 +108,26 @@ pub fn estimate<B: Backend>(
     }
     match config.mode {
         ProverMode::Exact => exact(model, cache, problems, protocol, config),
-        ProverMode::Sample => sampled(model, cache, problems, protocol, config, rng),
+        ProverMode::Sample => {
+            // K copies of each fork: a pretrained model's long rows go a few at a time.
+            let per_row = config.samples * (cache.slots() + protocol.suffix().len() + config.max_answer_tokens) * model.config.kv_bytes_per_token();
+            let chunk = (PROVER_BATCH_BYTES / per_row.max(1)).max(1);
+            if chunk >= rows {
+                return sampled(model, cache, problems, protocol, config, rng);
+            }
+            let mut out = Vec::with_capacity(rows);
+            for start in (0..rows).step_by(chunk) {
+                let end = (start + chunk).min(rows);
+                let part = cache.select_rows(&(start..end).collect::<Vec<_>>());
+                out.extend(sampled(model, part, &problems[start..end], protocol, config, rng)?);
+            }
+            Ok(out)
+        }
     }
 }
+
+/// KV-cache bytes of the K replicated forks one sampled batch of the prover may hold.
+const PROVER_BATCH_BYTES: usize = 1 << 30;
 
 /// Appends the suffix to every row and returns the logits of the first answer token, `[R, V]`.
 fn force<B: Backend>(model: &Transformer<B>, cache: &mut KvCache<B>, protocol: &dyn Protocol) -> Result<Tensor<B, 2>> {

@@ -13,6 +13,7 @@ use burn::tensor::backend::AutodiffBackend;
 
 use super::advantage::progress;
 use super::batch::rollout_batch;
+use super::eval::samples::{append as append_samples, samples};
 use super::config::Algo;
 use super::loss::{policy_loss, sft_loss, PgBatch};
 use super::metrics::Record;
@@ -52,6 +53,10 @@ pub fn train_rl<B: AutodiffBackend>(
         let engine = Engine { model: &policy, protocol: ctx.protocol, config: &cfg.rollout, prover };
         let scored = score(&engine, &problems, &cfg, &mut rng)?;
         let rollout_s = t0.elapsed().as_secs_f64();
+        if cfg.samples_per_step > 0 {
+            let shown = &scored.rollouts[..cfg.samples_per_step.min(scored.rollouts.len())];
+            append_samples(&ctx.run.root.join("samples.jsonl"), &samples(ctx.protocol, shown, Some(step + 1))?)?;
+        }
 
         // 2. Loss on the policy's own tokens, 3. update.
         let refs: Vec<&Rollout> = scored.rollouts.iter().collect();

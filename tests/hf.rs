@@ -216,7 +216,7 @@ fn broken_model_directories_say_what_is_wrong() {
     assert!(err.contains("config.json"), "{err}");
     let _ = fs::remove_dir_all(&dir);
     let err = load_err(Path::new("/nonexistent/model"));
-    assert!(err.contains("is not a directory"), "{err}");
+    assert!(err.contains("is neither a model directory nor a GGUF file"), "{err}");
 }
 
 /// The model's own tokenizer: the ids and text `transformers` gives, and its special tokens.

@@ -32,9 +32,9 @@ fn bad_problem_files_name_the_line() {
     let dir = std::env::temp_dir().join(format!("mrt-math-{}", std::process::id()));
     fs::create_dir_all(&dir).unwrap();
     let cases = [
-        ("{\"question\": \"1+1?\", \"answer\": 2}\n\n{\"question\": \"2+2?\"}\n", "line 3: missing field `answer`"),
+        ("{\"question\": \"1+1?\", \"answer\": 2}\n\n{\"question\": \"2+2?\"}\n", "line 3: fields [\"question\"] fit no known layout"),
         ("{\"question\": \"1+1?\", \"answer\": 2}\nnot json\n", "line 2:"),
-        ("{\"problem\": \"1+1?\", \"answer\": [2]}\n", "line 1: expected a string or a number"),
+        ("{\"problem\": \"1+1?\", \"answer\": [2]}\n", "line 1: field `answer`: expected a string or a number"),
         ("{\"question\": \" \", \"answer\": \"2\"}\n", "line 1: empty question or answer"),
         ("\n\n", "no problems"),
     ];

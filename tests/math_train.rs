@@ -17,7 +17,7 @@ use mrt::rl::metrics::read_metrics;
 use mrt::rl::pipeline::{run_pipeline, PipelineOptions};
 use mrt::rl::prover::{ProverConfig, ProverMode};
 use mrt::rl::protocol::{Protocol, TextProtocol, Thinking};
-use mrt::rl::rollout::{Engine, Finish, Rollout, RolloutConfig};
+use mrt::rl::rollout::{AnswerLimit, Engine, Finish, Rollout, RolloutConfig};
 use mrt::rl::score::score;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
@@ -62,6 +62,12 @@ fn rewind_equals_a_shorter_prefix() {
 /// A tokenizer with one id per character (and an end-of-sequence token), so that text
 /// boundaries fall between tokens exactly where the test expects them.
 fn char_tokenizer(dir: &Path) -> TextTokenizer {
+    char_tokenizer_with(dir, &[])
+}
+
+/// [`char_tokenizer`] with `extra` strings as whole tokens (such as `</think>`), matched
+/// before the characters.
+fn char_tokenizer_with(dir: &Path, extra: &[&str]) -> TextTokenizer {
     fs::create_dir_all(dir).unwrap();
     let chars: Vec<char> = " \n.,:?!{}\\=+-0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ'<>/".chars().collect();
     let mut vocab = serde_json::Map::new();
@@ -69,11 +75,17 @@ fn char_tokenizer(dir: &Path) -> TextTokenizer {
     for (i, c) in chars.iter().enumerate() {
         vocab.insert(c.to_string(), (i + 1).into());
     }
+    let mut added = vec![serde_json::json!({"id": 0, "content": "<eos>", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true})];
+    for (i, token) in extra.iter().enumerate() {
+        let id = chars.len() + 1 + i;
+        vocab.insert(token.to_string(), id.into());
+        added.push(serde_json::json!({"id": id, "content": token, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": false}));
+    }
     let tokenizer = serde_json::json!({
         "version": "1.0",
         "truncation": null,
         "padding": null,
-        "added_tokens": [{"id": 0, "content": "<eos>", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}],
+        "added_tokens": added,
         "normalizer": null,
         "pre_tokenizer": null,
         "post_processor": null,
@@ -146,27 +158,34 @@ fn forced_and_free_answers_are_read_and_judged() {
     assert_eq!((unboxed.reward, unboxed.well_formed), (0.0, false));
 }
 
-/// A model that samples every token from one fixed distribution, whatever it has read: every
-/// embedding is the same unit vector and the head reads only that direction, so token t's
-/// logit is `logits[t]` (0 for those not listed) at every position, and each rollout is a
-/// pure function of the protocol's rules and the sampler's uniforms.
-fn unigram(vocab: usize, logits: &[(u32, f32)]) -> Transformer<B> {
+/// A model of width `d` with no transformer blocks: the residual stream is the embedding
+/// itself, so the tests below set the embedding and the head to script what it writes.
+fn blockless(vocab: usize, d: usize) -> Transformer<B> {
     let config = TransformerConfig {
         vocab_size: vocab,
-        d_model: 16,
+        d_model: d,
         n_layers: 1,
-        n_heads: 2,
-        n_kv_heads: 2,
-        d_ff: 32,
+        n_heads: 1,
+        n_kv_heads: 1,
+        d_ff: 8,
         max_seq_len: 512,
         rope_theta: 10_000.0,
         norm_eps: 1e-6,
         tie_embeddings: false,
         qkv_bias: false,
     };
+    let mut model = Transformer::<B>::new(&config, 0, &Default::default()).unwrap();
+    model.blocks.clear();
+    model
+}
+
+/// A model that samples every token from one fixed distribution, whatever it has read: every
+/// embedding is the same unit vector and the head reads only that direction, so token t's
+/// logit is `logits[t]` (0 for those not listed) at every position, and each rollout is a
+/// pure function of the protocol's rules and the sampler's uniforms.
+fn unigram(vocab: usize, logits: &[(u32, f32)]) -> Transformer<B> {
     let device = Default::default();
-    let mut model = Transformer::<B>::new(&config, 0, &device).unwrap();
-    model.blocks.clear(); // the residual stream is the embedding itself
+    let mut model = blockless(vocab, 16);
     let mut embed = vec![0.0f32; vocab * 16];
     (0..vocab).for_each(|t| embed[t * 16] = 1.0);
     model.embed.weight = Param::from_tensor(Tensor::from_data(TensorData::new(embed, [vocab, 16]), &device));
@@ -177,6 +196,67 @@ fn unigram(vocab: usize, logits: &[(u32, f32)]) -> Transformer<B> {
     }
     model.head.as_mut().unwrap().weight = Param::from_tensor(Tensor::from_data(TensorData::new(head, [16, vocab]), &device));
     model
+}
+
+/// A model that follows one fixed chain of tokens: after token a it always writes `next[a]`
+/// (greedy decoding). Each embedding is its own unit vector, there are no blocks, and the
+/// head maps direction a to `next[a]`, so the rollout is scripted by the chain.
+fn bigram(vocab: usize, chain: &[u32]) -> Transformer<B> {
+    let device = Default::default();
+    let mut model = blockless(vocab, vocab);
+    let mut embed = vec![0.0f32; vocab * vocab];
+    (0..vocab).for_each(|t| embed[t * vocab + t] = 1.0);
+    model.embed.weight = Param::from_tensor(Tensor::from_data(TensorData::new(embed, [vocab, vocab]), &device));
+    let mut head = vec![0.0f32; vocab * vocab];
+    for pair in chain.windows(2) {
+        assert_eq!(head[pair[0] as usize * vocab..(pair[0] as usize + 1) * vocab].iter().sum::<f32>(), 0.0, "token {} repeats", pair[0]);
+        head[pair[0] as usize * vocab + pair[1] as usize] = 1.0;
+    }
+    model.head.as_mut().unwrap().weight = Param::from_tensor(Tensor::from_data(TensorData::new(head, [vocab, vocab]), &device));
+    model
+}
+
+/// The policy's own answer is not cut at the forced answers' limit: after `</think>` the
+/// scripted model writes "Sum: \boxed{7}" (9 tokens) and ends. With the synthetic tasks'
+/// limit (4 tokens, `free_answer = forced`) it is unfinished; with the pretrained default
+/// (`budget`) it is read and correct. A model that never writes `</think>` has its whole
+/// output as the answer (its last `\boxed{}`).
+#[test]
+fn free_answers_run_to_the_budget_and_models_without_think_tags_answer_in_their_output() {
+    let tok = char_tokenizer_with(&scratch("bigram"), &["</think>", "\\boxed{"]);
+    let end_think = tok.end_think.expect("</think> is one token");
+    let format = TextFormat { prompt: Some("Q: {question}=".into()), ..TextFormat::default() };
+    let protocol = TextProtocol::new(&tok, &format).unwrap();
+    let problems = [problem("7")];
+    let prompt = protocol.prompt(&problems[0]).unwrap();
+    let run = |chain: &[u32], free_answer| -> Rollout {
+        let model = bigram(tok.size(), chain);
+        let sampler = SamplerConfig::greedy();
+        let config = RolloutConfig { max_episodes: 2, max_tokens: 64, max_answer_tokens: 4, free_answer, sampler, budget_forcing: false };
+        let engine = Engine { model: &model, protocol: &protocol, config: &config, prover: None };
+        engine.rollouts(&problems, 1, &mut StdRng::seed_from_u64(0)).unwrap().remove(0)
+    };
+    let text = |s: &str| tok.encode(s).unwrap();
+    // The prompt's last token starts the chain: "Think" </think> "Sum: \boxed{7}" <eos>.
+    let answer = text("Sum: \\boxed{7}");
+    assert_eq!(answer.len(), 8, "one token for \\boxed{{");
+    let mut chain = vec![*prompt.last().unwrap()];
+    chain.extend(text("Think"));
+    chain.push(end_think);
+    chain.extend(&answer);
+    chain.push(tok.eos);
+    let capped = run(&chain, AnswerLimit::Forced);
+    assert_eq!((capped.finish, capped.reward), (Finish::Unfinished, 0.0));
+    let free = run(&chain, AnswerLimit::Budget);
+    assert_eq!((free.finish, free.reward), (Finish::Answered, 1.0));
+    assert_eq!(tok.decode(&free.tokens[prompt.len()..]).unwrap(), "Think</think>Sum: \\boxed{7}<eos>");
+    // Without `</think>`: everything after the prompt is the answer.
+    let mut plain = vec![*prompt.last().unwrap()];
+    plain.extend(text("Think"));
+    plain.extend(&answer);
+    plain.push(tok.eos);
+    let r = run(&plain, AnswerLimit::Forced);
+    assert_eq!((r.finish, r.reward, r.answer.clone()), (Finish::Answered, 1.0, Some(vec!["7".to_string()])));
 }
 
 /// Budget forcing on free text: each end of output the policy samples is replaced by "Wait",
@@ -192,7 +272,7 @@ fn budget_forcing_replaces_the_end_of_thinking_by_wait() {
     let run = |format: &TextFormat, budget_forcing: bool, max_tokens: usize| -> Rollout {
         let protocol = TextProtocol::new(&tok, format).unwrap();
         let sampler = SamplerConfig { temperature: 1.0, top_k: 0, top_p: 1.0 };
-        let config = RolloutConfig { max_episodes: 2, max_tokens, max_answer_tokens: 4, sampler, budget_forcing };
+        let config = RolloutConfig { max_episodes: 2, max_tokens, max_answer_tokens: 4, free_answer: Default::default(), sampler, budget_forcing };
         let engine = Engine { model: &model, protocol: &protocol, config: &config, prover: Some(&prover) };
         engine.rollouts(&problems, 1, &mut StdRng::seed_from_u64(0)).unwrap().remove(0)
     };

@@ -39,7 +39,8 @@ pub fn load<B: Backend>(dir: &Path, device: &B::Device) -> Result<Transformer<B>
 pub fn load_with_context<B: Backend>(dir: &Path, context: Option<usize>, device: &B::Device) -> Result<Transformer<B>> {
     let (weights, hf_config, config_path) = if dir.is_dir() {
         let config_path = dir.join("config.json");
-        (Weights::Safetensors(Safetensors::open(dir)?), HfConfig::read(&config_path)?, config_path)
+        let config = HfConfig::read(&config_path)?;
+        (Weights::Safetensors(Safetensors::open(dir)?), config, config_path)
     } else if is_gguf(dir) {
         let (weights, config) = GgufWeights::open(dir)?;
         (Weights::Gguf(weights), config, dir.to_path_buf())
@@ -62,6 +63,17 @@ pub fn load_with_context<B: Backend>(dir: &Path, context: Option<usize>, device:
         ));
     }
     Ok(model)
+}
+
+/// The native config of a pretrained model (a directory's `config.json`, or a GGUF file's
+/// metadata), without reading its weights.
+pub fn native_config(path: &Path) -> Result<TransformerConfig> {
+    if is_gguf(path) {
+        let (weights, config) = GgufWeights::open(path)?;
+        return config.to_native(weights.path());
+    }
+    let config_path = path.join("config.json");
+    HfConfig::read(&config_path)?.to_native(&config_path)
 }
 
 fn family_name(config: &TransformerConfig) -> &'static str {

@@ -168,7 +168,7 @@ pub(super) fn ensure_run<B: AutodiffBackend>(config: RunConfig, dir: &Path, init
 }
 
 pub(super) fn report_options(r: &Regime) -> ReportOptions {
-    ReportOptions { problems: r.report.problems, samples: r.report.samples, extended_samples: r.report.extended_samples, seed: EVAL_SEED }
+    ReportOptions { problems: r.report.problems, samples: r.report.samples, extended_samples: r.report.extended_samples, seed: EVAL_SEED, samples_file: None, progress: false }
 }
 
 /// Runs the headline experiment of every regime given and writes each regime's `REPORT.md` and

@@ -3,6 +3,7 @@
 //! - `analysis`: the paper's measures as pure functions (regret curves, maj@k, token curves);
 //! - `report`: everything measured on one checkpoint, at the training budget and past it;
 //! - `pretrained`: the same for a Hugging Face model directory as it is (`eval --model`);
+//! - `samples`: completions as text (`samples.jsonl`), to see what a model wrote;
 //! - `stats`: paired bootstrap intervals over seeds and the verdicts built on them;
 //! - `compare`, `figures`, `plots`: runs side by side, in tables and SVG plots;
 //! - `regime`, `experiment`, `warm`, `sweep`, `jobs`: the named experiment regimes, the
@@ -18,6 +19,7 @@ pub mod plots;
 pub mod pretrained;
 pub mod regime;
 pub mod report;
+pub mod samples;
 pub mod stats;
 pub mod summary;
 pub mod sweep;

@@ -11,7 +11,8 @@ use serde::{Deserialize, Serialize};
 
 use super::analysis::{maj_at_k, progress_histogram, regret_curve, token_anytime, CostPoint, Vote};
 use crate::rl::config::{EvalConfig, RunConfig};
-use super::summary::{eval_problems, evaluate, EvalSummary};
+use super::summary::{eval_problems, evaluate_shown, EvalSummary};
+use indicatif::{ProgressBar, ProgressStyle};
 use crate::data::Task;
 use crate::rl::protocol::Protocol;
 use crate::error::Result;
@@ -59,6 +60,25 @@ pub struct ReportOptions {
     /// Samples per problem of the two extended-budget evaluations.
     pub extended_samples: usize,
     pub seed: u64,
+    /// Where to write the natural evaluation's completions as text (`samples.jsonl`), if anywhere.
+    pub samples_file: Option<std::path::PathBuf>,
+    /// Show a progress bar per evaluation on a terminal (`eval`; not the experiment's
+    /// parallel jobs).
+    pub progress: bool,
+}
+
+/// A bar over `n` problems labelled `what`, or a hidden one.
+fn bar(show: bool, what: &str, n: usize) -> ProgressBar {
+    if !show {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(n as u64);
+    let style = ProgressStyle::with_template("{prefix:>10} [{bar:28.cyan/blue}] {pos}/{len} problems  {elapsed} eta {eta}")
+        .expect("valid template")
+        .progress_chars("=> ");
+    bar.set_style(style);
+    bar.set_prefix(what.to_string());
+    bar
 }
 
 /// Evaluates `model` on the held-out set of `config`'s task.
@@ -72,15 +92,20 @@ pub fn evaluate_report<B: Backend>(model: &Transformer<B>, task: &dyn Task, prot
         max_tokens: config.rl.rollout.max_tokens,
         ..config.eval.clone()
     };
-    let (natural, rollouts) = evaluate(model, task, protocol, &problems, &natural_cfg, false, opts.seed)?;
+    let shown = |what: &str| bar(opts.progress, what, problems.len());
+    let (natural, rollouts) = evaluate_shown(model, task, protocol, &problems, &natural_cfg, false, opts.seed, &shown("natural"))?;
+    if let Some(path) = &opts.samples_file {
+        let _ = std::fs::remove_file(path);
+        super::samples::append(path, &super::samples::samples(protocol, &rollouts, None)?)?;
+    }
     let extended_cfg = EvalConfig {
         samples: opts.extended_samples,
         max_episodes: 2 * budget,
         max_tokens: 2 * config.rl.rollout.max_tokens,
         ..natural_cfg.clone()
     };
-    let (extended, _) = evaluate(model, task, protocol, &problems, &extended_cfg, false, opts.seed ^ 0xe7e4d)?;
-    let (forced, _) = evaluate(model, task, protocol, &problems, &extended_cfg, true, opts.seed ^ 0xb0d6e7)?;
+    let (extended, _) = evaluate_shown(model, task, protocol, &problems, &extended_cfg, false, opts.seed ^ 0xe7e4d, &shown("2x budget"))?;
+    let (forced, _) = evaluate_shown(model, task, protocol, &problems, &extended_cfg, true, opts.seed ^ 0xb0d6e7, &shown("forced 2x"))?;
 
     let token_budget = config.rl.rollout.max_tokens;
     let token_curve = token_anytime(&rollouts, token_budget);

@@ -9,6 +9,7 @@
 use std::collections::HashSet;
 
 use burn::prelude::*;
+use indicatif::ProgressBar;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
@@ -120,6 +121,21 @@ pub fn summarize(task: &dyn Task, problems: &[Problem], rollouts: &[Rollout], bu
     }
 }
 
+/// KV-cache memory one evaluation batch may take: a pretrained model's rows are long and its
+/// cache wide (SmolLM2-135M: ≈ 46 kB per token per row), so its problems go a few at a time;
+/// the synthetic tasks' small models keep their batches of 32 problems (and their numbers).
+const EVAL_CACHE_BYTES: usize = 2 << 30;
+/// Rows' tokens beyond `max_tokens` that a batch's cache must hold: the prompt, the forced
+/// suffix and answer (a GSM8K prompt through a chat template is ≈ 100–200 tokens).
+const EVAL_ROW_SLACK: usize = 512;
+
+/// Problems per evaluation batch for `config` on `model`: at most 32, fewer when their
+/// rows' KV cache would pass [`EVAL_CACHE_BYTES`].
+pub fn eval_chunk<B: Backend>(model: &Transformer<B>, config: &EvalConfig) -> usize {
+    let per_row = model.config.kv_bytes_per_token() * (config.max_tokens + EVAL_ROW_SLACK);
+    (EVAL_CACHE_BYTES / per_row.max(1) / config.samples.max(1)).clamp(1, 32)
+}
+
 /// Samples `config.samples` rollouts per held-out problem with J estimates at every boundary.
 pub fn evaluate<B: Backend>(
     model: &Transformer<B>,
@@ -130,10 +146,26 @@ pub fn evaluate<B: Backend>(
     budget_forcing: bool,
     seed: u64,
 ) -> Result<(EvalSummary, Vec<Rollout>)> {
+    evaluate_shown(model, task, protocol, problems, config, budget_forcing, seed, &ProgressBar::hidden())
+}
+
+/// [`evaluate`], counting finished problems on `bar`.
+#[allow(clippy::too_many_arguments)]
+pub fn evaluate_shown<B: Backend>(
+    model: &Transformer<B>,
+    task: &dyn Task,
+    protocol: &dyn Protocol,
+    problems: &[Problem],
+    config: &EvalConfig,
+    budget_forcing: bool,
+    seed: u64,
+    bar: &ProgressBar,
+) -> Result<(EvalSummary, Vec<Rollout>)> {
     let rollout = RolloutConfig {
         max_episodes: config.max_episodes,
         max_tokens: config.max_tokens,
         max_answer_tokens: config.prover.max_answer_tokens,
+        free_answer: config.free_answer,
         sampler: SamplerConfig {
             temperature: config.temperature,
             ..SamplerConfig::default()
@@ -149,13 +181,14 @@ pub fn evaluate<B: Backend>(
     let mut rng = StdRng::seed_from_u64(seed);
     let mut rollouts = Vec::new();
     // Bounded batches keep the KV cache small on the CPU.
-    for chunk in problems.chunks(32) {
+    for chunk in problems.chunks(eval_chunk(model, config)) {
         let offset = rollouts.len() / config.samples;
         let mut part = engine.rollouts(chunk, config.samples, &mut rng)?;
         for r in &mut part {
             r.problem += offset;
         }
         rollouts.extend(part);
+        bar.inc(chunk.len() as u64);
     }
     Ok((summarize(task, problems, &rollouts, config.max_episodes), rollouts))
 }

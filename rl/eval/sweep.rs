@@ -33,7 +33,7 @@ struct Setting {
 
 fn report_options(opts: &ExperimentOptions) -> ReportOptions {
     let s = &opts.regime.sweep;
-    ReportOptions { problems: s.problems, samples: s.samples, extended_samples: 1, seed: EVAL_SEED }
+    ReportOptions { problems: s.problems, samples: s.samples, extended_samples: 1, seed: EVAL_SEED, samples_file: None, progress: false }
 }
 
 /// Runs the sweep of every regime in `list` and returns the path of each regime's report.

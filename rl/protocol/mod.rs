@@ -151,6 +151,8 @@ pub trait Protocol: Send + Sync {
     fn suffix(&self) -> &[u32];
     /// What budget forcing does.
     fn forcing(&self) -> Forcing;
+    /// `ids` as text, for people (samples, logs): words separated by spaces, or free text.
+    fn text(&self, ids: &[u32]) -> Result<String>;
     /// Every correct forced answer of `problem` as ids, each ending with the token that
     /// closes it, when the task can list them (the exact meta-prover).
     fn correct_answers(&self, _problem: &Problem) -> Option<Result<Vec<Vec<u32>>>> {

@@ -7,13 +7,13 @@
 //! ends `carry` tokens back, before the marker; the engine rewinds a fork of the cache to
 //! that boundary for the meta-prover.
 //!
-//! The policy's answer is the last `\boxed{…}` of what it writes after `</think>` (or of its
-//! whole output, for a model that does not think in tags), closed by the end-of-sequence
-//! token. A forced answer follows the suffix, which ends with `\boxed{`: it is complete when
+//! The policy's answer is read from what it writes after `</think>` (or from its whole output,
+//! for a model that does not think in tags, such as SmolLM2), closed by the end-of-sequence
+//! token: the last `\boxed{…}`, or by GSM8K's convention (`task.format.answer`). A forced answer follows the suffix, which ends with `\boxed{`: it is complete when
 //! that brace closes.
 
 use super::{Forcing, Judgement, Protocol, Thinking};
-use crate::data::math::{equivalent, last_boxed, normalize};
+use crate::data::math::{equivalent, normalize};
 use crate::data::math_task::TextFormat;
 use crate::data::{Problem, TextTokenizer};
 use crate::error::{Error, Result};
@@ -95,6 +95,10 @@ impl<'a> TextProtocol<'a> {
 }
 
 impl Protocol for TextProtocol<'_> {
+    fn text(&self, ids: &[u32]) -> Result<String> {
+        self.tokenizer.decode(ids)
+    }
+
     fn pad(&self) -> u32 {
         self.tokenizer.pad
     }
@@ -145,9 +149,9 @@ impl Protocol for TextProtocol<'_> {
         let gold = Self::gold(problem)?;
         let ids = answer.strip_suffix(&[self.tokenizer.eos]).unwrap_or(answer);
         let text = self.tokenizer.decode(ids)?;
-        let given = if forced { Self::closed_forced(&text) } else { last_boxed(&text) };
+        let given = if forced { Self::closed_forced(&text).map(str::to_string) } else { self.config.answer.extract(&text) };
         Ok(match given {
-            Some(a) if !a.trim().is_empty() => Judgement { reward: equivalent(a, gold) as u8 as f32, well_formed: true, answer: vec![normalize(a)] },
+            Some(a) if !a.trim().is_empty() => Judgement { reward: equivalent(&a, gold) as u8 as f32, well_formed: true, answer: vec![normalize(&a)] },
             _ => Judgement { reward: 0.0, well_formed: false, answer: Vec::new() },
         })
     }

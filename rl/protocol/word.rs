@@ -24,6 +24,10 @@ pub fn suffix_ids(vocab: &Vocab) -> [u32; 3] {
 }
 
 impl Protocol for WordProtocol<'_> {
+    fn text(&self, ids: &[u32]) -> Result<String> {
+        Ok(self.vocab.decode(ids).join(" "))
+    }
+
     fn pad(&self) -> u32 {
         self.vocab.specials.pad
     }

@@ -32,7 +32,7 @@ use crate::model::sampling::uniforms;
 use crate::model::{last_logits, read_ids, sample, KvCache, Transformer};
 
 mod record;
-pub use record::{Finish, Rollout, RolloutConfig};
+pub use record::{AnswerLimit, Finish, Rollout, RolloutConfig};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
@@ -78,10 +78,11 @@ pub struct Engine<'a, B: Backend> {
     pub prover: Option<&'a ProverConfig>,
 }
 
-/// Cache slots (rows × slots) the prover queue may hold before it is scored mid-rollout. The
-/// synthetic tasks never come near it (≈ 40 000 at most), so their J are scored once, after
-/// decoding, as before; a pretrained model's long streams are scored in several batches.
-const PROVER_QUEUE_SLOTS: usize = 1 << 18;
+/// KV-cache bytes the prover queue's forks may hold before they are scored mid-rollout. The
+/// synthetic tasks never come near it (≈ 40 000 slots of ≈ 1 kB at most), so their J are
+/// scored once, after decoding, as before; a pretrained model's long streams are scored in
+/// several batches (SmolLM2-135M: 46 kB per slot, so ≈ 5 forks of 1 000 tokens).
+const PROVER_QUEUE_BYTES: usize = 256 << 20;
 
 /// What one sampled token did to a row.
 struct Advance {
@@ -267,7 +268,7 @@ impl<'a, B: Backend> Engine<'a, B> {
                     queue.push_owned(fork, [tag(i)]);
                 }
                 // Long free-text streams: score what is queued before the forks outgrow memory.
-                if queue.held_slots() > PROVER_QUEUE_SLOTS {
+                if queue.held_slots() * self.model.config.kv_bytes_per_token() > PROVER_QUEUE_BYTES {
                     self.score_queue(&mut queue, batch, problems, rng)?;
                 }
             }
@@ -324,7 +325,11 @@ impl<'a, B: Backend> Engine<'a, B> {
                     self.conclude(row, problem, start..end, forced)?;
                     return Ok(Advance::feed(Vec::new()));
                 }
-                if end - start >= self.config.max_answer_tokens {
+                let spent = match (forced, self.config.free_answer) {
+                    (false, AnswerLimit::Budget) => row.r.policy_tokens() + row.forced >= self.config.max_tokens,
+                    _ => end - start >= self.config.max_answer_tokens,
+                };
+                if spent {
                     row.r.finish = Finish::Unfinished;
                     row.phase = Phase::Done;
                     return Ok(Advance::feed(Vec::new()));

@@ -18,13 +18,35 @@ pub struct RolloutConfig {
     /// Policy tokens (episodes and answer), and tokens budget forcing fed in their place,
     /// before the row is forced to answer.
     pub max_tokens: usize,
-    /// Tokens after `<answer>` before the answer counts as unfinished.
+    /// Tokens of a forced answer (after the meta-prover's suffix) before it counts as
+    /// unfinished; also the limit of the policy's own answer unless `free_answer` says otherwise.
     pub max_answer_tokens: usize,
+    /// How long the policy's own answer (after the end of thinking) may run.
+    #[serde(default, skip_serializing_if = "AnswerLimit::is_forced")]
+    pub free_answer: AnswerLimit,
     pub sampler: SamplerConfig,
     /// Keep the row thinking until `max_episodes` episodes are done (the protocol's
     /// [`Forcing`](crate::rl::protocol::Forcing): `</think>` masked, or replaced by "Wait").
     #[serde(default)]
     pub budget_forcing: bool,
+}
+
+/// How many tokens the policy's own answer may take before it counts as unfinished.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AnswerLimit {
+    /// `max_answer_tokens`, as a forced answer (the synthetic tasks' one-word answers).
+    #[default]
+    Forced,
+    /// What remains of `max_tokens`: free text may write a sentence or a worked line before
+    /// its `\boxed{}` (the pretrained models' default).
+    Budget,
+}
+
+impl AnswerLimit {
+    pub fn is_forced(&self) -> bool {
+        *self == AnswerLimit::Forced
+    }
 }
 
 /// How a rollout ended.

@@ -83,7 +83,7 @@ pub fn problems(n: usize, seed: u64) -> Vec<Problem> {
 }
 
 pub fn rollout_config() -> RolloutConfig {
-    RolloutConfig { max_episodes: 6, max_tokens: 32, max_answer_tokens: 4, sampler: SamplerConfig::default(), budget_forcing: false }
+    RolloutConfig { max_episodes: 6, max_tokens: 32, max_answer_tokens: 4, free_answer: Default::default(), sampler: SamplerConfig::default(), budget_forcing: false }
 }
 
 pub fn exact_at(temperature: f64) -> ProverConfig {
