@@ -104,8 +104,15 @@ pub fn evaluate_report<B: Backend>(model: &Transformer<B>, task: &dyn Task, prot
         max_tokens: 2 * config.rl.rollout.max_tokens,
         ..natural_cfg.clone()
     };
-    let (extended, _) = evaluate_shown(model, task, protocol, &problems, &extended_cfg, false, opts.seed ^ 0xe7e4d, &shown("2x budget"))?;
-    let (forced, _) = evaluate_shown(model, task, protocol, &problems, &extended_cfg, true, opts.seed ^ 0xb0d6e7, &shown("forced 2x"))?;
+    // No samples past the budget: the measures at the budget only (`eval --model`'s quick
+    // check); the curves past it are left empty.
+    let past = |forcing: bool, seed: u64, what: &str| -> Result<Option<EvalSummary>> {
+        if opts.extended_samples == 0 {
+            return Ok(None);
+        }
+        Ok(Some(evaluate_shown(model, task, protocol, &problems, &extended_cfg, forcing, opts.seed ^ seed, &shown(what))?.0))
+    };
+    let (extended, forced) = (past(false, 0xe7e4d, "2x budget")?, past(true, 0xb0d6e7, "forced 2x")?);
 
     let token_budget = config.rl.rollout.max_tokens;
     let token_curve = token_anytime(&rollouts, token_budget);
@@ -143,11 +150,11 @@ pub fn evaluate_report<B: Backend>(model: &Transformer<B>, task: &dyn Task, prot
         progress_hist,
         unproductive_episodes: unproductive as f64 / total.max(1) as f64,
         extended_budget: 2 * budget,
-        extended_regret: regret_curve(&extended.anytime, None),
-        extended_optimal: extended.optimal.clone(),
-        extended_anytime: extended.anytime,
-        forced_regret: regret_curve(&forced.anytime, None),
-        forced_anytime: forced.anytime,
+        extended_regret: extended.as_ref().map_or_else(Vec::new, |e| regret_curve(&e.anytime, None)),
+        extended_optimal: extended.as_ref().and_then(|e| e.optimal.clone()),
+        extended_anytime: extended.map_or_else(Vec::new, |e| e.anytime),
+        forced_regret: forced.as_ref().map_or_else(Vec::new, |f| regret_curve(&f.anytime, None)),
+        forced_anytime: forced.map_or_else(Vec::new, |f| f.anytime),
         natural,
     })
 }
