@@ -50,7 +50,7 @@ struct Args {
     #[arg(long, default_value_t = 8)]
     samples: usize,
     /// Samples per problem past the budget (budget forcing); 0 with --model skips those two
-    /// evaluations (pass@1 and regret at the budget only, about 3× faster).
+    /// evaluations (pass@1 and regret at the budget only: one evaluation instead of three).
     #[arg(long, default_value_t = 2)]
     extended_samples: usize,
     /// Seed of the evaluation's sampling.

@@ -68,7 +68,7 @@ fn run(args: Args) -> Result<()> {
             let text = TextTokenizer::load(file)?;
             // The tokenizer files are written beside the export's temporary directory first
             // and copied in with the weights.
-            let staging = args.out.with_file_name(format!(".{}.tokenizer-{}", file_stem(&args.out), std::process::id()));
+            let staging = args.out.with_file_name(format!(".{}.tokenizer-{}", file_name(&args.out), std::process::id()));
             std::fs::create_dir_all(&staging).with_context(|| staging.display().to_string())?;
             text.save(&staging)?;
             let files: Vec<PathBuf> = ["tokenizer.json", "tokenizer_config.json"].iter().map(|f| staging.join(f)).collect();
@@ -102,7 +102,7 @@ fn arch(model: &Transformer<Flex>) -> &'static str {
     if model.config.qkv_bias { "Qwen2ForCausalLM" } else { "LlamaForCausalLM" }
 }
 
-fn file_stem(path: &Path) -> String {
+fn file_name(path: &Path) -> String {
     path.file_name().and_then(|n| n.to_str()).unwrap_or("export").to_string()
 }
 

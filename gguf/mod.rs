@@ -68,17 +68,15 @@ impl Value {
 
     /// The value as a float, when it is any number.
     pub fn as_f64(&self) -> Option<f64> {
-        match *self {
-            Value::F32(v) => Some(v.into()),
-            Value::F64(v) => Some(v),
-            _ => self.as_u64().map(|v| v as f64).or(match *self {
-                Value::I8(v) => Some(v.into()),
-                Value::I16(v) => Some(v.into()),
-                Value::I32(v) => Some(v.into()),
-                Value::I64(v) => Some(v as f64),
-                _ => None,
-            }),
-        }
+        Some(match *self {
+            Value::F32(v) => v.into(),
+            Value::F64(v) => v,
+            Value::I8(v) => v.into(),
+            Value::I16(v) => v.into(),
+            Value::I32(v) => v.into(),
+            Value::I64(v) => v as f64,
+            _ => self.as_u64()? as f64,
+        })
     }
 
     pub fn as_str(&self) -> Option<&str> {

@@ -126,7 +126,7 @@ pub fn summarize(task: &dyn Task, problems: &[Problem], rollouts: &[Rollout], bu
 /// the synthetic tasks' small models keep their batches of 32 problems (and their numbers).
 const EVAL_CACHE_BYTES: usize = 2 << 30;
 /// Rows' tokens beyond `max_tokens` that a batch's cache must hold: the prompt, the forced
-/// suffix and answer (a GSM8K prompt through a chat template is ≈ 100–200 tokens).
+/// suffix and answer (GSM8K's first question through SmolLM2's chat template is 96 tokens).
 const EVAL_ROW_SLACK: usize = 512;
 
 /// Problems per evaluation batch for `config` on `model`: at most 32, fewer when their
