@@ -26,7 +26,10 @@
 //!   GRPO); the termination baseline is the meta-prover's J at the cut, i.e. what the
 //!   paper's continuations terminated at once estimate. `A_i = (r_i − r̄) + α (r̄ − b)`: α = 1
 //!   is the paper's reward-minus-termination-baseline; std scaling uses one scale for the
-//!   whole step. Prefix tokens are context, never trained (c ∼ π_old in MRT.md).
+//!   whole step. Prefix tokens are context, never trained (c ∼ π_old in MRT.md). The two
+//!   terms are normalised apart, as `mrt-dense`'s are: (r_i − r̄) over the tokens of groups
+//!   with mixed outcomes (GRPO's), α (r̄ − b) over the tokens of every group where it is
+//!   non-zero, all-equal groups included; so α → 0 is GRPO's centring, continuously.
 //! - `mrt-dense`: the outcome term is GRPO's, with the all-equal test on the binary outcome,
 //!   token-mean normalised over exactly the tokens GRPO would train; the progress term
 //!   α · r_prg on each episode's tokens covers every rollout (all-equal groups included) and
@@ -47,6 +50,7 @@ pub mod eval;
 pub mod loss;
 pub mod metrics;
 pub mod optim;
+pub mod passes;
 pub mod pipeline;
 pub mod protocol;
 pub mod prover;

@@ -139,18 +139,8 @@ fn score_mrt<B: Backend>(engine: &Engine<B>, problems: &[Problem], cfg: &RlConfi
     let rollouts = Engine::finish(batch);
 
     let rewards: Vec<f32> = rollouts.iter().map(|r| r.reward).collect();
-    let adv = mrt(&rewards, &baselines, m, cfg.alpha as f32, cfg.scale_by_std);
-    let mut signals = Vec::with_capacity(rollouts.len());
-    let mut degenerate = 0;
-    for (g, chunk) in adv.advantage.chunks(m).enumerate() {
-        degenerate += rewards[g * m..(g + 1) * m].iter().all(|&r| r == rewards[g * m]) as usize;
-        // A group whose advantages are all zero carries no signal and, as in GRPO, is not
-        // in the loss (so it does not dilute the token mean).
-        let informative = chunk.iter().any(|&a| a != 0.0);
-        signals.extend(chunk.iter().map(|&a| Signal::outcome(a, informative)));
-    }
-    let kept = |v: &[f32]| mean_abs(v.iter().zip(&signals).filter(|(_, s)| s.in_outcome).map(|(a, _)| *a));
-    let (outcome_abs, progress_abs) = (kept(&adv.outcome), kept(&adv.progress));
+    let lens: Vec<usize> = rollouts.iter().map(|r| r.tokens.len()).collect();
+    let MrtSignals { signals, degenerate, outcome_abs, progress_abs } = mrt_signals(&rewards, &baselines, &lens, m, cfg.alpha as f32, cfg.scale_by_std);
     Ok(Scored {
         groups: streams.len(),
         rollouts,
@@ -161,4 +151,47 @@ fn score_mrt<B: Backend>(engine: &Engine<B>, problems: &[Problem], cfg: &RlConfi
         outcome_abs,
         progress_abs,
     })
+}
+
+/// The `mrt` recipe's training signal for continuations in groups of `m` (`lens[i]` the
+/// length of continuation i's token sequence).
+pub struct MrtSignals {
+    pub signals: Vec<Signal>,
+    /// Groups whose m rewards were all equal.
+    pub degenerate: usize,
+    /// Mean |outcome advantage| over the outcome term's samples, mean |α(r̄ − b)| over the
+    /// progress term's.
+    pub outcome_abs: f64,
+    pub progress_abs: f64,
+}
+
+/// Splits the recipe's advantage `(r_i − r̄) + α(r̄ − b)` into its two terms, each normalised
+/// over its own tokens as `mrt-dense`'s are (`batch.rs`): the outcome term is GRPO's, trained on
+/// the groups with mixed outcomes only, and the termination term α(r̄ − b) is a per-token bonus
+/// on every continuation of a group where it is non-zero, all-equal groups included. So an
+/// all-equal group never joins the outcome term's token mean (which would scale the mixed
+/// groups' signal down by their share of the tokens), and α → 0 is GRPO's centring,
+/// continuously.
+pub fn mrt_signals(rewards: &[f32], baselines: &[f32], lens: &[usize], m: usize, alpha: f32, scale_by_std: bool) -> MrtSignals {
+    assert_eq!(rewards.len(), lens.len(), "one length per continuation");
+    let adv = mrt(rewards, baselines, m, alpha, scale_by_std);
+    let mut signals = Vec::with_capacity(rewards.len());
+    let mut degenerate = 0;
+    for (g, group) in rewards.chunks(m).enumerate() {
+        let mixed = group.iter().any(|&r| r != group[0]);
+        degenerate += !mixed as usize;
+        for i in g * m..(g + 1) * m {
+            let mut s = Signal::outcome(adv.outcome[i], mixed);
+            let p = adv.progress[i];
+            // A NaN baseline (no J at the cut; NaN ≠ 0) poisons the loss on purpose: the loop
+            // reports it as divergence rather than training on a made-up baseline.
+            if p != 0.0 {
+                s.bonus = Some(vec![p; lens[i]]);
+            }
+            signals.push(s);
+        }
+    }
+    let outcome_abs = mean_abs(signals.iter().zip(&adv.outcome).filter(|(s, _)| s.in_outcome).map(|(_, a)| *a));
+    let progress_abs = mean_abs(signals.iter().zip(&adv.progress).filter(|(s, _)| s.bonus.is_some()).map(|(_, p)| *p));
+    MrtSignals { signals, degenerate, outcome_abs, progress_abs }
 }

@@ -15,7 +15,7 @@ use mrt::rl::loss::{policy_loss, PgBatch};
 use mrt::rl::optim::{adamw, require_grad, OptimConfig};
 use mrt::rl::protocol::WordProtocol;
 use mrt::rl::rollout::{Engine, Rollout};
-use mrt::rl::score::{score, Scored};
+use mrt::rl::score::{mrt_signals, score, Scored};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
@@ -200,10 +200,20 @@ fn mrt_continues_one_stream_cut_at_a_boundary_against_the_prover_baseline() {
     assert!(cut_inside > 0);
     let rewards: Vec<f32> = s.rollouts.iter().map(|r| r.reward).collect();
     let expect = mrt::rl::advantage::mrt(&rewards, &s.baselines, m, 1.0, true);
-    assert_eq!(s.signals.iter().map(|x| x.outcome).collect::<Vec<_>>(), expect.advantage);
+    // The outcome term is GRPO's (mixed groups only); α(r̄ − b) is a bonus on every token.
+    assert_eq!(s.signals.iter().map(|x| x.outcome).collect::<Vec<_>>(), expect.outcome);
+    for (i, x) in s.signals.iter().enumerate() {
+        let group = &rewards[i / m * m..(i / m + 1) * m];
+        assert_eq!(x.in_outcome, group.iter().any(|&r| r != group[0]));
+        match &x.bonus {
+            Some(b) => assert!(b.iter().all(|&v| v == expect.progress[i]) && expect.progress[i] != 0.0),
+            None => assert_eq!(expect.progress[i], 0.0),
+        }
+    }
     // Only the continuations' own tokens are trained.
     let b = batch_of(&s.rollouts, &s.signals);
-    let own: usize = s.rollouts.iter().zip(&s.signals).filter(|(_, x)| x.in_outcome).map(|(r, _)| r.policy_tokens_after_context()).sum();
+    let in_loss = |x: &Signal| x.in_outcome || x.bonus.is_some();
+    let own: usize = s.rollouts.iter().zip(&s.signals).filter(|(_, x)| in_loss(x)).map(|(r, _)| r.policy_tokens_after_context()).sum();
     assert_eq!(b.trained_tokens, own);
     // The step's stream metrics describe the streams, not the continuations.
     assert_eq!(s.streams().len(), ps.len());
@@ -224,5 +234,97 @@ fn log_probs_are_scored_at_the_sampling_temperature() {
         let y = r.tokens[pos + 1] as usize;
         let want: f32 = logp.clone().slice([0..1, pos..pos + 1, y..y + 1]).into_scalar();
         assert!((lp[pos] - want).abs() < 1e-5, "position {pos}: {} vs {want}", lp[pos]);
+    }
+}
+
+/// Coefficients c_t of a batch of fake continuations with these signals (`len` tokens each,
+/// the first `ctx` of them context).
+fn coefficients(signals: &[Signal], len: usize, ctx: usize) -> Vec<Vec<f32>> {
+    let r = Rollout {
+        problem: 0,
+        tokens: (0..len as u32).map(|t| 5 + t % 7).collect(),
+        roles: vec![Role::Policy; len],
+        context_len: ctx,
+        episodes: Vec::new(),
+        boundaries: vec![ctx],
+        answer: None,
+        reward: 0.0,
+        finish: mrt::rl::rollout::Finish::Answered,
+        j: Vec::new(),
+        j_well_formed: Vec::new(),
+    };
+    let rs: Vec<&Rollout> = signals.iter().map(|_| &r).collect();
+    let b = rollout_batch::<B>(&rs, signals, 0, &Default::default());
+    let t = len - 1;
+    let c: Vec<f32> = b.coef.into_data().to_vec().unwrap();
+    c.chunks(t).map(<[f32]>::to_vec).collect()
+}
+
+#[test]
+fn mrt_outcome_term_is_not_diluted_by_all_equal_groups() {
+    // A mixed group (b = r̄ = 0.5) and an all-correct one (b = 0.9), 4 continuations each.
+    let rewards = [1.0, 0.0, 1.0, 0.0, 1.0, 1.0, 1.0, 1.0];
+    let baselines = [0.5, 0.9];
+    let lens = [12; 8];
+    let at = |alpha: f32| mrt_signals(&rewards, &baselines, &lens, 4, alpha, true);
+    let (zero, tiny, one) = (at(0.0), at(1e-6), at(1.0));
+    // α = 0: GRPO's centring, the all-correct group out of the loss.
+    assert!(zero.signals[4..].iter().all(|s| !s.in_outcome && s.bonus.is_none()));
+    assert_eq!(zero.degenerate, 1);
+    let (cz, ct) = (coefficients(&zero.signals, 12, 4), coefficients(&tiny.signals, 12, 4));
+    for (a, b) in cz[..4].iter().flatten().zip(ct[..4].iter().flatten()) {
+        assert!((a - b).abs() < 1e-4 * a.abs().max(1e-3), "{a} vs {b}");
+    }
+    // Trained tokens are positions 4..12 (targets 3..11): 8 per row, the mixed group's 32 in
+    // the outcome term whatever α; the all-correct group's 32 in the termination term.
+    let c1 = coefficients(&one.signals, 12, 4);
+    let scale = mrt::rl::advantage::mrt(&rewards, &baselines, 4, 1.0, true).scale;
+    assert!((c1[0][5] - (0.5 / scale) / 32.0).abs() < 1e-6, "{}", c1[0][5]);
+    assert!((c1[4][5] - ((1.0 - 0.9) / scale) / 32.0).abs() < 1e-6, "{}", c1[4][5]);
+    assert_eq!(c1[0][2], 0.0, "context tokens are never trained");
+    assert!(one.signals[4..].iter().all(|s| !s.in_outcome && s.bonus.is_some()));
+}
+
+#[test]
+fn micro_batches_give_the_one_pass_gradient_for_every_objective() {
+    use mrt::rl::passes::{batch_gradients, frozen_logprobs, row_chunks, LossSpec};
+    let model: Transformer<AD> = require_grad(search_policy().model.clone().train::<AD>());
+    for algo in [Algo::Grpo, Algo::Mrt, Algo::MrtDense, Algo::Star, Algo::MrtStar] {
+        let (_, s) = scored(algo, 1.0, 11);
+        let batch = batch_of(&s.rollouts, &s.signals);
+        let n = batch.tokens.dims()[0];
+        assert!(n >= 8 && batch.trained_tokens > 0, "{algo:?}: {n} rows");
+        let supervised = matches!(algo, Algo::Star | Algo::MrtStar);
+        let spec = LossSpec { supervised, temperature: 1.0, clip_eps: 0.2, kl_beta: 0.0, entropy: true };
+        let (one, chunked) = (row_chunks(n, 0), row_chunks(n, 1));
+        assert_eq!((one.len(), chunked.len()), (1, n));
+        // The second PPO epoch's case too: a behaviour policy other than the current one, as
+        // a perturbed copy of the policy gives (ratios ≠ 1, so clipping acts).
+        let mut behaviour = search_policy().model.clone();
+        behaviour.norm = behaviour.norm.map(&mut Scale(1.1));
+        let old = frozen_logprobs::<AD>(&behaviour, &batch, &chunked, 1.0);
+        assert_eq!(old.clone().into_data(), frozen_logprobs::<AD>(&behaviour, &batch, &one, 1.0).into_data());
+        for old_logp in [None, Some(&old)] {
+            let (g1, s1) = batch_gradients(&model, &batch, &one, old_logp, None, spec);
+            let (gm, sm) = batch_gradients(&model, &batch, &chunked, old_logp, None, spec);
+            let (g1, gm) = (collect_grads(&model, &g1), collect_grads(&model, &gm));
+            let scale = g1.iter().flatten().fold(0.0f32, |m, x| m.max(x.abs()));
+            assert!(scale > 0.0, "{algo:?}: zero gradient");
+            for (a, b) in g1.iter().flatten().zip(gm.iter().flatten()) {
+                assert!((a - b).abs() <= 1e-5 * scale.max(1.0), "{algo:?}: {a} vs {b} (scale {scale})");
+            }
+            assert!((s1.loss - sm.loss).abs() < 1e-5, "{algo:?}: loss {} vs {}", s1.loss, sm.loss);
+            assert!((s1.entropy - sm.entropy).abs() < 1e-4, "{algo:?}: entropy {} vs {}", s1.entropy, sm.entropy);
+            assert!((s1.clip_frac - sm.clip_frac).abs() < 1e-5 && (s1.approx_kl - sm.approx_kl).abs() < 1e-5);
+        }
+    }
+}
+
+/// Multiplies every float parameter by a constant.
+struct Scale(f32);
+impl burn::module::ModuleMapper<B> for Scale {
+    fn map_float<const D: usize>(&mut self, p: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        let s = self.0;
+        p.map(|t| t * s)
     }
 }
