@@ -3,28 +3,25 @@
 //! metrics → evaluation / checkpoint. GRPO and the MRT variants share all of it and differ in
 //! [`score`], which turns rollouts into each rollout's training signal.
 
-use std::ops::Range;
 use std::time::Instant;
 
 use burn::module::AutodiffModule;
-use burn::optim::{GradientsAccumulator, GradientsParams};
-use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 
 use super::advantage::progress;
 use super::batch::rollout_batch;
 use super::eval::samples::{append as append_samples, samples};
 use super::config::Algo;
-use super::loss::{policy_loss, sft_loss, PgBatch};
 use super::metrics::Record;
 use super::optim::{step_grads, Adam};
+use super::passes::{batch_gradients, frozen_logprobs, row_chunks, LossSpec};
 use super::rollout::{Engine, Finish, Rollout};
 use super::run::{save_state, step_rng, Progress, Stage};
 use super::score::{score, Scored};
 use super::stage::{due, eval_line, Ctx};
 use crate::data::{sample_problem, Problem, Split};
 use crate::error::{Error, Result};
-use crate::model::{token_logprobs, Transformer};
+use crate::model::Transformer;
 
 /// Runs RL steps `start..steps`; returns the model, optimizer and whether the stage completed.
 pub fn train_rl<B: AutodiffBackend>(
@@ -67,66 +64,22 @@ pub fn train_rl<B: AutodiffBackend>(
         let mut rec = Record::new("rl", step + 1);
         if batch.trained_tokens > 0 {
             let chunks = row_chunks(batch.tokens.dims()[0], cfg.micro_batch);
-            let single = chunks.len() == 1;
-            let part = |x: &Tensor<B, 2>, rows: &Range<usize>| if single { x.clone() } else { x.clone().slice([rows.clone(), 0..x.dims()[1]]) };
-            let part_ids = |rows: &Range<usize>| if single { batch.tokens.clone() } else { batch.tokens.clone().slice([rows.clone(), 0..batch.tokens.dims()[1]]) };
-            // Log-probs of a frozen model, pass by pass.
-            let frozen = |m: &Transformer<B::InnerBackend>| {
-                let parts: Vec<Tensor<B::InnerBackend, 2>> = chunks
-                    .iter()
-                    .map(|rows| token_logprobs(m, part_ids(rows).inner(), Some(part(&batch.mask, rows).inner()), false, temperature).logprobs)
-                    .collect();
-                Tensor::<B, 2>::from_inner(Tensor::cat(parts, 0))
-            };
-            let old_logp = (cfg.ppo_epochs > 1).then(|| frozen(&policy));
-            let ref_logp = reference.filter(|_| cfg.kl_beta > 0.0).map(|r| frozen(r));
+            let old_logp = (cfg.ppo_epochs > 1).then(|| frozen_logprobs(&policy, &batch, &chunks, temperature));
+            let ref_logp = reference.filter(|_| cfg.kl_beta > 0.0).map(|r| frozen_logprobs(r, &batch, &chunks, temperature));
             for epoch in 0..cfg.ppo_epochs {
-                let mut grads = GradientsAccumulator::<Transformer<B>>::new();
-                let (mut value, mut entropy, mut approx_kl, mut clip_frac, mut ref_kl) = (0.0f64, 0.0f64, 0.0f64, 0.0f64, 0.0f64);
-                for rows in &chunks {
-                    let mask = part(&batch.mask, rows);
-                    // This pass's share of the trained tokens: token means of the diagnostics
-                    // are weighted by it (1 with a single pass).
-                    let share = if single { 1.0 } else { mask.clone().sum().into_scalar().elem::<f64>() / batch.trained_tokens as f64 };
-                    let lp = token_logprobs(&model, part_ids(rows), Some(mask.clone()), epoch == 0, temperature);
-                    if let Some(e) = &lp.entropy {
-                        entropy += ((e.clone() * mask.clone()).sum() / batch.trained_tokens as f32).into_scalar().elem::<f64>();
-                    }
-                    let loss = if supervised {
-                        // A mean over the whole batch's trained tokens, summed over the passes.
-                        if single {
-                            sft_loss(lp.logprobs, &mask)
-                        } else {
-                            -(lp.logprobs * mask.clone()).sum() / batch.trained_tokens as f32
-                        }
-                    } else {
-                        // The coefficients carry the normalisation (`batch.rs`): the loss is a
-                        // sum over tokens, so passes add up to the one-pass loss.
-                        let old = old_logp.as_ref().map(|o| part(o, rows)).unwrap_or_else(|| lp.logprobs.clone().detach());
-                        let out = policy_loss(
-                            PgBatch { logp: lp.logprobs, old_logp: old, ref_logp: ref_logp.as_ref().map(|q| part(q, rows)), coef: part(&batch.coef, rows), mask },
-                            cfg.clip_eps,
-                            cfg.kl_beta,
-                        );
-                        approx_kl += share * out.approx_kl.into_scalar().elem::<f64>();
-                        clip_frac += share * out.clip_fraction.into_scalar().elem::<f64>();
-                        ref_kl += share * out.ref_kl.into_scalar().elem::<f64>();
-                        out.loss
-                    };
-                    value += loss.clone().into_scalar().elem::<f64>();
-                    grads.accumulate(&model, GradientsParams::from_grads(loss.backward(), &model));
-                }
-                if !value.is_finite() {
-                    return Err(Error::Diverged { step: step + 1, what: "RL loss".into(), value });
+                let spec = LossSpec { supervised, temperature, clip_eps: cfg.clip_eps, kl_beta: cfg.kl_beta, entropy: epoch == 0 };
+                let (grads, st) = batch_gradients(&model, &batch, &chunks, old_logp.as_ref(), ref_logp.as_ref(), spec);
+                if !st.loss.is_finite() {
+                    return Err(Error::Diverged { step: step + 1, what: "RL loss".into(), value: st.loss });
                 }
                 if epoch == 0 {
-                    rec.set("train/entropy", entropy);
+                    rec.set("train/entropy", st.entropy);
                 }
                 if !supervised {
-                    rec.set("train/approx_kl", approx_kl).set("train/clip_frac", clip_frac).set("train/ref_kl", ref_kl);
+                    rec.set("train/approx_kl", st.approx_kl).set("train/clip_frac", st.clip_frac).set("train/ref_kl", st.ref_kl);
                 }
-                rec.set("train/loss", value);
-                let (next, norm) = step_grads(model, &mut optim, grads.grads(), lr, cfg.optim.grad_clip);
+                rec.set("train/loss", st.loss);
+                let (next, norm) = step_grads(model, &mut optim, grads, lr, cfg.optim.grad_clip);
                 model = next;
                 rec.set("train/grad_norm", norm);
             }
@@ -224,12 +177,4 @@ fn log_rollouts(rec: &mut Record, s: &Scored) {
     if !wf.is_empty() {
         rec.set("prover/well_formed", wf.iter().sum::<f32>() as f64 / wf.len() as f64);
     }
-}
-
-/// Row ranges of the training passes: `micro_batch` rows each (0: one pass over all).
-fn row_chunks(rows: usize, micro_batch: usize) -> Vec<Range<usize>> {
-    if micro_batch == 0 || micro_batch >= rows {
-        return vec![0..rows];
-    }
-    (0..rows).step_by(micro_batch).map(|s| s..(s + micro_batch).min(rows)).collect()
 }
