@@ -290,6 +290,13 @@ impl Task for Countdown {
         None
     }
 
+    /// An episode is a line, checkable like an answer: one that reaches the target has solved
+    /// the problem, so budget forcing lets the row end (more attempts after a solution would
+    /// only work against the policy that solved early).
+    fn confirms_solution(&self, p: &Problem, episode: &[String]) -> bool {
+        self.verify(p, episode)
+    }
+
     /// Every line over the numbers that reaches the target (the verifier accepts exactly these),
     /// each once: with a repeated number, two orders of the pool write the same line, and
     /// listing it twice would count its probability twice in the exact meta-prover.

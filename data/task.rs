@@ -56,10 +56,11 @@ pub trait Task: Send + Sync {
     /// Environment reply after an episode (its words without the delimiter); `None` for tasks
     /// that are not interactive.
     fn reply(&self, problem: &Problem, episode: &[String]) -> Option<Vec<String>>;
-    /// Whether the environment has told the policy that this episode solved the problem (an
-    /// interactive task's `correct`). Budget forcing never keeps such a row thinking: after a
+    /// Whether this episode is known to have solved the problem: the environment said so (an
+    /// interactive task's `correct`), or the episode is itself a checkable attempt that
+    /// verifies (countdown's line). Budget forcing never keeps such a row thinking: after a
     /// confirmed solution, more episodes can only push it off its training distribution.
-    /// Non-interactive tasks confirm nothing, so the default is `false`.
+    /// Tasks whose episodes cannot be checked confirm nothing, so the default is `false`.
     fn confirms_solution(&self, _problem: &Problem, _episode: &[String]) -> bool {
         false
     }

@@ -146,3 +146,57 @@ fn answer_trees_give_the_j_of_one_pass_per_answer() {
         assert!(reference.iter().any(|&x| x > 0.01), "some J is far from 0: {reference:?}");
     }
 }
+
+/// A seed rollout: the prompt, then `line` as the first episode (its `<ep>` included).
+fn seeded(task: &dyn Task, vocab: &Vocab, p: &Problem, index: usize, line: &[String]) -> mrt::rl::rollout::Rollout {
+    use mrt::data::Role;
+    let prompt = vocab.encode_words(&task.prompt(p)).unwrap();
+    let mut words = line.to_vec();
+    words.push("<ep>".into());
+    let episode = vocab.encode_words(&words).unwrap();
+    let (ctx, end) = (prompt.len(), prompt.len() + episode.len());
+    let roles = [vec![Role::Prompt; ctx], vec![Role::Policy; episode.len()]].concat();
+    mrt::rl::rollout::Rollout {
+        problem: index,
+        tokens: [prompt, episode].concat(),
+        roles,
+        context_len: ctx,
+        episodes: vec![ctx..end],
+        boundaries: vec![ctx, end],
+        answer: None,
+        reward: 0.0,
+        finish: mrt::rl::rollout::Finish::Unfinished,
+        j: Vec::new(),
+        j_well_formed: Vec::new(),
+    }
+}
+
+#[test]
+fn budget_forcing_lets_a_countdown_row_whose_line_reaches_the_target_end() {
+    use mrt::data::Role;
+    use mrt::rl::rollout::Engine;
+    let (task, vocab, model) = policy(400);
+    let mut rng = StdRng::seed_from_u64(8);
+    let problems: Vec<Problem> = (0..6).map(|_| sample_problem(task.as_ref(), Split::Train, &mut rng).unwrap()).collect();
+    let solving: Vec<Vec<String>> = problems.iter().map(|p| task.correct_answers(p).unwrap()[0].clone()).collect();
+    // A well-formed line that misses: the first number minus itself is 0, never a target.
+    let missing: Vec<Vec<String>> = solving.iter().map(|l| vec![l[0].clone(), "-".into(), l[0].clone(), "=".into(), "0".into()]).collect();
+    let protocol = WordProtocol::new(task.as_ref(), &vocab);
+    let mut config = common::rollout_config();
+    (config.max_episodes, config.max_tokens, config.max_answer_tokens, config.budget_forcing) = (4, 48, 24, true);
+    let engine = Engine { model: &model, protocol: &protocol, config: &config, prover: None };
+    let end_think = vocab.id("</think>").unwrap();
+    let stopped_by_itself = |lines: &[Vec<String>]| -> usize {
+        let seeds: Vec<_> = problems.iter().enumerate().map(|(i, p)| seeded(task.as_ref(), &vocab, p, i, &lines[i])).collect();
+        let mut batch = engine.start_from(&seeds, &problems, 4, &mut StdRng::seed_from_u64(3)).unwrap();
+        engine.run(&mut batch, &problems, &mut StdRng::seed_from_u64(4)).unwrap();
+        let rs = Engine::finish(batch);
+        rs.iter().filter(|r| r.tokens.iter().zip(&r.roles).skip(r.context_len).any(|(&t, &role)| t == end_think && role == Role::Policy)).count()
+    };
+    // The warm start taught the policy to answer after a line that reaches the target: under
+    // forcing it is now free to (unsolved rows still cannot end their thinking).
+    let solved = stopped_by_itself(&solving);
+    // 11 of 24 here; none before countdown confirmed a solving line.
+    assert!(solved >= 6, "{solved} of 24 solved rows ended their thinking");
+    assert_eq!(stopped_by_itself(&missing), 0);
+}
