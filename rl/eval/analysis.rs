@@ -125,6 +125,19 @@ pub fn token_efficiency(a: &[CostPoint], b: &[CostPoint], target: f64) -> Option
     Some(tokens_to_reach(a, target)? / tokens_to_reach(b, target)?)
 }
 
+/// Token efficiency at *matched* accuracy: the target is the lower of the two curves' peaks,
+/// an accuracy both reach, so the ratio is defined whenever both curves have points (the
+/// paper's "tokens to reach the same accuracy"). Returns (target, tokens `a` needs / tokens
+/// `b` needs). Whether `b` also reaches `a`'s peak is a separate question (`tokens_to_reach`).
+pub fn matched_token_efficiency(a: &[CostPoint], b: &[CostPoint]) -> Option<(f64, f64)> {
+    let peak = |c: &[CostPoint]| c.iter().map(|p| p.accuracy).fold(f64::NAN, f64::max);
+    let target = peak(a).min(peak(b));
+    if !target.is_finite() {
+        return None;
+    }
+    Some((target, token_efficiency(a, b, target)?))
+}
+
 /// Counts of episodes with negative, zero (|r_prg| < `tol`) and positive progress, by
 /// episode index (entry e is episode e + 1).
 pub fn progress_histogram(rollouts: &[Rollout], max_episodes: usize, tol: f32) -> Vec<[usize; 3]> {
@@ -144,6 +157,24 @@ pub fn progress_histogram(rollouts: &[Rollout], max_episodes: usize, tol: f32) -
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn token_efficiency_is_measured_at_an_accuracy_both_curves_reach() {
+        let pts = |v: &[(f64, f64)]| v.iter().map(|&(tokens, accuracy)| CostPoint { tokens, accuracy }).collect::<Vec<_>>();
+        let (grpo, mrt) = (pts(&[(40.0, 0.20), (80.0, 0.31)]), pts(&[(10.0, 0.30), (20.0, 0.305)]));
+        // MRT never reaches GRPO's peak 0.31, but both reach 0.305: GRPO at
+        // 40 + 0.105 / 0.11 · 40 = 78.18 tokens, MRT at 20.
+        assert_eq!(token_efficiency(&grpo, &mrt, 0.31), None);
+        let (target, ratio) = matched_token_efficiency(&grpo, &mrt).unwrap();
+        assert_eq!(target, 0.305);
+        assert!((ratio - (40.0 + 0.105 / 0.11 * 40.0) / 20.0).abs() < 1e-9, "{ratio}");
+        assert!((ratio - 3.909).abs() < 1e-3);
+        // Symmetric in which curve peaks lower.
+        let (t2, r2) = matched_token_efficiency(&mrt, &grpo).unwrap();
+        assert_eq!(t2, 0.305);
+        assert!((r2 * ratio - 1.0).abs() < 1e-12);
+        assert_eq!(matched_token_efficiency(&[], &mrt), None);
+    }
 
     #[test]
     fn regret_is_the_area_between_the_curves() {
