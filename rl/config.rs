@@ -134,6 +134,7 @@ pub struct EvalConfig {
     pub problems: usize,
     /// Samples per problem.
     pub samples: usize,
+    /// Sampling temperature of the evaluated policy; 0 decodes greedily.
     pub temperature: f64,
     /// Episode budget of evaluation rollouts (≥ the training budget; past it via budget forcing).
     pub max_episodes: usize,
@@ -402,6 +403,23 @@ impl RunConfig {
         if !(sampler.temperature > 0.0) {
             return Err(Error::config("rl.rollout.sampler.temperature", sampler.temperature, "RL needs stochastic rollouts (> 0)"));
         }
+        // Budget forcing masks `</think>` out of the sampling softmax, which the loss does not.
+        if self.rl.rollout.budget_forcing {
+            return Err(Error::config(
+                "rl.rollout.budget_forcing",
+                true,
+                "RL rollouts must sample from the softmax the loss scores; budget forcing (which bans the end of thinking) is for evaluation only",
+            ));
+        }
+        // J (and `mrt`'s termination baseline) is a probability under the policy's sampling
+        // distribution: read at another temperature it describes a different policy.
+        if self.rl.algo.needs_prover() && self.rl.prover.temperature != sampler.temperature {
+            return Err(Error::config(
+                "rl.prover.temperature",
+                self.rl.prover.temperature,
+                format!("must equal the sampler's temperature rl.rollout.sampler.temperature = {} (J is read under the policy that samples)", sampler.temperature),
+            ));
+        }
         if sampler.top_k != 0 || sampler.top_p < 1.0 {
             return Err(Error::config(
                 "rl.rollout.sampler",
@@ -412,8 +430,9 @@ impl RunConfig {
         if self.eval.split == Split::Train {
             return Err(Error::config("eval.split", "train", "evaluate on `held-out` or `validation` problems, never on training problems"));
         }
-        if !(self.eval.temperature > 0.0) {
-            return Err(Error::config("eval.temperature", self.eval.temperature, "must be > 0"));
+        // 0 is greedy decoding (GSM8K's usual pass@1); the prover keeps its own temperature.
+        if !(self.eval.temperature.is_finite() && self.eval.temperature >= 0.0) {
+            return Err(Error::config("eval.temperature", self.eval.temperature, "must be ≥ 0 (0: greedy)"));
         }
         let vocab_needed = crate::data::vocab::SPECIAL_TOKENS.len() + task.words().len();
         if !self.task.is_text() && self.model.vocab_size < vocab_needed {

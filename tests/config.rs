@@ -50,6 +50,29 @@ fn rollout_sampling_the_loss_cannot_score_is_refused() {
 }
 
 #[test]
+fn off_policy_rollouts_and_a_prover_at_another_temperature_are_refused() {
+    // Budget forcing bans `</think>` from the sampling softmax, which the loss does not.
+    for algo in [Algo::Grpo, Algo::MrtDense] {
+        let err = patched(algo, "search", json!({"rl": {"rollout": {"budget_forcing": true}}})).unwrap_err();
+        assert!(err.contains("rl.rollout.budget_forcing"), "{err}");
+    }
+    // J is read under the sampling policy: the prover's temperature must be the sampler's.
+    let t07 = json!({"rl": {"rollout": {"sampler": {"temperature": 0.7}}}});
+    for algo in [Algo::Mrt, Algo::MrtDense, Algo::MrtStar] {
+        let err = patched(algo, "search", t07.clone()).unwrap_err();
+        assert!(err.contains("rl.prover.temperature") && err.contains("0.7"), "{err}");
+        let both = json!({"rl": {"rollout": {"sampler": {"temperature": 0.7}}, "prover": {"temperature": 0.7}}});
+        assert!(patched(algo, "search", both).is_ok());
+    }
+    // GRPO has no prover: its (unused) temperature is not checked.
+    assert!(patched(Algo::Grpo, "search", t07).is_ok());
+    // Evaluation may decode greedily (GSM8K's pass@1); its prover keeps a positive temperature.
+    assert!(patched(Algo::Grpo, "search", json!({"eval": {"temperature": 0.0}})).is_ok());
+    let err = patched(Algo::Grpo, "search", json!({"eval": {"temperature": -1.0}})).unwrap_err();
+    assert!(err.contains("eval.temperature"), "{err}");
+}
+
+#[test]
 fn split_fractions_must_leave_training_problems() {
     let err = patched(Algo::Grpo, "search", json!({"task": {"held_out_fraction": 0.6, "validation_fraction": 0.5}})).unwrap_err();
     assert!(err.contains("validation_fraction"), "{err}");
