@@ -14,6 +14,7 @@ use clap::Parser;
 use mrt::backend::{dispatch, exit_code, tune_allocator, BackendTask, DeviceChoice};
 use mrt::rl::config::{merge_json, Algo, RunConfig};
 use mrt::rl::eval::EvalSummary;
+use mrt::rl::eval::stats::paired_difference;
 use mrt::rl::pipeline::{run_pipeline, Outcome, PipelineOptions};
 use mrt::rl::run::{RunDir, SavedConfig};
 
@@ -136,6 +137,13 @@ fn print_summary(outcome: &Outcome) {
         row("regret vs Bayes-optimal", &|s| s.regret_vs_optimal.unwrap_or(f64::NAN));
     }
     row("forced answers well-formed", &|s| s.forced_well_formed);
+    // The same held-out problems before and after: a paired bootstrap over them.
+    let (a, b) = (&base.pass1_by_problem, &ft.pass1_by_problem);
+    if a.len() == b.len() {
+        if let Some(i) = paired_difference(a, b, &vec![0; a.len()], 0x5eed) {
+            println!("pass@1 gain {:+.3}, 95 % interval over the {} held-out problems [{:+.3}, {:+.3}]", i.point, a.len(), i.lo, i.hi);
+        }
+    }
     println!();
     println!("run directory: {}", outcome.run_dir.display());
 }

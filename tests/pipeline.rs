@@ -90,6 +90,9 @@ fn killed_and_resumed_run_matches_uninterrupted_run() {
     let (fa, fb) = (out_a.fine_tuned.unwrap(), out_b.fine_tuned.unwrap());
     assert_eq!(fa.pass1, fb.pass1);
     assert_eq!(fa.anytime, fb.anytime);
+    // One pass@1 per held-out problem, averaging to the whole evaluation's.
+    assert_eq!((fa.pass1_by_problem.len(), &fa.pass1_by_problem), (fa.problems, &fb.pass1_by_problem));
+    assert!((fa.pass1_by_problem.iter().sum::<f64>() / fa.problems as f64 - fa.pass1).abs() < 1e-12);
     assert_eq!(metrics_without_timing(&a), metrics_without_timing(&b));
     // 12 warm-start steps, 8 RL steps, evaluations at warm-start 6, 12 and RL 4, 8, base, final.
     assert_eq!(metrics_without_timing(&a).len(), 12 + 8 + 6);

@@ -82,6 +82,10 @@ pub struct EvalSummary {
     pub regret_vs_optimal: Option<f64>,
     /// Mean well-formedness of forced answers over all episode boundaries.
     pub forced_well_formed: f64,
+    /// pass@1 of each problem (its samples' mean reward), in the problems' order: what an
+    /// interval over the problems is drawn from.
+    #[serde(default)]
+    pub pass1_by_problem: Vec<f64>,
 }
 
 fn mean(x: impl Iterator<Item = f64>) -> f64 {
@@ -118,6 +122,7 @@ pub fn summarize(task: &dyn Task, problems: &[Problem], rollouts: &[Rollout], bu
         regret,
         regret_vs_optimal,
         forced_well_formed: mean(rollouts.iter().flat_map(|r| r.j_well_formed.iter().map(|&w| w as f64)).filter(|w| !w.is_nan())),
+        pass1_by_problem: (0..problems.len()).map(|p| mean(rollouts.iter().filter(|r| r.problem == p).map(|r| r.reward as f64))).collect(),
     }
 }
 
