@@ -34,6 +34,10 @@ struct Args {
     /// The math task's problems (JSONL) for --model.
     #[arg(long, value_name = "FILE")]
     data: Option<PathBuf>,
+    /// With --model: a JSON file whose fields override the evaluation's config (as `train
+    /// --config`), e.g. {"eval": {"temperature": 0, "max_tokens": 384}, "task": {"format": {"answer": "gsm8k"}}}.
+    #[arg(long, value_name = "FILE", requires = "model")]
+    config: Option<PathBuf>,
     /// Overlay the runs in comparison plots and print the comparison table.
     #[arg(long)]
     compare: bool,
@@ -98,11 +102,18 @@ fn run(args: Args) -> Result<()> {
         if !dir.is_dir() && !mrt::gguf::is_gguf(dir) {
             bail!("--model {}: neither a model directory nor a GGUF file", dir.display());
         }
-        let patch = match &args.data {
-            Some(data) if !data.is_file() => bail!("--data {}: file not found", data.display()),
-            Some(data) => Some(serde_json::json!({ "task": { "name": args.task, "data": data } })),
-            None => None,
+        let mut patch = match &args.config {
+            Some(file) => RunConfig::read_patch(file)?,
+            None => serde_json::json!({}),
         };
+        if let Some(data) = &args.data {
+            if !data.is_file() {
+                bail!("--data {}: file not found", data.display());
+            }
+            let task = serde_json::json!({ "name": args.task, "data": data });
+            mrt::rl::config::merge_json(&mut patch, serde_json::json!({ "task": task }));
+        }
+        let patch = Some(patch);
         let config = RunConfig::pretrained_with_patch(&args.task, dir, Algo::Grpo, args.seed, patch)?;
         opts.samples_file = Some(args.out.join("samples.jsonl"));
         std::fs::create_dir_all(&args.out).with_context(|| args.out.display().to_string())?;
