@@ -60,3 +60,4 @@ pub mod score;
 pub mod sft;
 pub mod stage;
 pub mod train;
+pub mod validate;

@@ -97,6 +97,16 @@ fn mean(x: impl Iterator<Item = f64>) -> f64 {
     }
 }
 
+/// Mean reward of each problem's rollouts, in one pass (NaN for a problem without any).
+fn pass1_by_problem(problems: usize, rollouts: &[Rollout]) -> Vec<f64> {
+    let mut sum = vec![(0.0f64, 0usize); problems];
+    for r in rollouts {
+        let s = &mut sum[r.problem];
+        *s = (s.0 + r.reward as f64, s.1 + 1);
+    }
+    sum.into_iter().map(|(s, n)| if n == 0 { f64::NAN } else { s / n as f64 }).collect()
+}
+
 /// Summarises rollouts of `problems` at an episode budget `budget`.
 pub fn summarize(task: &dyn Task, problems: &[Problem], rollouts: &[Rollout], budget: usize) -> EvalSummary {
     let solved: Vec<&Rollout> = rollouts.iter().filter(|r| r.reward > 0.0).collect();
@@ -122,7 +132,7 @@ pub fn summarize(task: &dyn Task, problems: &[Problem], rollouts: &[Rollout], bu
         regret,
         regret_vs_optimal,
         forced_well_formed: mean(rollouts.iter().flat_map(|r| r.j_well_formed.iter().map(|&w| w as f64)).filter(|w| !w.is_nan())),
-        pass1_by_problem: (0..problems.len()).map(|p| mean(rollouts.iter().filter(|r| r.problem == p).map(|r| r.reward as f64))).collect(),
+        pass1_by_problem: pass1_by_problem(problems.len(), rollouts),
     }
 }
 
