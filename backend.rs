@@ -96,7 +96,10 @@ pub fn dispatch<T: BackendTask>(choice: DeviceChoice, task: T) -> Result<T::Outp
 
 fn run_cpu<T: BackendTask>(task: T, skipped: &[String]) -> T::Output {
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    task.run::<Autodiff<Cpu>>(Default::default(), with_skipped(format!("cpu (flex, {threads} threads)"), skipped))
+    task.run::<Autodiff<Cpu>>(
+        Default::default(),
+        with_skipped(format!("cpu (flex, {threads} threads)"), skipped),
+    )
 }
 
 fn with_skipped(label: String, skipped: &[String]) -> String {
@@ -119,7 +122,8 @@ fn quietly<R>(f: impl FnOnce() -> R + std::panic::UnwindSafe) -> Option<R> {
 
 /// `Ok(Ok(out))` ran on CUDA; `Ok(Err(task))` not available and not required (the reason
 /// is added to `skipped`).
-#[allow(unused_variables)]
+// Without the `cuda` feature nothing is pushed to `skipped`, so clippy would have it a slice.
+#[allow(unused_variables, clippy::ptr_arg)]
 fn run_cuda<T: BackendTask>(task: T, required: bool, skipped: &mut Vec<String>) -> Result<Result<T::Output, T>> {
     #[cfg(feature = "cuda")]
     {
@@ -134,10 +138,16 @@ fn run_cuda<T: BackendTask>(task: T, required: bool, skipped: &mut Vec<String>) 
         });
         if ok == Some(true) {
             kernel_cache_note("cuda");
-            return Ok(Ok(task.run::<Autodiff<CudaGpu>>(device, with_skipped("cuda:0".into(), skipped))));
+            return Ok(Ok(
+                task.run::<Autodiff<CudaGpu>>(device, with_skipped("cuda:0".into(), skipped))
+            ));
         }
         if required {
-            return Err(Error::config("device", "cuda", "no CUDA device answered (driver missing or no GPU)"));
+            return Err(Error::config(
+                "device",
+                "cuda",
+                "no CUDA device answered (driver missing or no GPU)",
+            ));
         }
         skipped.push("cuda (no CUDA device answered)".into());
         Ok(Err(task))
@@ -145,7 +155,11 @@ fn run_cuda<T: BackendTask>(task: T, required: bool, skipped: &mut Vec<String>) 
     #[cfg(not(feature = "cuda"))]
     {
         if required {
-            return Err(Error::config("device", "cuda", "this binary was built without `--features cuda`"));
+            return Err(Error::config(
+                "device",
+                "cuda",
+                "this binary was built without `--features cuda`",
+            ));
         }
         Ok(Err(task))
     }
@@ -225,7 +239,10 @@ fn run_wgpu<T: BackendTask>(task: T, required: bool, skipped: &mut Vec<String>) 
             // A software adapter is slower than the native CPU backend: `auto` skips it, and
             // `--device wgpu` uses it with a warning.
             Some(a) if a.software && !required => {
-                skipped.push(format!("wgpu {} (software adapter: emulates a GPU on the CPU, slower than flex)", a.name));
+                skipped.push(format!(
+                    "wgpu {} (software adapter: emulates a GPU on the CPU, slower than flex)",
+                    a.name
+                ));
             }
             Some(a) => {
                 if a.software {
@@ -247,7 +264,11 @@ fn run_wgpu<T: BackendTask>(task: T, required: bool, skipped: &mut Vec<String>) 
     #[cfg(not(feature = "wgpu"))]
     {
         if required {
-            return Err(Error::config("device", "wgpu", "this binary was built without the `wgpu` feature"));
+            return Err(Error::config(
+                "device",
+                "wgpu",
+                "this binary was built without the `wgpu` feature",
+            ));
         }
         Ok(Err(task))
     }
@@ -291,10 +312,14 @@ fn configure_cubecl(autotune: Option<std::path::PathBuf>) -> bool {
 #[cfg(any(feature = "wgpu", feature = "cuda"))]
 fn kernel_cache_note(backend: &str) {
     let what = if backend == "cuda" {
-        let at = kernel_cache_dir().map(|d| format!(", kept in {} for the next run", d.join("kernels").display())).unwrap_or_default();
+        let at = kernel_cache_dir()
+            .map(|d| format!(", kept in {} for the next run", d.join("kernels").display()))
+            .unwrap_or_default();
         format!("NVRTC compiles ~100 kernels, about a minute{at}")
     } else {
-        "the driver compiles shaders: seconds on a GPU, minutes on a software adapter; most drivers keep them for the next run".to_string()
+        "the driver compiles shaders: seconds on a GPU, minutes on a software adapter; most drivers keep them for \
+            the next run"
+            .to_string()
     };
     eprintln!("note: the first steps on {backend} compile and autotune GPU kernels ({what})");
 }
@@ -306,7 +331,10 @@ fn kernel_cache_note(backend: &str) {
 pub fn isolate_kernel_caches_for_tests() {
     let dir = std::env::temp_dir().join(format!("mrt-autotune-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    assert!(configure_cubecl(Some(dir)), "cubecl was configured before the test could isolate its autotune cache");
+    assert!(
+        configure_cubecl(Some(dir)),
+        "cubecl was configured before the test could isolate its autotune cache"
+    );
 }
 
 /// Keeps freed tensor buffers in the process instead of handing them back to the kernel.

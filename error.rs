@@ -41,11 +41,7 @@ pub enum Error {
     Budget(String),
     /// The training signal became unusable (NaN / infinite loss).
     #[error("training diverged at step {step}: {what} is {value}")]
-    Diverged {
-        step: usize,
-        what: String,
-        value: f64,
-    },
+    Diverged { step: usize, what: String, value: f64 },
 }
 
 impl Error {
@@ -58,7 +54,10 @@ impl Error {
     }
 
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io { path: path.into(), error: source }
+        Error::Io {
+            path: path.into(),
+            error: source,
+        }
     }
 
     pub fn pretrained(path: impl Into<PathBuf>, reason: impl Into<String>) -> Self {

@@ -14,14 +14,15 @@
 
 use std::time::Instant;
 
-
 use burn::module::AutodiffModule;
 use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use clap::Parser;
 use mrt::backend::{dispatch, BackendTask, DeviceChoice};
-use mrt::model::{generate, last_logits, token_logprobs, GenerateConfig, SamplerConfig, Transformer, TransformerConfig};
+use mrt::model::{
+    generate, last_logits, token_logprobs, GenerateConfig, SamplerConfig, Transformer, TransformerConfig,
+};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -84,7 +85,13 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn random_tokens<B: Backend>(rng: &mut StdRng, rows: usize, cols: usize, vocab: usize, device: &B::Device) -> Tensor<B, 2, Int> {
+fn random_tokens<B: Backend>(
+    rng: &mut StdRng,
+    rows: usize,
+    cols: usize,
+    vocab: usize,
+    device: &B::Device,
+) -> Tensor<B, 2, Int> {
     let ids: Vec<i64> = (0..rows * cols).map(|_| rng.random_range(0..vocab as i64)).collect();
     Tensor::from_data(TensorData::new(ids, [rows, cols]), device)
 }
@@ -104,9 +111,19 @@ impl BackendTask for Bench {
                     std::process::exit(1)
                 });
                 let cfg = model.config.clone();
-                (model, cfg, path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default())
+                (
+                    model,
+                    cfg,
+                    path.file_name()
+                        .map(|n| n.to_string_lossy().to_string())
+                        .unwrap_or_default(),
+                )
             }
-            None => (Transformer::<B>::new(&cfg, 0, &device).expect("valid preset"), cfg, args.preset.clone()),
+            None => (
+                Transformer::<B>::new(&cfg, 0, &device).expect("valid preset"),
+                cfg,
+                args.preset.clone(),
+            ),
         };
         let params = cfg.num_params();
         eprintln!("bench: {name} ({params} params) on {label}");
@@ -162,7 +179,12 @@ impl BackendTask for Bench {
                     model = optim.step(3e-4, model, grads);
                 }
                 let probe = random_tokens::<B>(&mut rng, 2, 16, cfg.vocab_size, &device);
-                let logits: Vec<u32> = model.forward(probe).into_data().iter::<f32>().map(f32::to_bits).collect();
+                let logits: Vec<u32> = model
+                    .forward(probe)
+                    .into_data()
+                    .iter::<f32>()
+                    .map(f32::to_bits)
+                    .collect();
                 (losses, logits)
             };
             result["deterministic"] = (run() == run()).into();

@@ -10,10 +10,10 @@ use anyhow::{bail, Context, Result};
 use burn::tensor::backend::AutodiffBackend;
 use clap::Parser;
 use mrt::backend::{dispatch, exit_code, tune_allocator, BackendTask, DeviceChoice};
+use mrt::rl::config::{Algo, RunConfig};
 use mrt::rl::eval::compare::{table, verdicts, RunEval};
 use mrt::rl::eval::experiment::evaluate_run;
 use mrt::rl::eval::figures::plots;
-use mrt::rl::config::{Algo, RunConfig};
 use mrt::rl::eval::pretrained::evaluate_pretrained;
 use mrt::rl::eval::report::{EvalReport, ReportOptions};
 
@@ -79,7 +79,10 @@ impl BackendTask for Job {
     type Output = mrt::Result<Vec<RunEval>>;
     fn run<B: AutodiffBackend>(self, device: B::Device, label: String) -> Self::Output {
         eprintln!("device: {label}");
-        self.0.iter().map(|dir| evaluate_run::<B>(dir, &self.1, None, 0, &device)).collect()
+        self.0
+            .iter()
+            .map(|dir| evaluate_run::<B>(dir, &self.1, None, 0, &device))
+            .collect()
     }
 }
 
@@ -88,7 +91,10 @@ fn run(args: Args) -> Result<()> {
         bail!("--samples must be in 1..=16 and --problems positive");
     }
     if args.extended_samples == 0 && args.model.is_none() {
-        bail!("--extended-samples 0 (no evaluation past the budget) is for --model only: a run's report plots those curves");
+        bail!(
+            "--extended-samples 0 (no evaluation past the budget) is for --model only: a run's report plots those \
+            curves"
+        );
     }
     for r in &args.runs {
         if !r.is_dir() {
@@ -96,8 +102,14 @@ fn run(args: Args) -> Result<()> {
         }
     }
     let choice: DeviceChoice = args.device.parse()?;
-    let mut opts =
-        ReportOptions { problems: args.problems, samples: args.samples, extended_samples: args.extended_samples, seed: args.seed, samples_file: None, progress: true };
+    let mut opts = ReportOptions {
+        problems: args.problems,
+        samples: args.samples,
+        extended_samples: args.extended_samples,
+        seed: args.seed,
+        samples_file: None,
+        progress: true,
+    };
     if let Some(dir) = &args.model {
         if !dir.is_dir() && !mrt::gguf::is_gguf(dir) {
             bail!("--model {}: neither a model directory nor a GGUF file", dir.display());
@@ -120,7 +132,8 @@ fn run(args: Args) -> Result<()> {
         let report = dispatch(choice, Pretrained(dir.clone(), config, opts, args.out.clone()))??;
         let n = &report.natural;
         println!(
-            "{}: pass@1 {:.3} | answered {:.2} | episodes {:.2} | tokens {:.1} (solved {:.1}) | regret {:.3} | forced well-formed {:.3} | eval.json in {}",
+            "{}: pass@1 {:.3} | answered {:.2} | episodes {:.2} | tokens {:.1} (solved {:.1}) | regret {:.3} | \
+                forced well-formed {:.3} | eval.json in {}",
             dir.display(),
             n.pass1,
             n.answered,
@@ -137,7 +150,8 @@ fn run(args: Args) -> Result<()> {
     for (dir, e) in args.runs.iter().zip(&evals) {
         let (b, f) = (&e.base.natural, &e.fine_tuned.natural);
         println!(
-            "{}: {} seed {} | pass@1 {:.3} → {:.3} | regret {:.3} → {:.3} | tokens to solve {:.1} → {:.1} | eval.json and plots written",
+            "{}: {} seed {} | pass@1 {:.3} → {:.3} | regret {:.3} → {:.3} | tokens to solve {:.1} → {:.1} | \
+                eval.json and plots written",
             dir.display(),
             e.algo,
             e.seed,

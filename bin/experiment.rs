@@ -13,8 +13,8 @@ use burn::tensor::backend::AutodiffBackend;
 use clap::Parser;
 use mrt::backend::{dispatch, exit_code, tune_allocator, BackendTask, DeviceChoice};
 use mrt::rl::eval::experiment::{render_overview, run_regimes, warm_starts, ExperimentOptions, RegimeSummary};
-use mrt::rl::eval::sweep::run_sweeps;
 use mrt::rl::eval::regime::{names, Regime};
+use mrt::rl::eval::sweep::run_sweeps;
 
 /// Compare MRT with GRPO over seeds, per regime, with intervals and pre-registered verdicts.
 #[derive(Parser, Debug)]
@@ -65,20 +65,39 @@ impl BackendTask for Job {
     type Output = mrt::Result<()>;
     fn run<B: AutodiffBackend>(self, device: B::Device, label: String) -> Self::Output {
         let cpu = label.starts_with("cpu");
-        let workers = self.args.jobs.unwrap_or(if cpu { std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) } else { 1 });
-        let label = if cpu { format!("cpu (flex; {workers} runs side by side, one thread each)") } else { label };
+        let workers = self.args.jobs.unwrap_or(if cpu {
+            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+        } else {
+            1
+        });
+        let label = if cpu {
+            format!("cpu (flex; {workers} runs side by side, one thread each)")
+        } else {
+            label
+        };
         eprintln!("device: {label}");
         let t0 = Instant::now();
         let list: Vec<ExperimentOptions> = self
             .regimes
             .into_iter()
-            .map(|regime| ExperimentOptions { out: self.args.out.join(&regime.name), regime, quiet: self.args.quiet, device_label: label.clone(), command: self.command.clone() })
+            .map(|regime| ExperimentOptions {
+                out: self.args.out.join(&regime.name),
+                regime,
+                quiet: self.args.quiet,
+                device_label: label.clone(),
+                command: self.command.clone(),
+            })
             .collect();
         let mut summaries: Vec<RegimeSummary> = Vec::new();
         if self.args.warm_starts {
             for (opts, starts) in list.iter().zip(warm_starts::<B>(&list, workers, &device)?) {
                 for (w, ckpt, eval) in starts {
-                    println!("{} warm start {w}: held-out pass@1 {:.3} ({})", opts.regime.name, eval.natural.pass1, ckpt.display());
+                    println!(
+                        "{} warm start {w}: held-out pass@1 {:.3} ({})",
+                        opts.regime.name,
+                        eval.natural.pass1,
+                        ckpt.display()
+                    );
                 }
             }
         } else if self.args.sweep {
@@ -125,7 +144,10 @@ fn run(args: Args) -> Result<()> {
             r.rl_seeds = n;
         }
     }
-    let command = std::env::args().map(|a| if a.contains(' ') { format!("'{a}'") } else { a }).collect::<Vec<_>>().join(" ");
+    let command = std::env::args()
+        .map(|a| if a.contains(' ') { format!("'{a}'") } else { a })
+        .collect::<Vec<_>>()
+        .join(" ");
     let choice: DeviceChoice = args.device.parse()?;
     dispatch(choice, Job { regimes, args, command })??;
     Ok(())

@@ -13,8 +13,8 @@ use burn::tensor::backend::AutodiffBackend;
 use clap::Parser;
 use mrt::backend::{dispatch, exit_code, tune_allocator, BackendTask, DeviceChoice};
 use mrt::rl::config::{merge_json, Algo, RunConfig};
-use mrt::rl::eval::EvalSummary;
 use mrt::rl::eval::stats::paired_difference;
+use mrt::rl::eval::EvalSummary;
 use mrt::rl::pipeline::{run_pipeline, Outcome, PipelineOptions};
 use mrt::rl::run::{RunDir, SavedConfig};
 
@@ -99,7 +99,10 @@ fn build_config(args: &Args) -> Result<RunConfig> {
         if !data.is_file() {
             bail!("--data {}: file not found", data.display());
         }
-        merge_json(patch.get_or_insert_with(|| serde_json::json!({})), serde_json::json!({ "task": { "name": "math", "data": data } }));
+        merge_json(
+            patch.get_or_insert_with(|| serde_json::json!({})),
+            serde_json::json!({ "task": { "name": "math", "data": data } }),
+        );
     }
     let mut config = match &args.model {
         Some(dir) => {
@@ -125,9 +128,15 @@ fn print_summary(outcome: &Outcome) {
         return;
     };
     let cell = |v: f64| if v.is_finite() { format!("{v:.3}") } else { "n/a".into() };
-    let row = |name: &str, f: &dyn Fn(&EvalSummary) -> f64| println!("{name:<28} {:>10} {:>12}", cell(f(base)), cell(f(ft)));
+    let row =
+        |name: &str, f: &dyn Fn(&EvalSummary) -> f64| println!("{name:<28} {:>10} {:>12}", cell(f(base)), cell(f(ft)));
     println!();
-    println!("{:<28} {:>10} {:>12}", "held-out", if outcome.pretrained { "pretrained" } else { "warm start" }, "fine-tuned");
+    println!(
+        "{:<28} {:>10} {:>12}",
+        "held-out",
+        if outcome.pretrained { "pretrained" } else { "warm start" },
+        "fine-tuned"
+    );
     row("pass@1", &|s| s.pass1);
     row("mean tokens to solve", &|s| s.tokens_to_solve);
     row("mean episodes to solve", &|s| s.episodes_to_solve);
@@ -141,7 +150,13 @@ fn print_summary(outcome: &Outcome) {
     let (a, b) = (&base.pass1_by_problem, &ft.pass1_by_problem);
     if a.len() == b.len() {
         if let Some(i) = paired_difference(a, b, &vec![0; a.len()], 0x5eed) {
-            println!("pass@1 gain {:+.3}, 95 % interval over the {} held-out problems [{:+.3}, {:+.3}]", i.point, a.len(), i.lo, i.hi);
+            println!(
+                "pass@1 gain {:+.3}, 95 % interval over the {} held-out problems [{:+.3}, {:+.3}]",
+                i.point,
+                a.len(),
+                i.lo,
+                i.hi
+            );
         }
     }
     println!();
@@ -154,15 +169,30 @@ fn run(args: Args) -> Result<()> {
         Some(dir) => {
             let saved: SavedConfig = mrt::fsutil::read_json(&RunDir::new(dir).config_path())
                 .with_context(|| format!("--resume {}: not a run directory", dir.display()))?;
-            PipelineOptions { config: saved.config, run_dir: dir.clone(), resume: true, init: None, quiet: args.quiet, interrupt_after: None, final_eval: true }
+            PipelineOptions {
+                config: saved.config,
+                run_dir: dir.clone(),
+                resume: true,
+                init: None,
+                quiet: args.quiet,
+                interrupt_after: None,
+                final_eval: true,
+            }
         }
         None => {
             let config = build_config(&args)?;
-            let name = args.name.clone().unwrap_or_else(|| format!("{}-{}-s{}", args.task, args.algo, args.seed));
+            let name = args
+                .name
+                .clone()
+                .unwrap_or_else(|| format!("{}-{}-s{}", args.task, args.algo, args.seed));
             let dir = args.out.join(name);
             if dir.exists() {
                 if !args.force {
-                    bail!("{} already exists: pass --resume {} to continue it, or --force to replace it", dir.display(), dir.display());
+                    bail!(
+                        "{} already exists: pass --resume {} to continue it, or --force to replace it",
+                        dir.display(),
+                        dir.display()
+                    );
                 }
                 std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
             }
@@ -172,7 +202,15 @@ fn run(args: Args) -> Result<()> {
                 }
             }
             eprintln!("config: {}", serde_json::to_string(&config)?);
-            PipelineOptions { config, run_dir: dir, resume: false, init: args.init.clone(), quiet: args.quiet, interrupt_after: None, final_eval: true }
+            PipelineOptions {
+                config,
+                run_dir: dir,
+                resume: false,
+                init: args.init.clone(),
+                quiet: args.quiet,
+                interrupt_after: None,
+                final_eval: true,
+            }
         }
     };
     let outcome = dispatch(choice, Job(options))??;

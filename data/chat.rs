@@ -9,9 +9,9 @@
 //! `messages` (a list of `{role, content}`), `add_generation_prompt`, `bos_token` and
 //! `eos_token`.
 
+use crate::error::{Error, Result};
 use minijinja::syntax::SyntaxConfig;
 use minijinja::{Environment, ErrorKind, Value};
-use crate::error::{Error, Result};
 
 /// One turn of a conversation.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -22,7 +22,10 @@ pub struct Message {
 
 impl Message {
     pub fn new(role: &str, content: &str) -> Self {
-        Self { role: role.into(), content: content.into() }
+        Self {
+            role: role.into(),
+            content: content.into(),
+        }
     }
 }
 
@@ -36,12 +39,19 @@ pub struct ChatTemplate {
 
 fn environment() -> Environment<'static> {
     let mut env = Environment::new();
-    let syntax = SyntaxConfig::builder().trim_blocks(true).lstrip_blocks(true).build().expect("the default delimiters are valid");
+    let syntax = SyntaxConfig::builder()
+        .trim_blocks(true)
+        .lstrip_blocks(true)
+        .build()
+        .expect("the default delimiters are valid");
     env.set_syntax(syntax);
     env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-    env.add_function("raise_exception", |message: String| -> std::result::Result<Value, minijinja::Error> {
-        Err(minijinja::Error::new(ErrorKind::InvalidOperation, message))
-    });
+    env.add_function(
+        "raise_exception",
+        |message: String| -> std::result::Result<Value, minijinja::Error> {
+            Err(minijinja::Error::new(ErrorKind::InvalidOperation, message))
+        },
+    );
     env
 }
 
@@ -49,7 +59,11 @@ impl ChatTemplate {
     /// A template, checked by rendering a one-turn conversation (a template that does not
     /// parse, or fails on the simplest input, is refused here rather than at the first prompt).
     pub fn new(source: &str, bos_token: &str, eos_token: &str) -> Result<Self> {
-        let template = Self { source: source.into(), bos_token: bos_token.into(), eos_token: eos_token.into() };
+        let template = Self {
+            source: source.into(),
+            bos_token: bos_token.into(),
+            eos_token: eos_token.into(),
+        };
         template.render(&[Message::new("user", "1 + 1?")], true)?;
         Ok(template)
     }
@@ -61,14 +75,18 @@ impl ChatTemplate {
 
     /// The text of `messages`, with the assistant's turn opened when `add_generation_prompt`.
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
-        let messages: Vec<Value> =
-            messages.iter().map(|m| Value::from_pairs([("role", m.role.as_str()), ("content", m.content.as_str())])).collect();
+        let messages: Vec<Value> = messages
+            .iter()
+            .map(|m| Value::from_pairs([("role", m.role.as_str()), ("content", m.content.as_str())]))
+            .collect();
         let ctx = minijinja::context! {
             messages => messages,
             add_generation_prompt => add_generation_prompt,
             bos_token => self.bos_token.as_str(),
             eos_token => self.eos_token.as_str(),
         };
-        environment().render_str(&self.source, ctx).map_err(|e| Error::Tokenizer(format!("chat template: {e:#}")))
+        environment()
+            .render_str(&self.source, ctx)
+            .map_err(|e| Error::Tokenizer(format!("chat template: {e:#}")))
     }
 }

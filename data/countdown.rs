@@ -46,7 +46,10 @@ impl Default for CountdownConfig {
             held_out_fraction: 0.2,
             validation_fraction: 0.1,
             warm_start: WarmStartMix {
-                weights: [("pruned", 0.4), ("random", 0.6)].into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
+                weights: [("pruned", 0.4), ("random", 0.6)]
+                    .into_iter()
+                    .map(|(k, v)| (k.to_string(), v))
+                    .collect(),
                 cut_fraction: 0.3,
             },
         }
@@ -102,9 +105,19 @@ fn extend_lines(pool: Vec<u32>, max: u32, path: &mut Vec<Step>, out: &mut Vec<Ve
             }
             for op in OPS {
                 if let Some(c) = apply(pool[i], op, pool[j], max) {
-                    let mut next: Vec<u32> = pool.iter().enumerate().filter(|&(k, _)| k != i && k != j).map(|(_, &v)| v).collect();
+                    let mut next: Vec<u32> = pool
+                        .iter()
+                        .enumerate()
+                        .filter(|&(k, _)| k != i && k != j)
+                        .map(|(_, &v)| v)
+                        .collect();
                     next.push(c);
-                    path.push(Step { a: pool[i], op, b: pool[j], c });
+                    path.push(Step {
+                        a: pool[i],
+                        op,
+                        b: pool[j],
+                        c,
+                    });
                     extend_lines(next, max, path, out);
                     path.pop();
                 }
@@ -120,7 +133,13 @@ pub fn line_words(line: &[Step]) -> Vec<String> {
         if k > 0 {
             w.push(",".to_string());
         }
-        w.extend([s.a.to_string(), s.op.to_string(), s.b.to_string(), "=".into(), s.c.to_string()]);
+        w.extend([
+            s.a.to_string(),
+            s.op.to_string(),
+            s.b.to_string(),
+            "=".into(),
+            s.c.to_string(),
+        ]);
     }
     w
 }
@@ -136,7 +155,9 @@ pub fn replay(numbers: &[u32], words: &[String], max: u32) -> Option<u32> {
         let num = |s: &String| s.parse::<u32>().ok().filter(|v| v.to_string() == *s);
         let (a, b, c) = (num(a)?, num(b)?, num(c)?);
         let mut ops = op.chars();
-        let (Some(op), None) = (ops.next(), ops.next()) else { return None };
+        let (Some(op), None) = (ops.next(), ops.next()) else {
+            return None;
+        };
         if eq != "=" || apply(a, op, b, max) != Some(c) {
             return None;
         }
@@ -162,14 +183,24 @@ impl Countdown {
             return Err(Error::config(
                 "task.max_value",
                 config.max_value,
-                format!("must be below {MAX_NUMBER_TOKENS}: every number in 0..=max_value is a token of the vocabulary"),
+                format!(
+                    "must be below {MAX_NUMBER_TOKENS}: every number in 0..=max_value is a token of the vocabulary"
+                ),
             ));
         }
         if config.max_number < 1 || config.max_number > config.max_value {
-            return Err(Error::config("task.max_number", config.max_number, "must be in 1..=max_value"));
+            return Err(Error::config(
+                "task.max_number",
+                config.max_number,
+                "must be in 1..=max_value",
+            ));
         }
         if config.min_target > config.max_value {
-            return Err(Error::config("task.min_target", config.min_target, "must not exceed max_value"));
+            return Err(Error::config(
+                "task.min_target",
+                config.min_target,
+                "must not exceed max_value",
+            ));
         }
         if config.max_episodes == 0 {
             return Err(Error::config("task.max_episodes", 0, "must be positive"));
@@ -200,7 +231,10 @@ impl Countdown {
             "pruned" => {
                 let mut keep: Vec<(Vec<u32>, u64, Vec<Step>)> = lines
                     .into_iter()
-                    .filter(|l| l.iter().all(|s| !matches!((s.op, s.b), ('*', 1) | ('/', 1) | ('+', 0) | ('-', 0))))
+                    .filter(|l| {
+                        l.iter()
+                            .all(|s| !matches!((s.op, s.b), ('*', 1) | ('/', 1) | ('+', 0) | ('-', 0)))
+                    })
                     .filter(|l| l.iter().all(|s| !(matches!(s.op, '+' | '*') && s.a < s.b)))
                     .map(|l| {
                         let key = l[..l.len() - 1].iter().map(|s| s.c.abs_diff(p.target)).collect();
@@ -211,7 +245,9 @@ impl Countdown {
                 keep.into_iter().take(budget).map(|(_, _, l)| l).collect()
             }
             // Random attempts, repeats allowed.
-            "random" => (0..budget).map(|_| lines[rng.random_range(0..lines.len())].clone()).collect(),
+            "random" => (0..budget)
+                .map(|_| lines[rng.random_range(0..lines.len())].clone())
+                .collect(),
             other => panic!("unknown countdown strategy {other}"),
         }
     }
@@ -223,7 +259,10 @@ impl Task for Countdown {
     }
 
     fn words(&self) -> Vec<String> {
-        let mut w: Vec<String> = ["countdown", "target", "+", "-", "*", "/", "=", ","].iter().map(|s| s.to_string()).collect();
+        let mut w: Vec<String> = ["countdown", "target", "+", "-", "*", "/", "=", ","]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
         w.extend((0..=self.config.max_value).map(|i| i.to_string()));
         w
     }
@@ -302,7 +341,11 @@ impl Task for Countdown {
     /// listing it twice would count its probability twice in the exact meta-prover.
     fn correct_answers(&self, p: &Problem) -> Option<Vec<Vec<String>>> {
         let cp = self.problem(p);
-        let mut lines: Vec<Vec<String>> = all_lines(&cp.numbers, self.config.max_value).into_iter().filter(|l| l.last().map(|s| s.c) == Some(cp.target)).map(|l| line_words(&l)).collect();
+        let mut lines: Vec<Vec<String>> = all_lines(&cp.numbers, self.config.max_value)
+            .into_iter()
+            .filter(|l| l.last().map(|s| s.c) == Some(cp.target))
+            .map(|l| line_words(&l))
+            .collect();
         lines.sort();
         lines.dedup();
         Some(lines)
@@ -313,7 +356,8 @@ impl Task for Countdown {
     }
 
     fn starts_answer(&self, word: &str) -> bool {
-        word.parse::<u32>().is_ok_and(|v| v <= self.config.max_value && v.to_string() == word)
+        word.parse::<u32>()
+            .is_ok_and(|v| v <= self.config.max_value && v.to_string() == word)
     }
 
     fn strategies(&self) -> &'static [&'static str] {

@@ -101,14 +101,18 @@ fn text(v: &Value) -> Option<String> {
 
 /// One line's problem and layout, or why it fits none.
 pub fn parse_line(object: &Map<String, Value>) -> Result<(MathProblem, Layout), String> {
-    for key in ["question", "problem", "answer", "solution", "Body", "Question", "Answer", "body", "input", "target"] {
+    for key in [
+        "question", "problem", "answer", "solution", "Body", "Question", "Answer", "body", "input", "target",
+    ] {
         if let Some(v) = object.get(key).filter(|v| text(v).is_none()) {
             return Err(format!("field `{key}`: expected a string or a number, found {v}"));
         }
     }
     let get = |k: &str| object.get(k).and_then(text);
     let problem = |question: String, answer: Option<String>, layout| match answer {
-        Some(a) if !question.trim().is_empty() && !a.trim().is_empty() => Ok((MathProblem { question, answer: a }, layout)),
+        Some(a) if !question.trim().is_empty() && !a.trim().is_empty() => {
+            Ok((MathProblem { question, answer: a }, layout))
+        }
         _ => Err(format!("empty question or answer (read as the {layout:?} layout)")),
     };
     if let (Some(q), Some(a)) = (get("question"), get("answer")) {
@@ -154,12 +158,36 @@ mod tests {
     #[test]
     fn every_layout_gives_its_reference_answer() {
         let cases = [
-            (r##"{"question": "Q", "answer": "She makes 9 * 2 = $<<9*2=18>>18.\n#### 1,018"}"##, "1018", Layout::Gsm8k),
-            (r#"{"problem": "P", "answer": "\\frac{1}{2}", "level": 2}"#, "\\frac{1}{2}", Layout::Math500),
-            (r#"{"problem": "P", "solution": "So \\boxed{3} and then \\boxed{\\frac{a}{b}}."}"#, "\\frac{a}{b}", Layout::Math),
-            (r#"{"Body": "There are 87 oranges.", "Question": "How many?", "Answer": 145.0}"#, "145.0", Layout::Svamp),
-            (r#"{"body": "Seven apples.", "question": "How many?", "answer": "9 (apples)"}"#, "9", Layout::Asdiv),
-            (r#"{"input": "Joan found 70 seashells.", "target": 43.0}"#, "43.0", Layout::Mawps),
+            (
+                r##"{"question": "Q", "answer": "She makes 9 * 2 = $<<9*2=18>>18.\n#### 1,018"}"##,
+                "1018",
+                Layout::Gsm8k,
+            ),
+            (
+                r#"{"problem": "P", "answer": "\\frac{1}{2}", "level": 2}"#,
+                "\\frac{1}{2}",
+                Layout::Math500,
+            ),
+            (
+                r#"{"problem": "P", "solution": "So \\boxed{3} and then \\boxed{\\frac{a}{b}}."}"#,
+                "\\frac{a}{b}",
+                Layout::Math,
+            ),
+            (
+                r#"{"Body": "There are 87 oranges.", "Question": "How many?", "Answer": 145.0}"#,
+                "145.0",
+                Layout::Svamp,
+            ),
+            (
+                r#"{"body": "Seven apples.", "question": "How many?", "answer": "9 (apples)"}"#,
+                "9",
+                Layout::Asdiv,
+            ),
+            (
+                r#"{"input": "Joan found 70 seashells.", "target": 43.0}"#,
+                "43.0",
+                Layout::Mawps,
+            ),
             (r#"{"question": "Q", "answer": 42}"#, "42", Layout::Plain),
         ];
         for (line, answer, layout) in cases {
@@ -175,9 +203,15 @@ mod tests {
         let err = parse(r#"{"prompt": "x", "label": 3}"#).unwrap_err();
         assert!(err.contains("[\"label\", \"prompt\"]"), "{err}");
         let err = parse(r#"{"problem": "P", "answer": [2]}"#).unwrap_err();
-        assert!(err.contains("field `answer`: expected a string or a number, found [2]"), "{err}");
+        assert!(
+            err.contains("field `answer`: expected a string or a number, found [2]"),
+            "{err}"
+        );
         let err = parse(r#"{"problem": "P", "solution": "no box here"}"#).unwrap_err();
-        assert!(err.contains("empty question or answer (read as the Math layout)"), "{err}");
+        assert!(
+            err.contains("empty question or answer (read as the Math layout)"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -185,9 +219,15 @@ mod tests {
         let text = "3 + 4 = 7, so 7 * 2 = 14.\n#### 14";
         assert_eq!(AnswerStyle::Gsm8k.extract(text).as_deref(), Some("14"));
         assert_eq!(AnswerStyle::Boxed.extract(text), None);
-        assert_eq!(AnswerStyle::Gsm8k.extract("It costs $1,234.50 in total.").as_deref(), Some("1234.50"));
+        assert_eq!(
+            AnswerStyle::Gsm8k.extract("It costs $1,234.50 in total.").as_deref(),
+            Some("1234.50")
+        );
         assert_eq!(AnswerStyle::Gsm8k.extract("from -3 to -12.").as_deref(), Some("-12"));
         assert_eq!(AnswerStyle::Gsm8k.extract("no digits"), None);
-        assert_eq!(AnswerStyle::Boxed.extract("x \\boxed{1} y \\boxed{2}").as_deref(), Some("2"));
+        assert_eq!(
+            AnswerStyle::Boxed.extract("x \\boxed{1} y \\boxed{2}").as_deref(),
+            Some("2")
+        );
     }
 }

@@ -17,8 +17,10 @@ use crate::error::{Error, Result};
 use crate::gguf::{GgufFile, Value};
 
 /// Llama 3's split (its `tokenizer.json`).
-const LLAMA3_SPLIT: &str =
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const LLAMA3_SPLIT: &str = concat!(
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}",
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+);
 /// Qwen2's split: Llama 3's with single digits.
 const QWEN2_SPLIT: &str =
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
@@ -55,10 +57,19 @@ fn pre_tokenizer(pre: &str) -> Option<(Json, Json)> {
     Some(match pre {
         "smollm" => (
             Json::Null,
-            json!({"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": true}, byte_level(true)]}),
+            json!({
+                "type": "Sequence",
+                "pretokenizers": [{"type": "Digits", "individual_digits": true}, byte_level(true)]
+            }),
         ),
-        "llama-bpe" => (Json::Null, json!({"type": "Sequence", "pretokenizers": [split(LLAMA3_SPLIT), byte_level(false)]})),
-        "qwen2" => (json!({"type": "NFC"}), json!({"type": "Sequence", "pretokenizers": [split(QWEN2_SPLIT), byte_level(false)]})),
+        "llama-bpe" => (
+            Json::Null,
+            json!({"type": "Sequence", "pretokenizers": [split(LLAMA3_SPLIT), byte_level(false)]}),
+        ),
+        "qwen2" => (
+            json!({"type": "NFC"}),
+            json!({"type": "Sequence", "pretokenizers": [split(QWEN2_SPLIT), byte_level(false)]}),
+        ),
         "gpt2" | "default" => (Json::Null, byte_level(true)),
         _ => return None,
     })
@@ -69,20 +80,37 @@ fn pre_tokenizer(pre: &str) -> Option<(Json, Json)> {
 pub fn from_gguf(file: &GgufFile) -> Result<GgufTokenizer> {
     let bad = |what: String| Error::Tokenizer(format!("{}: {what}", file.path.display()));
     let strings = |key: &str| -> Result<Vec<String>> {
-        let v = file.get(key).ok_or_else(|| bad(format!("metadata `{key}` is missing")))?;
+        let v = file
+            .get(key)
+            .ok_or_else(|| bad(format!("metadata `{key}` is missing")))?;
         v.as_array()
-            .and_then(|a| a.iter().map(|s| s.as_str().map(str::to_string)).collect::<Option<Vec<_>>>())
+            .and_then(|a| {
+                a.iter()
+                    .map(|s| s.as_str().map(str::to_string))
+                    .collect::<Option<Vec<_>>>()
+            })
             .ok_or_else(|| bad(format!("metadata `{key}` is not an array of strings")))
     };
-    let model = file.get("tokenizer.ggml.model").and_then(Value::as_str).unwrap_or("(missing)");
+    let model = file
+        .get("tokenizer.ggml.model")
+        .and_then(Value::as_str)
+        .unwrap_or("(missing)");
     if model != "gpt2" {
         return Err(bad(format!(
-            "tokenizer.ggml.model = {model:?}: only byte-level BPE (\"gpt2\", as in Llama 3, Qwen2 and SmolLM2) is supported"
+            "tokenizer.ggml.model = {model:?}: only byte-level BPE (\"gpt2\", as in Llama 3, Qwen2 and SmolLM2) is \
+                supported"
         )));
     }
-    let pre = file.get("tokenizer.ggml.pre").and_then(Value::as_str).unwrap_or("default");
-    let (normalizer, pre_tokenizer) = pre_tokenizer(pre)
-        .ok_or_else(|| bad(format!("tokenizer.ggml.pre = {pre:?} is not supported (supported: {})", PRE_TOKENIZERS.join(", "))))?;
+    let pre = file
+        .get("tokenizer.ggml.pre")
+        .and_then(Value::as_str)
+        .unwrap_or("default");
+    let (normalizer, pre_tokenizer) = pre_tokenizer(pre).ok_or_else(|| {
+        bad(format!(
+            "tokenizer.ggml.pre = {pre:?} is not supported (supported: {})",
+            PRE_TOKENIZERS.join(", ")
+        ))
+    })?;
     let tokens = strings("tokenizer.ggml.tokens")?;
     let merges = strings("tokenizer.ggml.merges")?;
     let types: Vec<u64> = match file.get("tokenizer.ggml.token_type").and_then(Value::as_array) {
@@ -95,14 +123,27 @@ pub fn from_gguf(file: &GgufFile) -> Result<GgufTokenizer> {
             None => Ok(None),
             Some(v) => match v.as_u64() {
                 Some(id) if (id as usize) < tokens.len() => Ok(Some(id as u32)),
-                _ => Err(bad(format!("metadata `{key}` = {v:?} is not a token id below {}", tokens.len()))),
+                _ => Err(bad(format!(
+                    "metadata `{key}` = {v:?} is not a token id below {}",
+                    tokens.len()
+                ))),
             },
         }
     };
-    let (bos, pad) = (id("tokenizer.ggml.bos_token_id")?, id("tokenizer.ggml.padding_token_id")?);
-    let eos = id("tokenizer.ggml.eos_token_id")?.ok_or_else(|| bad("metadata `tokenizer.ggml.eos_token_id` is missing".into()))?;
-    let add_bos = file.get("tokenizer.ggml.add_bos_token").and_then(Value::as_bool).unwrap_or(false);
-    let chat_template = file.get("tokenizer.chat_template").and_then(Value::as_str).map(str::to_string);
+    let (bos, pad) = (
+        id("tokenizer.ggml.bos_token_id")?,
+        id("tokenizer.ggml.padding_token_id")?,
+    );
+    let eos = id("tokenizer.ggml.eos_token_id")?
+        .ok_or_else(|| bad("metadata `tokenizer.ggml.eos_token_id` is missing".into()))?;
+    let add_bos = file
+        .get("tokenizer.ggml.add_bos_token")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    let chat_template = file
+        .get("tokenizer.chat_template")
+        .and_then(Value::as_str)
+        .map(str::to_string);
 
     let mut vocab = serde_json::Map::with_capacity(tokens.len());
     let mut added = Vec::new();
@@ -145,5 +186,12 @@ pub fn from_gguf(file: &GgufFile) -> Result<GgufTokenizer> {
             "vocab": vocab, "merges": merges,
         },
     });
-    Ok(GgufTokenizer { json, bos, eos, pad, add_bos, chat_template })
+    Ok(GgufTokenizer {
+        json,
+        bos,
+        eos,
+        pad,
+        add_bos,
+        chat_template,
+    })
 }

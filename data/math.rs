@@ -30,7 +30,9 @@ fn string_or_number<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Resu
     match serde_json::Value::deserialize(d)? {
         serde_json::Value::String(s) => Ok(s),
         serde_json::Value::Number(n) => Ok(n.to_string()),
-        other => Err(serde::de::Error::custom(format!("expected a string or a number, found {other}"))),
+        other => Err(serde::de::Error::custom(format!(
+            "expected a string or a number, found {other}"
+        ))),
     }
 }
 
@@ -41,14 +43,20 @@ pub fn read_jsonl(path: &Path) -> Result<Vec<MathProblem>> {
     let text = fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     let mut problems = Vec::new();
     for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-        let bad = |reason: String| Error::Json { path: path.to_path_buf(), reason: format!("line {}: {reason}", i + 1) };
+        let bad = |reason: String| Error::Json {
+            path: path.to_path_buf(),
+            reason: format!("line {}: {reason}", i + 1),
+        };
         let value: serde_json::Value = serde_json::from_str(line).map_err(|e| bad(e.to_string()))?;
         let object = value.as_object().ok_or_else(|| bad("not a JSON object".into()))?;
         let (p, _) = super::datasets::parse_line(object).map_err(bad)?;
         problems.push(p);
     }
     if problems.is_empty() {
-        return Err(Error::Json { path: path.to_path_buf(), reason: "no problems (one JSON object per line expected)".into() });
+        return Err(Error::Json {
+            path: path.to_path_buf(),
+            reason: "no problems (one JSON object per line expected)".into(),
+        });
     }
     Ok(problems)
 }
@@ -57,7 +65,10 @@ pub fn read_jsonl(path: &Path) -> Result<Vec<MathProblem>> {
 pub fn write_jsonl(problems: &[MathProblem], path: &Path) -> Result<()> {
     let mut text = String::new();
     for p in problems {
-        text.push_str(&serde_json::to_string(p).map_err(|e| Error::Json { path: path.to_path_buf(), reason: e.to_string() })?);
+        text.push_str(&serde_json::to_string(p).map_err(|e| Error::Json {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?);
         text.push('\n');
     }
     crate::fsutil::write_atomic(path, text.as_bytes())
@@ -74,7 +85,10 @@ pub fn render_prompt(template: &str, question: &str) -> Result<String> {
 /// The content of the last `\boxed{…}` (or `\fbox{…}`) in `text`, braces balanced; `None`
 /// when there is none or it is never closed.
 pub fn last_boxed(text: &str) -> Option<&str> {
-    let open = ["\\boxed{", "\\fbox{"].iter().filter_map(|m| text.rfind(m).map(|i| i + m.len() - 1)).max()?;
+    let open = ["\\boxed{", "\\fbox{"]
+        .iter()
+        .filter_map(|m| text.rfind(m).map(|i| i + m.len() - 1))
+        .max()?;
     braced(text, open).map(|(inner, _)| inner)
 }
 
@@ -92,12 +106,19 @@ impl Rational {
         }
         let g = gcd(num.unsigned_abs(), den.unsigned_abs()).max(1) as i128;
         let sign = if den < 0 { -1 } else { 1 };
-        Some(Self { num: sign * num / g, den: sign * den / g })
+        Some(Self {
+            num: sign * num / g,
+            den: sign * den / g,
+        })
     }
 }
 
 fn gcd(a: u128, b: u128) -> u128 {
-    if b == 0 { a } else { gcd(b, a % b) }
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
 }
 
 /// An integer or a terminating decimal (`-12`, `3.50`, `.5`) as an exact fraction.
@@ -107,7 +128,10 @@ fn decimal(s: &str) -> Option<Rational> {
         None => (false, s.strip_prefix('+').unwrap_or(s)),
     };
     let (whole, frac) = digits.split_once('.').unwrap_or((digits, ""));
-    if whole.is_empty() && frac.is_empty() || !whole.chars().chain(frac.chars()).all(|c| c.is_ascii_digit()) || whole.len() + frac.len() > 30 {
+    if whole.is_empty() && frac.is_empty()
+        || !whole.chars().chain(frac.chars()).all(|c| c.is_ascii_digit())
+        || whole.len() + frac.len() > 30
+    {
         return None;
     }
     let num: i128 = format!("{whole}{frac}").parse().ok()?;
@@ -125,8 +149,22 @@ pub fn number(s: &str) -> Option<Rational> {
 }
 
 /// Spacing, math-mode and formatting commands that never change an answer's value.
-const NOISE: [&str; 14] =
-    ["\\left", "\\right", "\\!", "\\,", "\\;", "\\:", "\\ ", "$", "^\\circ", "^{\\circ}", "\\%", "%", "\\displaystyle", "\\mathrm"];
+const NOISE: [&str; 14] = [
+    "\\left",
+    "\\right",
+    "\\!",
+    "\\,",
+    "\\;",
+    "\\:",
+    "\\ ",
+    "$",
+    "^\\circ",
+    "^{\\circ}",
+    "\\%",
+    "%",
+    "\\displaystyle",
+    "\\mathrm",
+];
 
 /// A canonical spelling of an answer: LaTeX noise, `\text{…}` wrappers, a leading `x =`,
 /// thousands separators and a trailing period removed, `\frac{a}{b}` written `a/b`, and a
@@ -150,7 +188,11 @@ pub fn normalize(answer: &str) -> String {
         Some((lhs, rhs)) if lhs.len() <= 2 && lhs.chars().all(|c| c.is_ascii_alphabetic()) => rhs,
         _ => s,
     };
-    let s = if is_thousands(s) { s.replace(',', "") } else { s.to_string() };
+    let s = if is_thousands(s) {
+        s.replace(',', "")
+    } else {
+        s.to_string()
+    };
     match number(&s) {
         Some(r) if r.den == 1 => r.num.to_string(),
         Some(r) => format!("{}/{}", r.num, r.den),
@@ -197,7 +239,11 @@ fn fracs_as_slashes(s: &str) -> String {
             break;
         };
         let plain = |x: &str| x.chars().all(|c| c.is_ascii_alphanumeric() || c == '.');
-        let (a, b) = if plain(a) && plain(b) { (a.to_string(), b.to_string()) } else { (format!("({a})"), format!("({b})")) };
+        let (a, b) = if plain(a) && plain(b) {
+            (a.to_string(), b.to_string())
+        } else {
+            (format!("({a})"), format!("({b})"))
+        };
         out = format!("{}{a}/{b}{}", &out[..at], &out[end..]);
     }
     out
@@ -239,9 +285,17 @@ pub struct EpisodeMarkers {
 impl Default for EpisodeMarkers {
     fn default() -> Self {
         Self {
-            markers: ["Wait", "But wait", "Alternatively", "Hmm", "Let me double-check", "Let me check", "On second thought"]
-                .map(String::from)
-                .to_vec(),
+            markers: [
+                "Wait",
+                "But wait",
+                "Alternatively",
+                "Hmm",
+                "Let me double-check",
+                "Let me check",
+                "On second thought",
+            ]
+            .map(String::from)
+            .to_vec(),
             min_paragraphs: 3,
             max_paragraphs: 10,
         }
@@ -251,7 +305,11 @@ impl Default for EpisodeMarkers {
 impl EpisodeMarkers {
     pub fn validate(&self) -> Result<()> {
         if self.markers.iter().any(|m| m.trim().is_empty()) {
-            return Err(Error::config("task.episodes.markers", format!("{:?}", self.markers), "markers must not be empty"));
+            return Err(Error::config(
+                "task.episodes.markers",
+                format!("{:?}", self.markers),
+                "markers must not be empty",
+            ));
         }
         if self.min_paragraphs == 0 || self.max_paragraphs < self.min_paragraphs {
             return Err(Error::config(
@@ -278,7 +336,8 @@ impl EpisodeMarkers {
                 continue;
             }
             let marked = self.markers.iter().any(|m| {
-                body.strip_prefix(m.as_str()).is_some_and(|rest| !rest.starts_with(|c: char| c.is_alphanumeric()))
+                body.strip_prefix(m.as_str())
+                    .is_some_and(|rest| !rest.starts_with(|c: char| c.is_alphanumeric()))
             });
             if since > 0 && ((marked && since >= self.min_paragraphs) || since >= self.max_paragraphs) {
                 starts.push(offset + (paragraph.len() - body.len()));
@@ -300,16 +359,47 @@ pub fn sample_problems(n: usize, seed: u64) -> Vec<MathProblem> {
         .map(|i| {
             let name = NAMES[rng.random_range(0..NAMES.len())];
             let item = ITEMS[rng.random_range(0..ITEMS.len())];
-            let (a, b, c) = (rng.random_range(2..=40i64), rng.random_range(2..=12i64), rng.random_range(2..=9i64));
+            let (a, b, c) = (
+                rng.random_range(2..=40i64),
+                rng.random_range(2..=12i64),
+                rng.random_range(2..=9i64),
+            );
             let (question, answer) = match i % 6 {
-                0 => (format!("{name} has {a} {item} and gets {b} more. How many {item} does {name} have now?"), a + b),
-                1 => (format!("{name} had {} {item} and gave away {b}. How many {item} are left?", a + b), a),
-                2 => (format!("A shelf has {b} rows with {c} {item} in each row. How many {item} are on the shelf?"), b * c),
-                3 => (format!("{name} shares {} {item} equally among {c} friends. How many {item} does each friend get?", b * c), b),
-                4 => (format!("{name} buys {c} bags of {b} {item} and then loses {} of them. How many {item} remain?", b - 1), c * b - (b - 1)),
+                0 => (
+                    format!("{name} has {a} {item} and gets {b} more. How many {item} does {name} have now?"),
+                    a + b,
+                ),
+                1 => (
+                    format!(
+                        "{name} had {} {item} and gave away {b}. How many {item} are left?",
+                        a + b
+                    ),
+                    a,
+                ),
+                2 => (
+                    format!("A shelf has {b} rows with {c} {item} in each row. How many {item} are on the shelf?"),
+                    b * c,
+                ),
+                3 => (
+                    format!(
+                        "{name} shares {} {item} equally among {c} friends. How many {item} does each friend get?",
+                        b * c
+                    ),
+                    b,
+                ),
+                4 => (
+                    format!(
+                        "{name} buys {c} bags of {b} {item} and then loses {} of them. How many {item} remain?",
+                        b - 1
+                    ),
+                    c * b - (b - 1),
+                ),
                 _ => (format!("What is {a} plus {b}, multiplied by {c}?"), (a + b) * c),
             };
-            MathProblem { question, answer: answer.to_string() }
+            MathProblem {
+                question,
+                answer: answer.to_string(),
+            }
         })
         .collect()
 }
@@ -323,7 +413,10 @@ mod tests {
 
     #[test]
     fn the_last_boxed_answer_counts() {
-        assert_eq!(last_boxed("so \\boxed{3}. Wait, no: \\boxed{\\frac{1}{2}} is it"), Some("\\frac{1}{2}"));
+        assert_eq!(
+            last_boxed("so \\boxed{3}. Wait, no: \\boxed{\\frac{1}{2}} is it"),
+            Some("\\frac{1}{2}")
+        );
         assert_eq!(last_boxed("\\fbox{7} and nothing else"), Some("7"));
         assert_eq!(last_boxed("\\boxed{12"), None);
         assert_eq!(last_boxed("no answer"), None);
@@ -347,7 +440,13 @@ mod tests {
         for (a, b) in same {
             assert!(equivalent(a, b), "{a} vs {b}: {} / {}", normalize(a), normalize(b));
         }
-        let different = [("42", "24"), ("1/2", "1/3"), ("0.33", "1/3"), ("1,23", "123"), ("x", "y")];
+        let different = [
+            ("42", "24"),
+            ("1/2", "1/3"),
+            ("0.33", "1/3"),
+            ("1,23", "123"),
+            ("x", "y"),
+        ];
         for (a, b) in different {
             assert!(!equivalent(a, b), "{a} vs {b}");
         }
@@ -358,16 +457,34 @@ mod tests {
     #[test]
     fn episodes_start_at_markers_a_few_paragraphs_apart() {
         let m = EpisodeMarkers::default();
-        let paragraphs = ["Add them: 7 + 5 = 12.", "Check the units.", "So 12 apples.", "Wait, she gave 2 away.", "Hmm, too soon.", "Then 10.", "Waiting is not a marker.", "Alternatively, count down.", "10."];
+        let paragraphs = [
+            "Add them: 7 + 5 = 12.",
+            "Check the units.",
+            "So 12 apples.",
+            "Wait, she gave 2 away.",
+            "Hmm, too soon.",
+            "Then 10.",
+            "Waiting is not a marker.",
+            "Alternatively, count down.",
+            "10.",
+        ];
         let text = paragraphs.join("\n\n");
         let starts = m.episode_starts(&text);
-        let begins: Vec<&str> = starts.iter().map(|&s| text[s..].split("\n\n").next().unwrap()).collect();
+        let begins: Vec<&str> = starts
+            .iter()
+            .map(|&s| text[s..].split("\n\n").next().unwrap())
+            .collect();
         // "Hmm" comes one paragraph after the "Wait" episode began (< 3): no cut.
         assert_eq!(begins, ["Wait, she gave 2 away.", "Alternatively, count down."]);
         // Without markers, max_paragraphs closes episodes.
         let long = vec!["step."; 25].join("\n\n");
         assert_eq!(m.episode_starts(&long).len(), 2);
-        assert!(EpisodeMarkers { min_paragraphs: 0, ..m.clone() }.validate().is_err());
+        assert!(EpisodeMarkers {
+            min_paragraphs: 0,
+            ..m.clone()
+        }
+        .validate()
+        .is_err());
     }
 
     #[test]

@@ -56,7 +56,8 @@ impl Default for TextFormat {
             system: None,
             prompt: None,
             episodes: EpisodeMarkers::default(),
-            suffix: "\n\nTime is up. Given the time I've spent and the approaches I've tried, I should stop thinking and give my \
+            suffix: "\n\nTime is up. Given the time I've spent and the approaches I've tried, I should stop \
+                thinking and give my \
                      final answer now.\n</think>\n\nThe final answer is \\boxed{"
                 .into(),
             wait: "\n\nWait".into(),
@@ -67,13 +68,19 @@ impl Default for TextFormat {
 
 impl TextFormat {
     pub fn validate(&self) -> Result<()> {
-        render_prompt(&self.user, "").map_err(|_| Error::config("task.format.user", &self.user, "must contain `{question}`"))?;
+        render_prompt(&self.user, "")
+            .map_err(|_| Error::config("task.format.user", &self.user, "must contain `{question}`"))?;
         if let Some(prompt) = &self.prompt {
-            render_prompt(prompt, "").map_err(|_| Error::config("task.format.prompt", prompt, "must contain `{question}`"))?;
+            render_prompt(prompt, "")
+                .map_err(|_| Error::config("task.format.prompt", prompt, "must contain `{question}`"))?;
         }
         self.episodes.validate()?;
         if !self.suffix.trim_end().ends_with('{') {
-            return Err(Error::config("task.format.suffix", &self.suffix, "must end inside an opened `\\boxed{` (the forced answer closes that brace)"));
+            return Err(Error::config(
+                "task.format.suffix",
+                &self.suffix,
+                "must end inside an opened `\\boxed{` (the forced answer closes that brace)",
+            ));
         }
         if self.wait.trim().is_empty() {
             return Err(Error::config("task.format.wait", &self.wait, "must not be empty"));
@@ -224,7 +231,13 @@ impl Task for Math {
 
     /// No scripted traces exist for free text; the configuration refuses a warm start, so this
     /// is never called with a strategy.
-    fn scripted_trace(&self, _problem: &Problem, _strategy: &str, _cut_after: Option<usize>, _rng: &mut StdRng) -> Trace {
+    fn scripted_trace(
+        &self,
+        _problem: &Problem,
+        _strategy: &str,
+        _cut_after: Option<usize>,
+        _rng: &mut StdRng,
+    ) -> Trace {
         Trace::default()
     }
 }

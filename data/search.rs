@@ -231,7 +231,10 @@ impl Task for Search {
     }
 
     fn words(&self) -> Vec<String> {
-        let mut w: Vec<String> = ["search", "higher", "lower", "correct", "invalid"].iter().map(|s| s.to_string()).collect();
+        let mut w: Vec<String> = ["search", "higher", "lower", "correct", "invalid"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
         w.extend((0..self.config.n).map(|i| i.to_string()));
         w
     }
@@ -268,7 +271,14 @@ impl Task for Search {
 
     fn prompt(&self, p: &Problem) -> Vec<String> {
         let p = self.problem(p);
-        ["<bos>".to_string(), "search".into(), p.lo.to_string(), p.hi.to_string(), "<think>".into()].to_vec()
+        [
+            "<bos>".to_string(),
+            "search".into(),
+            p.lo.to_string(),
+            p.hi.to_string(),
+            "<think>".into(),
+        ]
+        .to_vec()
     }
 
     fn verify(&self, p: &Problem, answer: &[String]) -> bool {
@@ -283,7 +293,10 @@ impl Task for Search {
     fn reply(&self, p: &Problem, episode: &[String]) -> Option<Vec<String>> {
         let p = self.problem(p);
         let word = match episode {
-            [g] => self.number(g).map(|g| Feedback::of(g, p.hidden).word()).unwrap_or("invalid"),
+            [g] => self
+                .number(g)
+                .map(|g| Feedback::of(g, p.hidden).word())
+                .unwrap_or("invalid"),
             _ => "invalid",
         };
         Some(vec![word.to_string()])
@@ -304,7 +317,11 @@ impl Task for Search {
 
     fn optimal_curve(&self, p: &Problem, max_episodes: usize) -> Option<Vec<f64>> {
         let p = self.problem(p);
-        Some(bisection_outcomes(Interval { lo: p.lo, hi: p.hi }, p.hidden, max_episodes))
+        Some(bisection_outcomes(
+            Interval { lo: p.lo, hi: p.hi },
+            p.hidden,
+            max_episodes,
+        ))
     }
 
     fn enumerable_answers(&self) -> bool {
@@ -321,7 +338,9 @@ impl Task for Search {
         let mut interval = window;
         let mut trace = Trace::default();
         trace.push(Role::Prompt, self.prompt(p));
-        let budget = cut_after.unwrap_or(self.config.max_episodes).min(self.config.max_episodes);
+        let budget = cut_after
+            .unwrap_or(self.config.max_episodes)
+            .min(self.config.max_episodes);
         for done in 1..=budget {
             let g = self.guess(strategy, window, interval, rng);
             let fb = Feedback::of(g, sp.hidden);
@@ -332,7 +351,15 @@ impl Task for Search {
                 break;
             }
             if fb == Feedback::Correct {
-                trace.push(Role::Policy, ["</think>".to_string(), "<answer>".into(), g.to_string(), "</answer>".into()]);
+                trace.push(
+                    Role::Policy,
+                    [
+                        "</think>".to_string(),
+                        "<answer>".into(),
+                        g.to_string(),
+                        "</answer>".into(),
+                    ],
+                );
                 return trace;
             }
         }

@@ -86,7 +86,11 @@ pub trait Task: Send + Sync {
 
 /// The problem's side of the train / held-out split.
 pub fn split_of(task: &dyn Task, problem: &Problem) -> Split {
-    split_of_key(&task.split_key(problem), task.held_out_fraction(), task.validation_fraction())
+    split_of_key(
+        &task.split_key(problem),
+        task.held_out_fraction(),
+        task.validation_fraction(),
+    )
 }
 
 /// Largest number of number tokens a task may put in the vocabulary (`search`'s n,
@@ -108,7 +112,10 @@ pub fn sample_problem(task: &dyn Task, split: Split, rng: &mut StdRng) -> Result
     Err(Error::config(
         "task",
         task.name(),
-        format!("no problem of the {split:?} split in {MAX_DRAWS} draws: raise held_out_fraction / validation_fraction or enlarge the task"),
+        format!(
+            "no problem of the {split:?} split in {MAX_DRAWS} draws: raise held_out_fraction / \
+            validation_fraction or enlarge the task"
+        ),
     ))
 }
 
@@ -118,7 +125,11 @@ pub fn validate_split_fractions(held_out: f64, validation: f64) -> Result<()> {
         return Err(Error::config("task.held_out_fraction", held_out, "must be in [0, 1)"));
     }
     if !(0.0..1.0).contains(&validation) || held_out + validation >= 1.0 {
-        return Err(Error::config("task.validation_fraction", validation, format!("must be ≥ 0 and leave training problems (held_out_fraction is {held_out})")));
+        return Err(Error::config(
+            "task.validation_fraction",
+            validation,
+            format!("must be ≥ 0 and leave training problems (held_out_fraction is {held_out})"),
+        ));
     }
     Ok(())
 }
@@ -155,10 +166,18 @@ impl WarmStartMix {
             }
         }
         if self.weights.values().sum::<f64>() <= 0.0 {
-            return Err(Error::config("warm_start.weights", "{}", "need at least one positive weight"));
+            return Err(Error::config(
+                "warm_start.weights",
+                "{}",
+                "need at least one positive weight",
+            ));
         }
         if !(0.0..=1.0).contains(&self.cut_fraction) {
-            return Err(Error::config("warm_start.cut_fraction", self.cut_fraction, "must be in [0, 1]"));
+            return Err(Error::config(
+                "warm_start.cut_fraction",
+                self.cut_fraction,
+                "must be in [0, 1]",
+            ));
         }
         Ok(())
     }

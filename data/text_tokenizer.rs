@@ -61,8 +61,10 @@ impl TextTokenizer {
         if !path.is_file() {
             return Err(Error::Tokenizer(format!("{}: file not found", path.display())));
         }
-        let tokenizer = Tokenizer::from_file(&path).map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
-        let [config, generation, model] = ["tokenizer_config.json", "generation_config.json", "config.json"].map(|f| read_if_present(&dir.join(f)));
+        let tokenizer =
+            Tokenizer::from_file(&path).map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
+        let [config, generation, model] =
+            ["tokenizer_config.json", "generation_config.json", "config.json"].map(|f| read_if_present(&dir.join(f)));
         let (config, generation, model) = (config?, generation?, model?);
         // A token named in tokenizer_config.json must exist; ids from the other files are used as given.
         let named = |field: &str| -> Result<Option<u32>> {
@@ -70,14 +72,24 @@ impl TextTokenizer {
                 return Ok(None);
             };
             tokenizer.token_to_id(&text).map(Some).ok_or_else(|| {
-                Error::Tokenizer(format!("{}: {field} `{text}` is not in the vocabulary of {}", dir.join("tokenizer_config.json").display(), path.display()))
+                Error::Tokenizer(format!(
+                    "{}: {field} `{text}` is not in the vocabulary of {}",
+                    dir.join("tokenizer_config.json").display(),
+                    path.display()
+                ))
             })
         };
-        let by_id = |field: &str| [&generation, &model].into_iter().flatten().find_map(|j| first_id(&j[field]));
+        let by_id = |field: &str| {
+            [&generation, &model]
+                .into_iter()
+                .flatten()
+                .find_map(|j| first_id(&j[field]))
+        };
         let bos = named("bos_token")?.or_else(|| by_id("bos_token_id"));
         let eos = named("eos_token")?.or_else(|| by_id("eos_token_id")).ok_or_else(|| {
             Error::Tokenizer(format!(
-                "{}: no end-of-sequence token (neither `eos_token` in tokenizer_config.json nor `eos_token_id` in generation_config.json or config.json)",
+                "{}: no end-of-sequence token (neither `eos_token` in tokenizer_config.json nor `eos_token_id` in \
+                    generation_config.json or config.json)",
                 dir.display()
             ))
         })?;
@@ -85,7 +97,10 @@ impl TextTokenizer {
         let size = tokenizer.get_vocab_size(true) as u32;
         for (what, id) in [("bos", bos), ("eos", Some(eos)), ("pad", Some(pad))] {
             if let Some(id) = id.filter(|&id| id >= size) {
-                return Err(Error::Tokenizer(format!("{}: {what} token id {id} is outside the vocabulary ({size} tokens)", dir.display())));
+                return Err(Error::Tokenizer(format!(
+                    "{}: {what} token id {id} is outside the vocabulary ({size} tokens)",
+                    dir.display()
+                )));
             }
         }
         let end_think = tokenizer.token_to_id("</think>");
@@ -93,7 +108,14 @@ impl TextTokenizer {
             Ok(text) => Some(text),
             Err(_) => config.as_ref().and_then(|c| template_text(&c["chat_template"])),
         };
-        let mut text = Self { tokenizer, bos, eos, pad, end_think, chat: None };
+        let mut text = Self {
+            tokenizer,
+            bos,
+            eos,
+            pad,
+            end_think,
+            chat: None,
+        };
         text.chat = text.template(source.as_deref())?;
         Ok(text)
     }
@@ -107,7 +129,14 @@ impl TextTokenizer {
             .parse()
             .map_err(|e| Error::Tokenizer(format!("{}: cannot build its tokenizer: {e}", file.path.display())))?;
         let end_think = tokenizer.token_to_id("</think>");
-        let mut text = Self { tokenizer, bos: built.bos, eos: built.eos, pad: built.pad.unwrap_or(built.eos), end_think, chat: None };
+        let mut text = Self {
+            tokenizer,
+            bos: built.bos,
+            eos: built.eos,
+            pad: built.pad.unwrap_or(built.eos),
+            end_think,
+            chat: None,
+        };
         text.chat = text.template(built.chat_template.as_deref())?;
         Ok(text)
     }
@@ -117,13 +146,18 @@ impl TextTokenizer {
     }
 
     fn template(&self, source: Option<&str>) -> Result<Option<ChatTemplate>> {
-        source.map(|s| ChatTemplate::new(s, &self.token_text(self.bos), &self.token_text(Some(self.eos)))).transpose()
+        source
+            .map(|s| ChatTemplate::new(s, &self.token_text(self.bos), &self.token_text(Some(self.eos))))
+            .transpose()
     }
 
     /// Writes this tokenizer as a model directory's `tokenizer.json` and
     /// `tokenizer_config.json` (special tokens, chat template), which [`Self::load`] reads back.
     pub fn save(&self, dir: &Path) -> Result<()> {
-        let json = self.tokenizer.to_string(true).map_err(|e| Error::Tokenizer(format!("cannot serialise: {e}")))?;
+        let json = self
+            .tokenizer
+            .to_string(true)
+            .map_err(|e| Error::Tokenizer(format!("cannot serialise: {e}")))?;
         write_atomic(&dir.join("tokenizer.json"), json.as_bytes())?;
         let mut config = serde_json::json!({
             "tokenizer_class": "PreTrainedTokenizerFast",
@@ -151,7 +185,10 @@ impl TextTokenizer {
     /// Ids of `text` as `transformers`' `tokenizer(text)` gives them: with whatever special
     /// tokens the tokenizer's post-processor adds (a beginning-of-sequence token, for most).
     pub fn encode_with_specials(&self, text: &str) -> Result<Vec<u32>> {
-        let encoding = self.tokenizer.encode(text, true).map_err(|e| Error::Tokenizer(e.to_string()))?;
+        let encoding = self
+            .tokenizer
+            .encode(text, true)
+            .map_err(|e| Error::Tokenizer(e.to_string()))?;
         Ok(encoding.get_ids().to_vec())
     }
 
@@ -162,13 +199,18 @@ impl TextTokenizer {
 
     /// Ids of `text`, without any special tokens added.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let encoding = self.tokenizer.encode(text, false).map_err(|e| Error::Tokenizer(e.to_string()))?;
+        let encoding = self
+            .tokenizer
+            .encode(text, false)
+            .map_err(|e| Error::Tokenizer(e.to_string()))?;
         Ok(encoding.get_ids().to_vec())
     }
 
     /// The text of `ids`, special tokens included.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.tokenizer.decode(ids, false).map_err(|e| Error::Tokenizer(e.to_string()))
+        self.tokenizer
+            .decode(ids, false)
+            .map_err(|e| Error::Tokenizer(e.to_string()))
     }
 
     /// The single id of `token`, when the vocabulary has it.
@@ -184,7 +226,9 @@ fn read_if_present(path: &Path) -> Result<Option<Value>> {
 
 /// `"<s>"` or `{"content": "<s>", …}` (how `transformers` writes an added token).
 fn token_text(v: &Value) -> Option<String> {
-    v.as_str().or_else(|| v.get("content").and_then(Value::as_str)).map(str::to_string)
+    v.as_str()
+        .or_else(|| v.get("content").and_then(Value::as_str))
+        .map(str::to_string)
 }
 
 /// A `chat_template` field: the template, or from a list of `{"name", "template"}` the one
@@ -199,5 +243,7 @@ fn template_text(v: &Value) -> Option<String> {
 
 /// `7` or `[7, 8]` (several stop tokens: the first is the end-of-sequence token).
 fn first_id(v: &Value) -> Option<u32> {
-    v.as_u64().or_else(|| v.as_array().and_then(|a| a.first()).and_then(Value::as_u64)).map(|id| id as u32)
+    v.as_u64()
+        .or_else(|| v.as_array().and_then(|a| a.first()).and_then(Value::as_u64))
+        .map(|id| id as u32)
 }

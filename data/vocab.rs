@@ -16,7 +16,16 @@ use crate::error::{Error, Result};
 
 /// Spellings of the special tokens, in id order (ids 0…9).
 pub const SPECIAL_TOKENS: [&str; 10] = [
-    "<pad>", "<bos>", "<eos>", "<unk>", "<think>", "</think>", "<ep>", "<timeup>", "<answer>", "</answer>",
+    "<pad>",
+    "<bos>",
+    "<eos>",
+    "<unk>",
+    "<think>",
+    "</think>",
+    "<ep>",
+    "<timeup>",
+    "<answer>",
+    "</answer>",
 ];
 
 /// Ids of the special tokens.
@@ -57,7 +66,11 @@ impl Vocab {
     /// Special tokens first, then `words` in order (duplicates and specials skipped).
     pub fn build(words: &[String]) -> Result<Self> {
         let mut vocab = ahash::AHashMap::new();
-        for w in SPECIAL_TOKENS.iter().map(|s| s.to_string()).chain(words.iter().cloned()) {
+        for w in SPECIAL_TOKENS
+            .iter()
+            .map(|s| s.to_string())
+            .chain(words.iter().cloned())
+        {
             if w.is_empty() || w.chars().any(char::is_whitespace) {
                 return Err(Error::Tokenizer(format!("word `{w}` is empty or contains whitespace")));
             }
@@ -87,7 +100,10 @@ impl Vocab {
 
     /// Writes `tokenizer.json` atomically.
     pub fn save(&self, path: &Path) -> Result<()> {
-        let json = self.tokenizer.to_string(true).map_err(|e| Error::Tokenizer(e.to_string()))?;
+        let json = self
+            .tokenizer
+            .to_string(true)
+            .map_err(|e| Error::Tokenizer(e.to_string()))?;
         crate::fsutil::write_atomic(path, json.as_bytes())
     }
 
@@ -101,7 +117,11 @@ impl Vocab {
         if let Some(hole) = words.iter().position(String::is_empty) {
             return Err(Error::Tokenizer(format!("vocabulary has no token with id {hole}")));
         }
-        let get = |s: &str| ids.get(s).copied().ok_or_else(|| Error::Tokenizer(format!("missing special token `{s}`")));
+        let get = |s: &str| {
+            ids.get(s)
+                .copied()
+                .ok_or_else(|| Error::Tokenizer(format!("missing special token `{s}`")))
+        };
         let specials = Specials {
             pad: get("<pad>")?,
             bos: get("<bos>")?,
@@ -114,7 +134,12 @@ impl Vocab {
             answer: get("<answer>")?,
             end_answer: get("</answer>")?,
         };
-        Ok(Self { tokenizer, ids, words, specials })
+        Ok(Self {
+            tokenizer,
+            ids,
+            words,
+            specials,
+        })
     }
 
     /// Number of ids (the model's `vocab_size` must be at least this).
@@ -136,15 +161,24 @@ impl Vocab {
             .iter()
             .map(|w| {
                 let w = w.as_ref();
-                self.id(w).ok_or_else(|| Error::Tokenizer(format!("word `{w}` is not in the vocabulary")))
+                self.id(w)
+                    .ok_or_else(|| Error::Tokenizer(format!("word `{w}` is not in the vocabulary")))
             })
             .collect()
     }
 
     /// Encodes whitespace-separated text through the `tokenizers` pipeline.
     pub fn encode_text(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self.tokenizer.encode(text, false).map_err(|e| Error::Tokenizer(e.to_string()))?;
-        for (pos, _) in enc.get_ids().iter().enumerate().filter(|(_, &i)| i == self.specials.unk) {
+        let enc = self
+            .tokenizer
+            .encode(text, false)
+            .map_err(|e| Error::Tokenizer(e.to_string()))?;
+        for (pos, _) in enc
+            .get_ids()
+            .iter()
+            .enumerate()
+            .filter(|(_, &i)| i == self.specials.unk)
+        {
             let (start, end) = enc.get_offsets()[pos];
             let word = text.get(start..end).unwrap_or("?");
             if word != "<unk>" {
@@ -161,6 +195,8 @@ impl Vocab {
 
     /// Space-joined text of ids through the `tokenizers` pipeline.
     pub fn decode_text(&self, ids: &[u32]) -> String {
-        self.tokenizer.decode(ids, false).unwrap_or_else(|_| self.decode(ids).join(" "))
+        self.tokenizer
+            .decode(ids, false)
+            .unwrap_or_else(|_| self.decode(ids).join(" "))
     }
 }

@@ -136,7 +136,13 @@ pub struct GgufFile {
 
 impl std::fmt::Debug for GgufFile {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "GgufFile({}, v{}, {} tensors)", self.path.display(), self.version, self.tensors.len())
+        write!(
+            f,
+            "GgufFile({}, v{}, {} tensors)",
+            self.path.display(),
+            self.version,
+            self.tensors.len()
+        )
     }
 }
 
@@ -144,7 +150,9 @@ impl std::fmt::Debug for GgufFile {
 pub fn is_gguf(path: &Path) -> bool {
     use std::io::Read;
     let mut magic = [0u8; 4];
-    path.is_file() && fs::File::open(path).and_then(|mut f| f.read_exact(&mut magic)).is_ok() && u32::from_le_bytes(magic) == MAGIC
+    path.is_file()
+        && fs::File::open(path).and_then(|mut f| f.read_exact(&mut magic)).is_ok()
+        && u32::from_le_bytes(magic) == MAGIC
 }
 
 impl GgufFile {
@@ -180,9 +188,13 @@ impl GgufFile {
                 let name = r.string()?;
                 let n_dims = r.u32()?;
                 if n_dims == 0 || n_dims > 4 {
-                    return Err(Truncated(format!("tensor `{name}` has {n_dims} dimensions (1 to 4 expected)")));
+                    return Err(Truncated(format!(
+                        "tensor `{name}` has {n_dims} dimensions (1 to 4 expected)"
+                    )));
                 }
-                let dims = (0..n_dims).map(|_| r.u64()).collect::<std::result::Result<Vec<_>, _>>()?;
+                let dims = (0..n_dims)
+                    .map(|_| r.u64())
+                    .collect::<std::result::Result<Vec<_>, _>>()?;
                 let kind = r.u32()?;
                 let offset = r.u64()?;
                 infos.push((name, dims, kind, offset));
@@ -193,22 +205,33 @@ impl GgufFile {
         let (metadata, infos) = header;
         let alignment = match metadata.get("general.alignment") {
             None => DEFAULT_ALIGNMENT,
-            Some(v) => v.as_u64().filter(|a| a.is_power_of_two()).ok_or_else(|| bad(format!("general.alignment = {v:?} is not a power of two")))?,
+            Some(v) => v
+                .as_u64()
+                .filter(|a| a.is_power_of_two())
+                .ok_or_else(|| bad(format!("general.alignment = {v:?} is not a power of two")))?,
         };
         let data_start = (r.at as u64).div_ceil(alignment) * alignment;
         let mut tensors = BTreeMap::new();
         for (name, dims, kind, offset) in infos {
             let kind = GgmlType::from_id(kind).ok_or_else(|| {
-                bad(format!("tensor `{name}` has ggml type {kind}, which this reader does not dequantise (supported: {})", GgmlType::names()))
+                bad(format!(
+                    "tensor `{name}` has ggml type {kind}, which this reader does not dequantise (supported: {})",
+                    GgmlType::names()
+                ))
             })?;
             let info = TensorInfo { dims, kind, offset };
             let size = kind.bytes_for(info.elements()).ok_or_else(|| {
-                bad(format!("tensor `{name}`: {} elements is not a whole number of {kind:?} blocks ({} each)", info.elements(), kind.block()))
+                bad(format!(
+                    "tensor `{name}`: {} elements is not a whole number of {kind:?} blocks ({} each)",
+                    info.elements(),
+                    kind.block()
+                ))
             })?;
             let end = data_start.checked_add(offset).and_then(|s| s.checked_add(size));
             if offset % alignment != 0 || end.is_none_or(|e| e > bytes.len() as u64) {
                 return Err(bad(format!(
-                    "tensor `{name}` ({size} bytes at offset {offset}) lies outside the file ({} bytes): truncated download?",
+                    "tensor `{name}` ({size} bytes at offset {offset}) lies outside the file ({} bytes): truncated \
+                        download?",
                     bytes.len()
                 )));
             }
@@ -216,7 +239,14 @@ impl GgufFile {
                 return Err(bad(format!("tensor `{name}` is listed twice")));
             }
         }
-        Ok(Self { path: path.to_path_buf(), version, metadata, tensors, bytes, data_start: data_start as usize })
+        Ok(Self {
+            path: path.to_path_buf(),
+            version,
+            metadata,
+            tensors,
+            bytes,
+            data_start: data_start as usize,
+        })
     }
 
     /// A metadata value by key.
@@ -226,13 +256,19 @@ impl GgufFile {
 
     /// A required metadata value, or an error naming the key.
     pub fn require(&self, key: &str) -> Result<&Value> {
-        self.get(key).ok_or_else(|| Error::pretrained(&self.path, format!("metadata `{key}` is missing")))
+        self.get(key)
+            .ok_or_else(|| Error::pretrained(&self.path, format!("metadata `{key}` is missing")))
     }
 
     /// A metadata value that must be a non-negative integer.
     pub fn require_u64(&self, key: &str) -> Result<u64> {
         let v = self.require(key)?;
-        v.as_u64().ok_or_else(|| Error::pretrained(&self.path, format!("metadata `{key}` = {v:?} is not an unsigned integer")))
+        v.as_u64().ok_or_else(|| {
+            Error::pretrained(
+                &self.path,
+                format!("metadata `{key}` = {v:?} is not an unsigned integer"),
+            )
+        })
     }
 
     /// The raw bytes of tensor `name`.
@@ -245,7 +281,9 @@ impl GgufFile {
 
     /// Tensor `name` dequantised to f32, row-major in [`TensorInfo::shape`] order.
     pub fn dequantize(&self, name: &str) -> Result<Vec<f32>> {
-        let (info, raw) = self.raw(name).ok_or_else(|| Error::pretrained(&self.path, format!("tensor `{name}` is missing")))?;
+        let (info, raw) = self
+            .raw(name)
+            .ok_or_else(|| Error::pretrained(&self.path, format!("tensor `{name}` is missing")))?;
         Ok(quant::dequantize(info.kind, raw))
     }
 }
@@ -262,7 +300,13 @@ struct Cursor<'a> {
 impl Cursor<'_> {
     fn take(&mut self, n: usize) -> std::result::Result<&[u8], Truncated> {
         let end = self.at.checked_add(n).filter(|&e| e <= self.bytes.len());
-        let end = end.ok_or_else(|| Truncated(format!("header ends early at byte {} of {}: truncated file?", self.at, self.bytes.len())))?;
+        let end = end.ok_or_else(|| {
+            Truncated(format!(
+                "header ends early at byte {} of {}: truncated file?",
+                self.at,
+                self.bytes.len()
+            ))
+        })?;
         let s = &self.bytes[self.at..end];
         self.at = end;
         Ok(s)
@@ -309,7 +353,12 @@ impl Cursor<'_> {
             7 => Value::Bool(match self.array::<1>()?[0] {
                 0 => false,
                 1 => true,
-                b => return Err(Truncated(format!("boolean byte {b} at {} is neither 0 nor 1", self.at - 1))),
+                b => {
+                    return Err(Truncated(format!(
+                        "boolean byte {b} at {} is neither 0 nor 1",
+                        self.at - 1
+                    )))
+                }
             }),
             8 => Value::String(self.string()?),
             9 if depth < 4 => {
@@ -324,7 +373,12 @@ impl Cursor<'_> {
             10 => Value::U64(self.u64()?),
             11 => Value::I64(i64::from_le_bytes(self.array()?)),
             12 => Value::F64(f64::from_le_bytes(self.array()?)),
-            other => return Err(Truncated(format!("metadata value type {other} at byte {} is unknown", self.at - 4))),
+            other => {
+                return Err(Truncated(format!(
+                    "metadata value type {other} at byte {} is unknown",
+                    self.at - 4
+                )))
+            }
         })
     }
 }

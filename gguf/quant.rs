@@ -81,7 +81,11 @@ impl GgmlType {
 
     /// The supported types' names, for error messages.
     pub fn names() -> String {
-        TYPES.iter().map(|t| format!("{:?}", t.0)).collect::<Vec<_>>().join(", ")
+        TYPES
+            .iter()
+            .map(|t| format!("{:?}", t.0))
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 }
 
@@ -132,8 +136,16 @@ fn q5(d: f32, m: Option<f32>, qh: &[u8], qs: &[u8], out: &mut Vec<f32>) {
         None => (q as i32 - 16) as f32 * d,
         Some(m) => q as f32 * d + m,
     };
-    out.extend(qs.iter().enumerate().map(|(j, &q)| value((q & 0x0F) as u32 | ((qh >> j) << 4 & 0x10))));
-    out.extend(qs.iter().enumerate().map(|(j, &q)| value((q >> 4) as u32 | ((qh >> (j + 12)) & 0x10))));
+    out.extend(
+        qs.iter()
+            .enumerate()
+            .map(|(j, &q)| value((q & 0x0F) as u32 | ((qh >> j) << 4 & 0x10))),
+    );
+    out.extend(
+        qs.iter()
+            .enumerate()
+            .map(|(j, &q)| value((q >> 4) as u32 | ((qh >> (j + 12)) & 0x10))),
+    );
 }
 
 /// `Q2_K`: 16 sub-blocks of 16, each with a 4-bit scale and a 4-bit minimum; 2-bit values.
@@ -173,7 +185,11 @@ fn q3_k(b: &[u8], d: f32, out: &mut Vec<f32>) {
             for (q, h) in [(&q[..16], &hmask[..16]), (&q[16..], &hmask[16..])] {
                 let dl = d * scale(is);
                 is += 1;
-                out.extend(q.iter().zip(h).map(|(&v, &h)| dl * (((v >> shift) & 3) as i32 - if h & m != 0 { 0 } else { 4 }) as f32));
+                out.extend(
+                    q.iter()
+                        .zip(h)
+                        .map(|(&v, &h)| dl * (((v >> shift) & 3) as i32 - if h & m != 0 { 0 } else { 4 }) as f32),
+                );
             }
             m <<= 1;
         }
@@ -185,7 +201,10 @@ fn scale_min_k4(j: usize, q: &[u8]) -> (f32, f32) {
     let (sc, m) = if j < 4 {
         (q[j] & 63, q[j + 4] & 63)
     } else {
-        ((q[j + 4] & 0x0F) | ((q[j - 4] >> 6) << 4), (q[j + 4] >> 4) | ((q[j] >> 6) << 4))
+        (
+            (q[j + 4] & 0x0F) | ((q[j - 4] >> 6) << 4),
+            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
+        )
     };
     (sc as f32, m as f32)
 }
@@ -210,7 +229,11 @@ fn q5_k(d: f32, dmin: f32, scales: &[u8], qh: &[u8], qs: &[u8], out: &mut Vec<f3
             let (sc, m) = scale_min_k4(sub, scales);
             let (d1, m1) = (d * sc, dmin * m);
             let bit = 1u8 << sub;
-            out.extend(q.iter().zip(qh).map(|(&v, &h)| d1 * (((v >> shift) & 0x0F) + if h & bit != 0 { 16 } else { 0 }) as f32 - m1));
+            out.extend(
+                q.iter()
+                    .zip(qh)
+                    .map(|(&v, &h)| d1 * (((v >> shift) & 0x0F) + if h & bit != 0 { 16 } else { 0 }) as f32 - m1),
+            );
         }
     }
 }
@@ -219,7 +242,11 @@ fn q5_k(d: f32, dmin: f32, scales: &[u8], qh: &[u8], qs: &[u8], out: &mut Vec<f3
 /// `ql` and two high bits in `qh`, offset by −32.
 fn q6_k(ql: &[u8], qh: &[u8], scales: &[u8], d: f32, out: &mut Vec<f32>) {
     for half in 0..2 {
-        let (ql, qh, sc) = (&ql[64 * half..64 * half + 64], &qh[32 * half..32 * half + 32], &scales[8 * half..8 * half + 8]);
+        let (ql, qh, sc) = (
+            &ql[64 * half..64 * half + 64],
+            &qh[32 * half..32 * half + 32],
+            &scales[8 * half..8 * half + 8],
+        );
         let start = out.len();
         out.resize(start + 128, 0.0);
         let y = &mut out[start..];

@@ -30,11 +30,22 @@ pub struct Attention<B: Backend> {
 
 impl<B: Backend> Attention<B> {
     /// Fresh weights; with `qkv_bias` the query, key and value projections get zero biases.
-    pub fn init(d_model: usize, n_heads: usize, n_kv_heads: usize, qkv_bias: bool, out_std: f64, init: &mut HostInit<'_, B>) -> Self {
+    pub fn init(
+        d_model: usize,
+        n_heads: usize,
+        n_kv_heads: usize,
+        qkv_bias: bool,
+        out_std: f64,
+        init: &mut HostInit<'_, B>,
+    ) -> Self {
         let head_dim = d_model / n_heads;
         let mut proj = |width: usize| {
             let layer = init.linear(d_model, width, init.std);
-            if qkv_bias { init.with_bias(layer) } else { layer }
+            if qkv_bias {
+                init.with_bias(layer)
+            } else {
+                layer
+            }
         };
         Self {
             q: proj(n_heads * head_dim),
@@ -74,7 +85,11 @@ impl<B: Backend> Attention<B> {
             Some((kv, slot)) => kv.write(slot, k, v),
             None => (k, v),
         };
-        if let Some(y) = mask.as_ref().filter(|_| !causal).and_then(|m| masked_attention(&q, &k, &v, m)) {
+        if let Some(y) = mask
+            .as_ref()
+            .filter(|_| !causal)
+            .and_then(|m| masked_attention(&q, &k, &v, m))
+        {
             return self.output(y, b, w);
         }
         let tk = k.dims()[2];
@@ -82,7 +97,11 @@ impl<B: Backend> Attention<B> {
             (k, v)
         } else {
             let rep = h / kvh;
-            let expand = |t: Tensor<B, 4>| t.unsqueeze_dim::<5>(2).expand([b, kvh, rep, tk, d]).reshape([b, h, tk, d]);
+            let expand = |t: Tensor<B, 4>| {
+                t.unsqueeze_dim::<5>(2)
+                    .expand([b, kvh, rep, tk, d])
+                    .reshape([b, h, tk, d])
+            };
             (expand(k), expand(v))
         };
         let mask = mask.map(|m| m.expand([b, h, w, tk]));
@@ -97,7 +116,11 @@ impl<B: Backend> Attention<B> {
     /// Heads `[B, H, W, D]` → output projection `[B·W, C]`.
     fn output(&self, y: Tensor<B, 4>, b: usize, w: usize) -> Tensor<B, 2> {
         let hd = self.n_heads * self.head_dim;
-        let y = if w == 1 { y.reshape([b, hd]) } else { swap_middle(y).reshape([b * w, hd]) };
+        let y = if w == 1 {
+            y.reshape([b, hd])
+        } else {
+            swap_middle(y).reshape([b * w, hd])
+        };
         self.o.forward(y)
     }
 }

@@ -69,7 +69,10 @@ impl<B: Backend> Block<B> {
         causal: bool,
         cache: Option<(&mut LayerKv<B>, usize)>,
     ) -> Tensor<B, 2> {
-        let x = x.clone() + self.attn.forward(self.attn_norm.forward(x), rope, batch, mask, causal, cache);
+        let x = x.clone()
+            + self
+                .attn
+                .forward(self.attn_norm.forward(x), rope, batch, mask, causal, cache);
         x.clone() + self.mlp.forward(self.mlp_norm.forward(x))
     }
 }

@@ -82,7 +82,12 @@ impl<B: Backend> KvCache<B> {
         let allocated = capacity.min(GRANULE);
         Self {
             layers: (0..config.n_layers)
-                .map(|_| LayerKv::new(Tensor::zeros([rows, kvh, allocated, d], device), Tensor::zeros([rows, kvh, allocated, d], device)))
+                .map(|_| {
+                    LayerKv::new(
+                        Tensor::zeros([rows, kvh, allocated, d], device),
+                        Tensor::zeros([rows, kvh, allocated, d], device),
+                    )
+                })
                 .collect(),
             valid: Tensor::<B, 2, Int>::zeros([rows, allocated], device).bool(),
             positions: Tensor::zeros([rows], device),
@@ -127,12 +132,22 @@ impl<B: Backend> KvCache<B> {
     ) -> Result<(usize, Tensor<B, 2, Int>, Tensor<B, 4, Bool>)> {
         let (slot, positions) = self.reserve(width, counts)?;
         let (rows, cap, device) = (self.rows(), self.allocated, self.valid.device());
-        let empty = self.valid.clone().bool_not().reshape([rows, 1, 1, cap]).expand([rows, 1, width, cap]);
-        let slot_ids = Tensor::<B, 1, Int>::arange(0..cap as i64, &device).reshape([1, cap]).expand([width, cap]);
+        let empty = self
+            .valid
+            .clone()
+            .bool_not()
+            .reshape([rows, 1, 1, cap])
+            .expand([rows, 1, width, cap]);
+        let slot_ids = Tensor::<B, 1, Int>::arange(0..cap as i64, &device)
+            .reshape([1, cap])
+            .expand([width, cap]);
         let query_slots = Tensor::<B, 1, Int>::arange(slot as i64..(slot + width) as i64, &device)
             .reshape([width, 1])
             .expand([width, cap]);
-        let future = slot_ids.greater(query_slots).reshape([1, 1, width, cap]).expand([rows, 1, width, cap]);
+        let future = slot_ids
+            .greater(query_slots)
+            .reshape([1, 1, width, cap])
+            .expand([rows, 1, width, cap]);
         Ok((slot, positions, empty.bool_or(future)))
     }
 
@@ -191,15 +206,23 @@ impl<B: Backend> KvCache<B> {
     ///
     /// Afterwards the row's position counter counts every tree token, so the cache is only
     /// good for reading these tokens' logits, not for decoding further.
-    pub(crate) fn advance_tree(&mut self, parents: &[Vec<Option<usize>>]) -> Result<(usize, Tensor<B, 2, Int>, Tensor<B, 4, Bool>)> {
+    pub(crate) fn advance_tree(
+        &mut self,
+        parents: &[Vec<Option<usize>>],
+    ) -> Result<(usize, Tensor<B, 2, Int>, Tensor<B, 4, Bool>)> {
         let rows = self.rows();
         if parents.len() != rows {
-            return Err(Error::Budget(format!("token trees for {} rows given a cache of {rows} rows", parents.len())));
+            return Err(Error::Budget(format!(
+                "token trees for {} rows given a cache of {rows} rows",
+                parents.len()
+            )));
         }
         for (b, tree) in parents.iter().enumerate() {
             for (i, parent) in tree.iter().enumerate() {
                 if parent.is_some_and(|p| p >= i) {
-                    return Err(Error::Budget(format!("row {b}: tree token {i} names a parent that does not come before it")));
+                    return Err(Error::Budget(format!(
+                        "row {b}: tree token {i} names a parent that does not come before it"
+                    )));
                 }
             }
         }
@@ -212,7 +235,14 @@ impl<B: Backend> KvCache<B> {
         // the CPU backend, and a tree chunk is wide): token i of row b sees the row's valid
         // slots before the chunk, and in the chunk itself its ancestors and itself.
         // Read as integers: backends store booleans differently (a byte on flex, u32 on wgpu).
-        let valid: Vec<bool> = self.valid.clone().int().into_data().iter::<i64>().map(|v| v != 0).collect();
+        let valid: Vec<bool> = self
+            .valid
+            .clone()
+            .int()
+            .into_data()
+            .iter::<i64>()
+            .map(|v| v != 0)
+            .collect();
         let mut positions = Vec::with_capacity(rows * width);
         let mut mask = vec![true; rows * width * cap];
         for (b, tree) in parents.iter().enumerate() {
@@ -236,7 +266,11 @@ impl<B: Backend> KvCache<B> {
         }
         let device = self.valid.device();
         let positions = Tensor::<B, 2, Int>::from_data(TensorData::new(positions, [rows, width]), &device);
-        Ok((slot, positions, Tensor::from_data(TensorData::new(mask, [rows, 1, width, cap]), &device)))
+        Ok((
+            slot,
+            positions,
+            Tensor::from_data(TensorData::new(mask, [rows, 1, width, cap]), &device),
+        ))
     }
 
     /// A new cache holding copies of the given rows, in that order (a row may repeat). This is
@@ -249,7 +283,12 @@ impl<B: Backend> KvCache<B> {
             layers: self
                 .layers
                 .iter()
-                .map(|l| LayerKv::new(l.k().clone().select(0, idx.clone()), l.v().clone().select(0, idx.clone())))
+                .map(|l| {
+                    LayerKv::new(
+                        l.k().clone().select(0, idx.clone()),
+                        l.v().clone().select(0, idx.clone()),
+                    )
+                })
                 .collect(),
             valid: self.valid.clone().int().select(0, idx.clone()).bool(),
             positions: self.positions.clone().select(0, idx),
@@ -321,10 +360,14 @@ impl<B: Backend> KvCache<B> {
         for layer in &mut self.layers {
             let [_, kvh, _, d] = layer.k().dims();
             let widen = |t: Tensor<B, 4>| write_slots(Tensor::zeros([rows, kvh, slots, d], &device), 0, t);
-            *layer = LayerKv::new(widen(layer.k.take().expect("present")), widen(layer.v.take().expect("present")));
+            *layer = LayerKv::new(
+                widen(layer.k.take().expect("present")),
+                widen(layer.v.take().expect("present")),
+            );
         }
         let old = self.allocated;
-        let valid = Tensor::<B, 2, Int>::zeros([rows, slots], &device).slice_assign([0..rows, 0..old], self.valid.clone().int());
+        let valid = Tensor::<B, 2, Int>::zeros([rows, slots], &device)
+            .slice_assign([0..rows, 0..old], self.valid.clone().int());
         self.valid = valid.bool();
         self.allocated = slots;
     }

@@ -77,7 +77,10 @@ impl Checkpoint {
         if model.num_params() != expected {
             return Err(Error::checkpoint(
                 &self.path,
-                format!("weights hold {} parameters, the stored config needs {expected}", model.num_params()),
+                format!(
+                    "weights hold {} parameters, the stored config needs {expected}",
+                    model.num_params()
+                ),
             ));
         }
         Ok(model)
@@ -91,7 +94,8 @@ type Format = NamedMpkBytesRecorder<FullPrecisionSettings>;
 /// Serialises a module's record (model or optimizer state) into `w`.
 pub fn write_record<B: Backend, R: Record<B>>(record: R, w: &mut dyn Write) -> Result<()> {
     let item = BurnRecord::<_, B>::new::<Format>(record.into_item::<FullPrecisionSettings>());
-    rmp_serde::encode::write_named(w, &item).map_err(|e| Error::checkpoint("<memory>", format!("cannot encode record: {e}")))
+    rmp_serde::encode::write_named(w, &item)
+        .map_err(|e| Error::checkpoint("<memory>", format!("cannot encode record: {e}")))
 }
 
 /// Serialises a module's record to bytes.
@@ -103,8 +107,8 @@ pub fn encode_record<B: Backend, R: Record<B>>(record: R) -> Result<Vec<u8>> {
 
 /// Deserialises a record written by [`encode_record`] or [`write_record`].
 pub fn decode_record<B: Backend, R: Record<B>>(path: &Path, bytes: &[u8], device: &B::Device) -> Result<R> {
-    let record: BurnRecord<R::Item<FullPrecisionSettings>, B> =
-        rmp_serde::decode::from_slice(bytes).map_err(|e| Error::checkpoint(path, format!("cannot decode record: {e}")))?;
+    let record: BurnRecord<R::Item<FullPrecisionSettings>, B> = rmp_serde::decode::from_slice(bytes)
+        .map_err(|e| Error::checkpoint(path, format!("cannot decode record: {e}")))?;
     Ok(R::from_item(record.item, device))
 }
 
@@ -118,12 +122,21 @@ pub struct Section<'a> {
 impl<'a> Section<'a> {
     /// Bytes already in memory.
     pub fn bytes(name: &str, bytes: Vec<u8>) -> Self {
-        Self { name: name.into(), write: Box::new(move |w| w.write_all(&bytes).map_err(|e| Error::checkpoint("<memory>", e.to_string()))) }
+        Self {
+            name: name.into(),
+            write: Box::new(move |w| {
+                w.write_all(&bytes)
+                    .map_err(|e| Error::checkpoint("<memory>", e.to_string()))
+            }),
+        }
     }
 
     /// A module's record (cheap to make: it shares the module's tensors).
     pub fn record<B: Backend, R: Record<B> + 'a>(name: &str, record: R) -> Self {
-        Self { name: name.into(), write: Box::new(move |w| write_record::<B, R>(record, w)) }
+        Self {
+            name: name.into(),
+            write: Box::new(move |w| write_record::<B, R>(record, w)),
+        }
     }
 }
 
@@ -138,7 +151,10 @@ struct Measured<'w> {
 
 impl Write for Measured<'_> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let n = self.file.write(buf).inspect_err(|e| self.error = Some(std::io::Error::new(e.kind(), e.to_string())))?;
+        let n = self
+            .file
+            .write(buf)
+            .inspect_err(|e| self.error = Some(std::io::Error::new(e.kind(), e.to_string())))?;
         self.len += n as u64;
         self.crc.update(&buf[..n]);
         Ok(n)
@@ -156,13 +172,25 @@ impl Write for Measured<'_> {
 /// memory; BENCHMARKS.md). The header, which names every section's length and checksum, comes
 /// first in the file: room for it is reserved (its JSON with the widest possible numbers), and
 /// it is written there, padded with spaces, once the sections are known.
-pub fn save<B: Backend>(path: &Path, model: &Transformer<B>, extra_sections: Vec<Section>, meta: serde_json::Value) -> Result<()> {
+pub fn save<B: Backend>(
+    path: &Path,
+    model: &Transformer<B>,
+    extra_sections: Vec<Section>,
+    meta: serde_json::Value,
+) -> Result<()> {
     let mut sections = vec![Section::record::<B, _>(MODEL_SECTION, model.clone().into_record())];
     sections.extend(extra_sections);
     let mut header = Header {
         format_version: FORMAT_VERSION,
         config: model.config.clone(),
-        sections: sections.iter().map(|s| SectionInfo { name: s.name.clone(), len: u64::MAX, crc32: u32::MAX }).collect(),
+        sections: sections
+            .iter()
+            .map(|s| SectionInfo {
+                name: s.name.clone(),
+                len: u64::MAX,
+                crc32: u32::MAX,
+            })
+            .collect(),
         meta,
     };
     let json = |h: &Header| serde_json::to_vec(h).map_err(|e| Error::checkpoint(path, e.to_string()));
@@ -173,7 +201,12 @@ pub fn save<B: Backend>(path: &Path, model: &Transformer<B>, extra_sections: Vec
         f.write_all(&(room as u64).to_le_bytes())?;
         f.write_all(&vec![b' '; room])?;
         for (section, info) in sections.into_iter().zip(&mut header.sections) {
-            let mut w = Measured { file: &mut *f, len: 0, crc: crc32fast::Hasher::new(), error: None };
+            let mut w = Measured {
+                file: &mut *f,
+                len: 0,
+                crc: crc32fast::Hasher::new(),
+                error: None,
+            };
             if let Err(e) = (section.write)(&mut w) {
                 // The file's error is what the user needs to see ("No space left on device");
                 // else the serialiser's own.
@@ -187,7 +220,10 @@ pub fn save<B: Backend>(path: &Path, model: &Transformer<B>, extra_sections: Vec
         }
         let mut text = serde_json::to_vec(&header).map_err(std::io::Error::other)?;
         if text.len() > room {
-            return Err(std::io::Error::other(format!("header of {} bytes outgrew its {room} reserved", text.len())));
+            return Err(std::io::Error::other(format!(
+                "header of {} bytes outgrew its {room} reserved",
+                text.len()
+            )));
         }
         text.resize(room, b' ');
         f.seek(std::io::SeekFrom::Start(16))?;
@@ -206,7 +242,8 @@ pub fn load(path: &Path, expected: Option<&TransformerConfig>) -> Result<Checkpo
     // SAFETY: checkpoints are only ever replaced by renaming a new file over the old one
     // (`write_atomic_with`), never modified in place, so the mapped file does not change
     // under the map.
-    let bytes = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::checkpoint(path, format!("cannot read: {e}")))?;
+    let bytes =
+        unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::checkpoint(path, format!("cannot read: {e}")))?;
     let bad = |reason: String| Error::checkpoint(path, reason);
     if bytes.len() < 16 || &bytes[..8] != MAGIC {
         return Err(bad("not a checkpoint of this project (bad magic bytes)".into()));
@@ -214,12 +251,18 @@ pub fn load(path: &Path, expected: Option<&TransformerConfig>) -> Result<Checkpo
     let header_len = u64::from_le_bytes(bytes[8..16].try_into().expect("8 bytes")) as usize;
     let body = &bytes[16..];
     if header_len > body.len() {
-        return Err(bad(format!("truncated: header of {header_len} bytes, {} present", body.len())));
+        return Err(bad(format!(
+            "truncated: header of {header_len} bytes, {} present",
+            body.len()
+        )));
     }
     let header: Header =
         serde_json::from_slice(&body[..header_len]).map_err(|e| bad(format!("corrupt header: {e}")))?;
     if header.format_version != FORMAT_VERSION {
-        return Err(bad(format!("format version {} (this build reads {FORMAT_VERSION})", header.format_version)));
+        return Err(bad(format!(
+            "format version {} (this build reads {FORMAT_VERSION})",
+            header.format_version
+        )));
     }
     if let Some(expected) = expected {
         let diff = config_diff(expected, &header.config);
@@ -232,7 +275,12 @@ pub fn load(path: &Path, expected: Option<&TransformerConfig>) -> Result<Checkpo
     for info in &header.sections {
         let end = offset + info.len as usize;
         if end > body.len() {
-            return Err(bad(format!("truncated: section `{}` needs {} bytes, {} present", info.name, info.len, body.len() - offset)));
+            return Err(bad(format!(
+                "truncated: section `{}` needs {} bytes, {} present",
+                info.name,
+                info.len,
+                body.len() - offset
+            )));
         }
         let data = &body[offset..end];
         if crc32fast::hash(data) != info.crc32 {
@@ -255,7 +303,10 @@ pub fn load(path: &Path, expected: Option<&TransformerConfig>) -> Result<Checkpo
 
 /// `field: expected → found` for every field that differs.
 fn config_diff(expected: &TransformerConfig, found: &TransformerConfig) -> String {
-    let (a, b) = (serde_json::to_value(expected).unwrap_or_default(), serde_json::to_value(found).unwrap_or_default());
+    let (a, b) = (
+        serde_json::to_value(expected).unwrap_or_default(),
+        serde_json::to_value(found).unwrap_or_default(),
+    );
     let (Some(a), Some(b)) = (a.as_object(), b.as_object()) else {
         return String::new();
     };

@@ -63,7 +63,9 @@ pub fn generate<B: Backend>(
         if last {
             break;
         }
-        logits = model.forward_cached(next.reshape([b, 1]), &mut cache, None)?.reshape([b, model.config.vocab_size]);
+        logits = model
+            .forward_cached(next.reshape([b, 1]), &mut cache, None)?
+            .reshape([b, model.config.vocab_size]);
     }
     Ok(out)
 }

@@ -32,7 +32,10 @@ pub fn token_logprobs<B: Backend>(
     with_entropy: bool,
     temperature: f64,
 ) -> TokenLogprobs<B> {
-    assert!(temperature > 0.0, "log-probs need a positive temperature, got {temperature}");
+    assert!(
+        temperature > 0.0,
+        "log-probs need a positive temperature, got {temperature}"
+    );
     let [b, t] = tokens.dims();
     let mut logits = model.forward(tokens.clone()).narrow(1, 0, t - 1);
     if temperature != 1.0 {

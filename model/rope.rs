@@ -45,12 +45,21 @@ enum Rotation<B: Backend> {
 impl<B: Backend> Rope<B> {
     /// # Shapes
     /// - `positions`: `[B', W]` absolute positions; B' is 1 (shared by all `batch` rows) or `batch`.
-    pub fn new(positions: Tensor<B, 2, Int>, batch: usize, head_dim: usize, heads: usize, kv_heads: usize, theta: f64) -> Self {
+    pub fn new(
+        positions: Tensor<B, 2, Int>,
+        batch: usize,
+        head_dim: usize,
+        heads: usize,
+        kv_heads: usize,
+        theta: f64,
+    ) -> Self {
         let [rows, width] = positions.dims();
         let (d, half) = (head_dim, head_dim / 2);
         let device = positions.device();
         // inv_freq[i] = θ^(-2i/D), computed in f64 then rounded once to f32.
-        let inv: Vec<f32> = (0..half).map(|i| (1.0 / theta.powf(2.0 * i as f64 / d as f64)) as f32).collect();
+        let inv: Vec<f32> = (0..half)
+            .map(|i| (1.0 / theta.powf(2.0 * i as f64 / d as f64)) as f32)
+            .collect();
         let inv = Tensor::<B, 1>::from_data(TensorData::new(inv, [half]), &device).reshape([1, half]);
         let angles = positions.float().reshape([rows * width, 1]).mul(inv); // [B'·W, D/2]
         let angles = Tensor::cat(vec![angles.clone(), angles], 1).reshape([rows, width, 1, d]);
@@ -72,7 +81,13 @@ impl<B: Backend> Rope<B> {
             }
             Rotation::Matmul(Tensor::from_data(TensorData::new(rot, [d, d]), &device))
         };
-        Self { cos_q, sin_q, cos_k, sin_k, rotation }
+        Self {
+            cos_q,
+            sin_q,
+            cos_k,
+            sin_k,
+            rotation,
+        }
     }
 
     /// # Shapes

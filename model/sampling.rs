@@ -84,7 +84,11 @@ pub fn sample<B: Backend>(logits: Tensor<B, 2>, uniform: Tensor<B, 1>, config: &
         return logits.argmax(1).reshape([b]);
     }
     let scaled = logits / config.temperature;
-    let top_k = if config.top_k > 0 && config.top_k < v { config.top_k } else { v };
+    let top_k = if config.top_k > 0 && config.top_k < v {
+        config.top_k
+    } else {
+        v
+    };
     if top_k == v && config.top_p >= 1.0 {
         let probs = softmax(scaled, 1);
         return inverse_cdf(probs, uniform).clamp(0, v as i32 - 1).reshape([b]);

@@ -47,7 +47,9 @@ impl<B: Backend> Transformer<B> {
         Ok(Self {
             embed,
             blocks,
-            norm: RmsNormConfig::new(config.d_model).with_epsilon(config.norm_eps).init(device),
+            norm: RmsNormConfig::new(config.d_model)
+                .with_epsilon(config.norm_eps)
+                .init(device),
             head,
             config: config.clone(),
         })
@@ -101,7 +103,10 @@ impl<B: Backend> Transformer<B> {
     ) -> Result<Tensor<B, 3>> {
         let [b, w] = tokens.dims();
         if b != cache.rows() {
-            return Err(Error::Budget(format!("{b} token rows for a cache of {} rows", cache.rows())));
+            return Err(Error::Budget(format!(
+                "{b} token rows for a cache of {} rows",
+                cache.rows()
+            )));
         }
         let chunk = cache.advance(w, counts)?;
         Ok(self.forward_chunk(tokens, cache, chunk))
@@ -117,10 +122,19 @@ impl<B: Backend> Transformer<B> {
     /// - `tokens`: `[B, W]`, W the size of the largest tree; row b's first `parents[b].len()`
     ///   tokens are real, the rest holes
     /// - returns logits `[B, W, V]`
-    pub fn forward_tree(&self, tokens: Tensor<B, 2, Int>, parents: &[Vec<Option<usize>>], cache: &mut KvCache<B>) -> Result<Tensor<B, 3>> {
+    pub fn forward_tree(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        parents: &[Vec<Option<usize>>],
+        cache: &mut KvCache<B>,
+    ) -> Result<Tensor<B, 3>> {
         let [b, w] = tokens.dims();
         if b != cache.rows() || parents.iter().map(Vec::len).max().unwrap_or(0) != w {
-            return Err(Error::Budget(format!("{b} token rows of width {w} for trees of {:?} tokens in a cache of {} rows", parents.iter().map(Vec::len).collect::<Vec<_>>(), cache.rows())));
+            return Err(Error::Budget(format!(
+                "{b} token rows of width {w} for trees of {:?} tokens in a cache of {} rows",
+                parents.iter().map(Vec::len).collect::<Vec<_>>(),
+                cache.rows()
+            )));
         }
         let chunk = cache.advance_tree(parents)?;
         Ok(self.forward_chunk(tokens, cache, chunk))
@@ -128,7 +142,12 @@ impl<B: Backend> Transformer<B> {
 
     /// The layers over a chunk that `cache` has reserved: (first slot, positions `[B, W]`,
     /// mask `[B, 1, W, S]`).
-    fn forward_chunk(&self, tokens: Tensor<B, 2, Int>, cache: &mut KvCache<B>, (slot, positions, mask): (usize, Tensor<B, 2, Int>, Tensor<B, 4, Bool>)) -> Tensor<B, 3> {
+    fn forward_chunk(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        cache: &mut KvCache<B>,
+        (slot, positions, mask): (usize, Tensor<B, 2, Int>, Tensor<B, 4, Bool>),
+    ) -> Tensor<B, 3> {
         let [b, w] = tokens.dims();
         let rope = self.rope(positions, b);
         let mut x = self.embed.forward(tokens).reshape([b * w, self.config.d_model]);

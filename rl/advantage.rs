@@ -32,7 +32,10 @@ pub fn mean_std(x: &[f32]) -> (f32, f32) {
 /// GRPO advantages of `rewards` laid out as consecutive groups of `group`.
 /// Returns (advantage per rollout, kept flag per rollout, number of all-equal groups).
 pub fn grpo(rewards: &[f32], group: usize, scale_by_std: bool) -> (Vec<f32>, Vec<bool>, usize) {
-    assert!(group > 0 && rewards.len() % group == 0, "rewards must come in whole groups");
+    assert!(
+        group > 0 && rewards.len() % group == 0,
+        "rewards must come in whole groups"
+    );
     let mut adv = Vec::with_capacity(rewards.len());
     let mut keep = Vec::with_capacity(rewards.len());
     let mut degenerate = 0;
@@ -89,7 +92,10 @@ pub struct MrtAdvantages {
 /// Advantages of the paper's recipe for continuations laid out as consecutive groups of `m`
 /// (one group per prefix), `baselines[g]` the termination baseline b of group g's prefix.
 pub fn mrt(rewards: &[f32], baselines: &[f32], m: usize, alpha: f32, scale_by_std: bool) -> MrtAdvantages {
-    assert!(m > 0 && rewards.len() == m * baselines.len(), "one baseline per group of m continuations");
+    assert!(
+        m > 0 && rewards.len() == m * baselines.len(),
+        "one baseline per group of m continuations"
+    );
     let mut outcome = Vec::with_capacity(rewards.len());
     let mut prg = Vec::with_capacity(rewards.len());
     for (g, &b) in rewards.chunks(m).zip(baselines) {
@@ -167,7 +173,10 @@ mod tests {
         assert_eq!(a.outcome, vec![0.5, -0.5, 0.0, 0.0]);
         assert_eq!(a.progress, vec![0.25, 0.25, 0.5, 0.5]);
         // α = 0: centring over each group's continuations, as GRPO.
-        assert_eq!(mrt(&[1.0, 0.0, 1.0, 1.0], &[0.25, 0.5], 2, 0.0, false).advantage, vec![0.5, -0.5, 0.0, 0.0]);
+        assert_eq!(
+            mrt(&[1.0, 0.0, 1.0, 1.0], &[0.25, 0.5], 2, 0.0, false).advantage,
+            vec![0.5, -0.5, 0.0, 0.0]
+        );
         // With std scaling, one scale for the whole step: the std of (0.75, −0.25, 0.5, 0.5).
         let s = mrt(&[1.0, 0.0, 1.0, 1.0], &[0.25, 0.5], 2, 1.0, true);
         let (_, std) = mean_std(&[0.75, -0.25, 0.5, 0.5]);

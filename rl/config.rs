@@ -181,16 +181,33 @@ impl RunConfig {
     /// The defaults, with a JSON patch (any subset of a run config) applied. A patched `task`
     /// is applied first, so the defaults derived from it (episode and token budgets, the
     /// vocabulary) follow it; then the rest of the patch overrides anything.
-    pub fn with_patch(task: &str, preset: &str, algo: Algo, seed: u64, small_cpu: bool, patch: Option<serde_json::Value>) -> Result<Self> {
+    pub fn with_patch(
+        task: &str,
+        preset: &str,
+        algo: Algo,
+        seed: u64,
+        small_cpu: bool,
+        patch: Option<serde_json::Value>,
+    ) -> Result<Self> {
         Self::patched(task, patch, |t| Self::defaults(t, preset, algo, seed, small_cpu))
     }
 
     /// [`Self::with_patch`] for a run that fine-tunes the pretrained model in `dir`.
-    pub fn pretrained_with_patch(task: &str, dir: &std::path::Path, algo: Algo, seed: u64, patch: Option<serde_json::Value>) -> Result<Self> {
+    pub fn pretrained_with_patch(
+        task: &str,
+        dir: &std::path::Path,
+        algo: Algo,
+        seed: u64,
+        patch: Option<serde_json::Value>,
+    ) -> Result<Self> {
         Self::patched(task, patch, |t| Self::pretrained_defaults(t, dir, algo, seed))
     }
 
-    fn patched(task: &str, patch: Option<serde_json::Value>, defaults: impl FnOnce(TaskConfig) -> Result<Self>) -> Result<Self> {
+    fn patched(
+        task: &str,
+        patch: Option<serde_json::Value>,
+        defaults: impl FnOnce(TaskConfig) -> Result<Self>,
+    ) -> Result<Self> {
         let bad = |e: serde_json::Error| Error::config("--config", "patch", e.to_string());
         let mut task_cfg = TaskConfig::by_name(task)?;
         if let Some(task_patch) = patch.as_ref().and_then(|p| p.get("task")) {
@@ -227,7 +244,18 @@ impl RunConfig {
         // Rotary tables for the context a run uses, not the model's maximum (often 128K).
         model.max_seq_len = model.max_seq_len.min(PRETRAINED_CONTEXT);
         let t = task.build()?;
-        let mut c = Self::assemble(task, "pretrained", model, algo, seed, 1, t.max_episodes(), 1024, 32, t.enumerable_answers());
+        let mut c = Self::assemble(
+            task,
+            "pretrained",
+            model,
+            algo,
+            seed,
+            1,
+            t.max_episodes(),
+            1024,
+            32,
+            t.enumerable_answers(),
+        );
         c.pretrained = Some(dir.to_path_buf());
         c.warm_start.steps = 0;
         c.rl.steps = 100;
@@ -250,11 +278,26 @@ impl RunConfig {
         let countdown = matches!(task, TaskConfig::Countdown(_));
         let t = task.build()?;
         let max_episodes = t.max_episodes();
-        let (max_tokens, answer_tokens) = if countdown { (16 * max_episodes + 24, 24) } else { (4 * max_episodes + 8, 4) };
+        let (max_tokens, answer_tokens) = if countdown {
+            (16 * max_episodes + 24, 24)
+        } else {
+            (4 * max_episodes + 8, 4)
+        };
         // The tokenizer fixes the vocabulary; the preset fixes every other shape.
         model.vocab_size = crate::data::vocab::SPECIAL_TOKENS.len() + t.words().len();
         let scale = if small_cpu { 1 } else { 4 };
-        Ok(Self::assemble(task, preset, model, algo, seed, scale, max_episodes, max_tokens, answer_tokens, t.enumerable_answers()))
+        Ok(Self::assemble(
+            task,
+            preset,
+            model,
+            algo,
+            seed,
+            scale,
+            max_episodes,
+            max_tokens,
+            answer_tokens,
+            t.enumerable_answers(),
+        ))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -271,7 +314,11 @@ impl RunConfig {
         enumerable: bool,
     ) -> Self {
         let prover = ProverConfig {
-            mode: if enumerable { ProverMode::Exact } else { ProverMode::Sample },
+            mode: if enumerable {
+                ProverMode::Exact
+            } else {
+                ProverMode::Sample
+            },
             samples: 8,
             temperature: 1.0,
             max_answer_tokens: answer_tokens,

@@ -39,7 +39,13 @@ fn token_mean<B: Backend>(x: Tensor<B, 2>, mask: &Tensor<B, 2>) -> Tensor<B, 1> 
 }
 
 pub fn policy_loss<B: Backend>(batch: PgBatch<B>, clip_eps: f64, kl_beta: f64) -> PgOutput<B> {
-    let PgBatch { logp, old_logp, ref_logp, coef, mask } = batch;
+    let PgBatch {
+        logp,
+        old_logp,
+        ref_logp,
+        coef,
+        mask,
+    } = batch;
     let delta = logp.clone() - old_logp.clone();
     let ratio = delta.clone().exp();
     let unclipped = -(ratio.clone() * coef.clone());
@@ -84,7 +90,17 @@ mod tests {
     #[test]
     fn clip_fraction_counts_only_where_the_clipped_branch_is_taken() {
         let frac = |logp: f32, old: f32, c: f32| -> f32 {
-            let out = policy_loss(PgBatch { logp: one(logp), old_logp: one(old), ref_logp: None, coef: one(c), mask: one(1.0) }, 0.2, 0.0);
+            let out = policy_loss(
+                PgBatch {
+                    logp: one(logp),
+                    old_logp: one(old),
+                    ref_logp: None,
+                    coef: one(c),
+                    mask: one(1.0),
+                },
+                0.2,
+                0.0,
+            );
             out.clip_fraction.into_scalar()
         };
         // ρ = e^{−1} < 1 − ε: with c > 0 the min takes the unclipped ρc (gradient flows) …

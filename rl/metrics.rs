@@ -19,14 +19,26 @@ pub struct MetricsWriter {
 impl MetricsWriter {
     /// Opens `path` for appending (a resumed run continues the same file).
     pub fn open(path: &Path) -> Result<Self> {
-        let file = OpenOptions::new().create(true).append(true).open(path).map_err(|e| Error::io(path, e))?;
-        Ok(Self { path: path.to_path_buf(), file })
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(|e| Error::io(path, e))?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            file,
+        })
     }
 
     pub fn write(&mut self, record: &Record) -> Result<()> {
-        let mut line = serde_json::to_string(&record.0).map_err(|e| Error::Json { path: self.path.clone(), reason: e.to_string() })?;
+        let mut line = serde_json::to_string(&record.0).map_err(|e| Error::Json {
+            path: self.path.clone(),
+            reason: e.to_string(),
+        })?;
         line.push('\n');
-        self.file.write_all(line.as_bytes()).map_err(|e| Error::io(&self.path, e))?;
+        self.file
+            .write_all(line.as_bytes())
+            .map_err(|e| Error::io(&self.path, e))?;
         self.file.flush().map_err(|e| Error::io(&self.path, e))
     }
 }
@@ -66,7 +78,10 @@ pub fn read_metrics(path: &Path) -> Result<Vec<Map<String, Value>>> {
         .filter(|l| !l.trim().is_empty())
         .enumerate()
         .map(|(i, l)| {
-            serde_json::from_str(l).map_err(|e| Error::Json { path: path.to_path_buf(), reason: format!("line {}: {e}", i + 1) })
+            serde_json::from_str(l).map_err(|e| Error::Json {
+                path: path.to_path_buf(),
+                reason: format!("line {}: {e}", i + 1),
+            })
         })
         .collect()
 }

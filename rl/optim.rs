@@ -33,10 +33,18 @@ impl OptimConfig {
             return Err(Error::config(format!("{prefix}.lr"), self.lr, "must be > 0"));
         }
         if !(0.0..=1.0).contains(&self.min_lr_ratio) {
-            return Err(Error::config(format!("{prefix}.min_lr_ratio"), self.min_lr_ratio, "must be in [0, 1]"));
+            return Err(Error::config(
+                format!("{prefix}.min_lr_ratio"),
+                self.min_lr_ratio,
+                "must be in [0, 1]",
+            ));
         }
         if self.weight_decay < 0.0 || self.grad_clip < 0.0 {
-            return Err(Error::config(format!("{prefix}.weight_decay/grad_clip"), self.weight_decay, "must be ≥ 0"));
+            return Err(Error::config(
+                format!("{prefix}.weight_decay/grad_clip"),
+                self.weight_decay,
+                "must be ≥ 0",
+            ));
         }
         Ok(())
     }
@@ -70,7 +78,12 @@ pub fn optimizer_section<B: AutodiffBackend>(optim: &Adam<B>) -> Section<'_> {
 }
 
 /// Restores optimizer state written by [`optimizer_section`].
-pub fn load_optimizer<B: AutodiffBackend>(optim: Adam<B>, path: &std::path::Path, bytes: &[u8], device: &B::Device) -> Result<Adam<B>> {
+pub fn load_optimizer<B: AutodiffBackend>(
+    optim: Adam<B>,
+    path: &std::path::Path,
+    bytes: &[u8],
+    device: &B::Device,
+) -> Result<Adam<B>> {
     Ok(optim.load_record(decode_record::<B, _>(path, bytes, device)?))
 }
 
@@ -104,14 +117,20 @@ impl<B: AutodiffBackend> ModuleMapper<B> for ScaleGrads<'_> {
 /// Global L2 norm of all gradients; rescales them to `max_norm` when larger (and `max_norm > 0`).
 /// One host read-back per step.
 pub fn clip_global_norm<B: AutodiffBackend>(model: &Transformer<B>, grads: &mut GradientsParams, max_norm: f64) -> f64 {
-    let mut visitor = SquaredNorm::<B> { grads, total: Vec::new() };
+    let mut visitor = SquaredNorm::<B> {
+        grads,
+        total: Vec::new(),
+    };
     model.visit(&mut visitor);
     if visitor.total.is_empty() {
         return 0.0;
     }
     let norm = (Tensor::cat(visitor.total, 0).sum().into_scalar().elem::<f64>()).sqrt();
     if max_norm > 0.0 && norm > max_norm {
-        let mut mapper = ScaleGrads { grads, factor: max_norm / (norm + 1e-6) };
+        let mut mapper = ScaleGrads {
+            grads,
+            factor: max_norm / (norm + 1e-6),
+        };
         let _ = model.clone().map(&mut mapper);
     }
     norm
@@ -130,7 +149,13 @@ pub fn step<B: AutodiffBackend>(
 }
 
 /// [`step`] with gradients already computed (accumulated over micro-batches).
-pub fn step_grads<B: AutodiffBackend>(model: Transformer<B>, optim: &mut Adam<B>, mut grads: GradientsParams, lr: f64, grad_clip: f64) -> (Transformer<B>, f64) {
+pub fn step_grads<B: AutodiffBackend>(
+    model: Transformer<B>,
+    optim: &mut Adam<B>,
+    mut grads: GradientsParams,
+    lr: f64,
+    grad_clip: f64,
+) -> (Transformer<B>, f64) {
     let norm = clip_global_norm(&model, &mut grads, grad_clip);
     (optim.step(lr, model, grads), norm)
 }

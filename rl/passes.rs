@@ -19,7 +19,10 @@ pub fn row_chunks(rows: usize, micro_batch: usize) -> Vec<Range<usize>> {
     if micro_batch == 0 || micro_batch >= rows {
         return vec![0..rows];
     }
-    (0..rows).step_by(micro_batch).map(|s| s..(s + micro_batch).min(rows)).collect()
+    (0..rows)
+        .step_by(micro_batch)
+        .map(|s| s..(s + micro_batch).min(rows))
+        .collect()
 }
 
 /// How the loss of a batch is formed.
@@ -46,10 +49,24 @@ pub struct PassStats {
 
 /// Log-probs of a frozen model (the behaviour policy for PPO epochs past the first, or the KL
 /// reference) over the batch, pass by pass.
-pub fn frozen_logprobs<B: AutodiffBackend>(m: &Transformer<B::InnerBackend>, batch: &RolloutBatch<B>, chunks: &[Range<usize>], temperature: f64) -> Tensor<B, 2> {
+pub fn frozen_logprobs<B: AutodiffBackend>(
+    m: &Transformer<B::InnerBackend>,
+    batch: &RolloutBatch<B>,
+    chunks: &[Range<usize>],
+    temperature: f64,
+) -> Tensor<B, 2> {
     let parts: Vec<Tensor<B::InnerBackend, 2>> = chunks
         .iter()
-        .map(|rows| token_logprobs(m, rows_of_int(&batch.tokens, rows).inner(), Some(rows_of(&batch.mask, rows).inner()), false, temperature).logprobs)
+        .map(|rows| {
+            token_logprobs(
+                m,
+                rows_of_int(&batch.tokens, rows).inner(),
+                Some(rows_of(&batch.mask, rows).inner()),
+                false,
+                temperature,
+            )
+            .logprobs
+        })
         .collect();
     Tensor::<B, 2>::from_inner(Tensor::cat(parts, 0))
 }
@@ -88,8 +105,18 @@ pub fn batch_gradients<B: AutodiffBackend>(
     for rows in chunks {
         let mask = rows_of(&batch.mask, rows);
         // This pass's share of the trained tokens (1 with a single pass).
-        let share = if single { 1.0 } else { mask.clone().sum().into_scalar().elem::<f64>() / batch.trained_tokens as f64 };
-        let lp = token_logprobs(model, rows_of_int(&batch.tokens, rows), Some(mask.clone()), spec.entropy, spec.temperature);
+        let share = if single {
+            1.0
+        } else {
+            mask.clone().sum().into_scalar().elem::<f64>() / batch.trained_tokens as f64
+        };
+        let lp = token_logprobs(
+            model,
+            rows_of_int(&batch.tokens, rows),
+            Some(mask.clone()),
+            spec.entropy,
+            spec.temperature,
+        );
         if let Some(e) = &lp.entropy {
             st.entropy += ((e.clone() * mask.clone()).sum() / trained).into_scalar().elem::<f64>();
         }
@@ -101,9 +128,17 @@ pub fn batch_gradients<B: AutodiffBackend>(
                 -(lp.logprobs * mask.clone()).sum() / trained
             }
         } else {
-            let old = old_logp.map(|o| rows_of(o, rows)).unwrap_or_else(|| lp.logprobs.clone().detach());
+            let old = old_logp
+                .map(|o| rows_of(o, rows))
+                .unwrap_or_else(|| lp.logprobs.clone().detach());
             let out = policy_loss(
-                PgBatch { logp: lp.logprobs, old_logp: old, ref_logp: ref_logp.map(|q| rows_of(q, rows)), coef: rows_of(&batch.coef, rows), mask },
+                PgBatch {
+                    logp: lp.logprobs,
+                    old_logp: old,
+                    ref_logp: ref_logp.map(|q| rows_of(q, rows)),
+                    coef: rows_of(&batch.coef, rows),
+                    mask,
+                },
                 spec.clip_eps,
                 spec.kl_beta,
             );

@@ -12,11 +12,11 @@ use super::config::RunConfig;
 use super::eval::{eval_problems, EvalSummary};
 use super::metrics::{read_metrics, MetricsWriter};
 use super::optim::{adamw, require_grad};
+use super::protocol::Tokens;
 use super::run::{load_state, Progress, RunDir, Stage};
 use super::sft::warm_start;
 use super::stage::Ctx;
 use super::train::train_rl;
-use super::protocol::Tokens;
 use crate::data::{TextTokenizer, Vocab};
 use crate::error::{Error, Result};
 use crate::fsutil::write_json;
@@ -67,7 +67,11 @@ pub fn run_pipeline<B: AutodiffBackend>(opts: &PipelineOptions, device: &B::Devi
     };
     if let Tokens::Text(t) = &tokens {
         if t.size() > config.model.vocab_size {
-            return Err(Error::config("model.vocab_size", config.model.vocab_size, format!("the model's tokenizer has {} ids", t.size())));
+            return Err(Error::config(
+                "model.vocab_size",
+                config.model.vocab_size,
+                format!("the model's tokenizer has {} ids", t.size()),
+            ));
         }
     }
     let task = config.task.build()?;
@@ -84,23 +88,54 @@ pub fn run_pipeline<B: AutodiffBackend>(opts: &PipelineOptions, device: &B::Devi
         load_state::<B>(&latest, &config, optim_for(stage), device)?
     } else if opts.resume && run.checkpoint("warm_start").exists() {
         let ck = checkpoint::load(&run.checkpoint("warm_start"), Some(&config.model))?;
-        (require_grad(ck.model::<B>(device)?), optim_for(Stage::Rl), Progress { stage: Stage::Rl, step: 0 })
+        (
+            require_grad(ck.model::<B>(device)?),
+            optim_for(Stage::Rl),
+            Progress {
+                stage: Stage::Rl,
+                step: 0,
+            },
+        )
     } else if let Some(init) = &opts.init {
         let ck = checkpoint::load(init, Some(&config.model))?;
-        (require_grad(ck.model::<B>(device)?), optim_for(Stage::Rl), Progress { stage: Stage::Rl, step: 0 })
+        (
+            require_grad(ck.model::<B>(device)?),
+            optim_for(Stage::Rl),
+            Progress {
+                stage: Stage::Rl,
+                step: 0,
+            },
+        )
     } else if let Some(dir) = &config.pretrained {
         let model = hf::load_with_context::<B>(dir, Some(config.model.max_seq_len), device)?;
         if model.config != config.model {
             return Err(Error::config(
                 "model",
                 serde_json::to_string(&config.model).unwrap_or_default(),
-                format!("differs from {}/config.json (only max_seq_len may be changed)", dir.display()),
+                format!(
+                    "differs from {}/config.json (only max_seq_len may be changed)",
+                    dir.display()
+                ),
             ));
         }
-        (require_grad(model), optim_for(Stage::Rl), Progress { stage: Stage::Rl, step: 0 })
+        (
+            require_grad(model),
+            optim_for(Stage::Rl),
+            Progress {
+                stage: Stage::Rl,
+                step: 0,
+            },
+        )
     } else {
         let model = Transformer::<B>::new(&config.model, config.seed, device)?;
-        (model, optim_for(Stage::WarmStart), Progress { stage: Stage::WarmStart, step: 0 })
+        (
+            model,
+            optim_for(Stage::WarmStart),
+            Progress {
+                stage: Stage::WarmStart,
+                step: 0,
+            },
+        )
     };
     truncate_metrics(&run, progress)?;
     let mut ctx = Ctx {
@@ -115,7 +150,13 @@ pub fn run_pipeline<B: AutodiffBackend>(opts: &PipelineOptions, device: &B::Devi
         interrupt_after: opts.interrupt_after,
     };
     let pretrained = config.pretrained.is_some();
-    let incomplete = |ctx: &Ctx| Outcome { run_dir: ctx.run.root.clone(), completed: false, pretrained, base: None, fine_tuned: None };
+    let incomplete = |ctx: &Ctx| Outcome {
+        run_dir: ctx.run.root.clone(),
+        completed: false,
+        pretrained,
+        base: None,
+        fine_tuned: None,
+    };
 
     let mut rl_start = progress.step;
     if progress.stage == Stage::WarmStart {
@@ -123,7 +164,12 @@ pub fn run_pipeline<B: AutodiffBackend>(opts: &PipelineOptions, device: &B::Devi
         if !done {
             return Ok(incomplete(&ctx));
         }
-        checkpoint::save(&run.checkpoint("warm_start"), &m, vec![], serde_json::json!({ "stage": "warm-start" }))?;
+        checkpoint::save(
+            &run.checkpoint("warm_start"),
+            &m,
+            vec![],
+            serde_json::json!({ "stage": "warm-start" }),
+        )?;
         // RL starts with fresh optimizer state and its own schedule.
         model = m;
         drop(o);
@@ -131,22 +177,43 @@ pub fn run_pipeline<B: AutodiffBackend>(opts: &PipelineOptions, device: &B::Devi
         rl_start = 0;
     }
     if !run.checkpoint("warm_start").exists() {
-        checkpoint::save(&run.checkpoint("warm_start"), &model, vec![], serde_json::json!({ "stage": "init" }))?;
+        checkpoint::save(
+            &run.checkpoint("warm_start"),
+            &model,
+            vec![],
+            serde_json::json!({ "stage": "init" }),
+        )?;
     }
 
     // The frozen start policy: the KL reference and the "base" of the comparison. Loaded
     // only when needed: for a pretrained model it is a second copy of the weights.
-    let load_base = || checkpoint::load(&run.checkpoint("warm_start"), Some(&config.model))?.model::<B::InnerBackend>(device);
-    let reference = if config.rl.kl_beta > 0.0 { Some(load_base()?) } else { None };
+    let load_base =
+        || checkpoint::load(&run.checkpoint("warm_start"), Some(&config.model))?.model::<B::InnerBackend>(device);
+    let reference = if config.rl.kl_beta > 0.0 {
+        Some(load_base()?)
+    } else {
+        None
+    };
     let (model, optim, done) = train_rl(&mut ctx, model, optim, reference.as_ref(), rl_start)?;
     if !done {
         return Ok(incomplete(&ctx));
     }
     drop(optim);
-    checkpoint::save(&run.checkpoint("final"), &model, vec![], serde_json::json!({ "stage": "final" }))?;
+    checkpoint::save(
+        &run.checkpoint("final"),
+        &model,
+        vec![],
+        serde_json::json!({ "stage": "final" }),
+    )?;
 
     if !opts.final_eval {
-        return Ok(Outcome { run_dir: run.root.clone(), completed: true, pretrained, base: None, fine_tuned: None });
+        return Ok(Outcome {
+            run_dir: run.root.clone(),
+            completed: true,
+            pretrained,
+            base: None,
+            fine_tuned: None,
+        });
     }
     let base_model = match reference {
         Some(m) => m,
@@ -154,7 +221,13 @@ pub fn run_pipeline<B: AutodiffBackend>(opts: &PipelineOptions, device: &B::Devi
     };
     let base = ctx.evaluate(&base_model, "base", 0)?;
     let fine_tuned = ctx.evaluate(&model.valid(), "final", config.rl.steps)?;
-    let outcome = Outcome { run_dir: run.root.clone(), completed: true, pretrained, base: Some(base), fine_tuned: Some(fine_tuned) };
+    let outcome = Outcome {
+        run_dir: run.root.clone(),
+        completed: true,
+        pretrained,
+        base: Some(base),
+        fine_tuned: Some(fine_tuned),
+    };
     write_json(&run.root.join("summary.json"), &outcome)?;
     Ok(outcome)
 }
@@ -184,7 +257,11 @@ fn truncate_metrics(run: &RunDir, progress: Progress) -> Result<()> {
         })
         .map(|r| serde_json::to_string(&r).unwrap_or_default())
         .collect();
-    let text = if keep.is_empty() { String::new() } else { keep.join("\n") + "\n" };
+    let text = if keep.is_empty() {
+        String::new()
+    } else {
+        keep.join("\n") + "\n"
+    };
     crate::fsutil::write_atomic(&path, text.as_bytes())
 }
 

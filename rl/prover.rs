@@ -72,7 +72,11 @@ impl ProverConfig {
             return Err(Error::config("prover.samples", 0, "must be positive"));
         }
         if !(self.temperature.is_finite() && self.temperature > 0.0) {
-            return Err(Error::config("prover.temperature", self.temperature, "must be > 0 (J is a probability under the sampling distribution)"));
+            return Err(Error::config(
+                "prover.temperature",
+                self.temperature,
+                "must be > 0 (J is a probability under the sampling distribution)",
+            ));
         }
         if self.max_answer_tokens == 0 {
             return Err(Error::config("prover.max_answer_tokens", 0, "must be positive"));
@@ -110,7 +114,9 @@ pub fn estimate<B: Backend>(
         ProverMode::Exact => exact(model, cache, problems, protocol, config),
         ProverMode::Sample => {
             // K copies of each fork: a pretrained model's long rows go a few at a time.
-            let per_row = config.samples * (cache.slots() + protocol.suffix().len() + config.max_answer_tokens) * model.config.kv_bytes_per_token();
+            let per_row = config.samples
+                * (cache.slots() + protocol.suffix().len() + config.max_answer_tokens)
+                * model.config.kv_bytes_per_token();
             let chunk = (PROVER_BATCH_BYTES / per_row.max(1)).max(1);
             if chunk >= rows {
                 return sampled(model, cache, problems, protocol, config, rng);
@@ -134,18 +140,32 @@ fn force<B: Backend>(model: &Transformer<B>, cache: &mut KvCache<B>, protocol: &
     let rows = cache.rows();
     let device = model.device();
     let n = protocol.suffix().len();
-    let suffix: Vec<i64> = (0..rows).flat_map(|_| protocol.suffix().iter().map(|&i| i as i64)).collect();
+    let suffix: Vec<i64> = (0..rows)
+        .flat_map(|_| protocol.suffix().iter().map(|&i| i as i64))
+        .collect();
     cache.ensure_capacity(n);
-    let logits = model.forward_cached(Tensor::from_data(TensorData::new(suffix, [rows, n]), &device), cache, None)?;
+    let logits = model.forward_cached(
+        Tensor::from_data(TensorData::new(suffix, [rows, n]), &device),
+        cache,
+        None,
+    )?;
     Ok(last_logits(logits, &vec![n; rows]))
 }
 
 fn not_enumerable(task: &dyn Task) -> Error {
-    Error::config("prover.mode", "exact", format!("task `{}` cannot list its correct answers; use \"sample\"", task.name()))
+    Error::config(
+        "prover.mode",
+        "exact",
+        format!("task `{}` cannot list its correct answers; use \"sample\"", task.name()),
+    )
 }
 
 fn not_listed() -> Error {
-    Error::config("prover.mode", "exact", "this task cannot list its correct answers; use \"sample\"")
+    Error::config(
+        "prover.mode",
+        "exact",
+        "this task cannot list its correct answers; use \"sample\"",
+    )
 }
 
 /// Tree tokens (rows × the widest tree among them) scored per forward pass in `exact`: bounds
@@ -168,7 +188,12 @@ struct AnswerTree {
 
 impl AnswerTree {
     fn new(answers: &[Vec<u32>], close: u32) -> Self {
-        let mut tree = Self { tokens: Vec::new(), close, parents: Vec::new(), paths: Vec::with_capacity(answers.len()) };
+        let mut tree = Self {
+            tokens: Vec::new(),
+            close,
+            parents: Vec::new(),
+            paths: Vec::with_capacity(answers.len()),
+        };
         let mut nodes: HashMap<(Option<usize>, u32), usize> = HashMap::new();
         for answer in answers {
             let mut parent = None;
@@ -208,12 +233,23 @@ fn tree_groups(sizes: &[usize]) -> Vec<Vec<usize>> {
     groups
 }
 
-fn exact<B: Backend>(model: &Transformer<B>, mut cache: KvCache<B>, problems: &[&Problem], protocol: &dyn Protocol, config: &ProverConfig) -> Result<Vec<Estimate>> {
+fn exact<B: Backend>(
+    model: &Transformer<B>,
+    mut cache: KvCache<B>,
+    problems: &[&Problem],
+    protocol: &dyn Protocol,
+    config: &ProverConfig,
+) -> Result<Vec<Estimate>> {
     let rows = cache.rows();
     let device = model.device();
     let t = config.temperature;
     // Mass on first answer tokens that can begin a well-formed answer.
-    let starts: Vec<f32> = protocol.answer_starts().ok_or_else(not_listed)?.into_iter().map(|s| s as u8 as f32).collect();
+    let starts: Vec<f32> = protocol
+        .answer_starts()
+        .ok_or_else(not_listed)?
+        .into_iter()
+        .map(|s| s as u8 as f32)
+        .collect();
     let v = starts.len();
     // Every correct answer of each row's problem as a token tree; built once per distinct
     // problem.
@@ -244,7 +280,11 @@ fn exact<B: Backend>(model: &Transformer<B>, mut cache: KvCache<B>, problems: &[
     let starts = Tensor::<B, 1>::from_data(TensorData::new(starts, [v]), &device);
 
     let first = log_softmax(force(model, &mut cache, protocol)? / t, 1); // [R, V]
-    let mass: Vec<f32> = (first.clone().exp().narrow(1, 0, v) * starts.reshape([1, v])).sum_dim(1).into_data().iter::<f32>().collect();
+    let mass: Vec<f32> = (first.clone().exp().narrow(1, 0, v) * starts.reshape([1, v]))
+        .sum_dim(1)
+        .into_data()
+        .iter::<f32>()
+        .collect();
     let mut j = vec![0.0f32; rows];
     let groups = tree_groups(&trees.iter().map(|t| t.tokens.len()).collect::<Vec<_>>());
     let whole = groups.len() == 1 && groups[0].iter().copied().eq(0..rows);
@@ -262,22 +302,46 @@ fn exact<B: Backend>(model: &Transformer<B>, mut cache: KvCache<B>, problems: &[
         let width = trees[group[0]].tokens.len();
         rows_cache.ensure_capacity(width);
         let pad = protocol.pad();
-        let ids: Vec<i64> = group.iter().flat_map(|&r| (0..width).map(move |k| *trees[r].tokens.get(k).unwrap_or(&pad) as i64)).collect();
+        let ids: Vec<i64> = group
+            .iter()
+            .flat_map(|&r| (0..width).map(move |k| *trees[r].tokens.get(k).unwrap_or(&pad) as i64))
+            .collect();
         let parents: Vec<Vec<Option<usize>>> = group.iter().map(|&r| trees[r].parents.clone()).collect();
-        let logits = model.forward_tree(Tensor::from_data(TensorData::new(ids, [g, width]), &device), &parents, &mut rows_cache)?;
+        let logits = model.forward_tree(
+            Tensor::from_data(TensorData::new(ids, [g, width]), &device),
+            &parents,
+            &mut rows_cache,
+        )?;
         let lp = log_softmax(logits / t, 2).reshape([g * width * v]);
 
         // Per pair, answer token k is followed by token k + 1 (by `</answer>` after the last):
         // read at flat index (node of a[..=k]) · V + next.
         // Not empty: every tree node comes from an answer, and the group's trees are not empty.
-        let pairs: Vec<(usize, &AnswerTree, &Vec<usize>)> = group.iter().enumerate().flat_map(|(gi, &r)| trees[r].paths.iter().map(move |path| (gi, trees[r], path))).collect();
+        let pairs: Vec<(usize, &AnswerTree, &Vec<usize>)> = group
+            .iter()
+            .enumerate()
+            .flat_map(|(gi, &r)| trees[r].paths.iter().map(move |path| (gi, trees[r], path)))
+            .collect();
         let e = pairs.len();
         let span = pairs.iter().map(|(_, _, path)| path.len()).max().unwrap_or(1);
-        let (mut at, mut mask, mut heads, mut idx) = (Vec::with_capacity(e * span), Vec::with_capacity(e * span), Vec::with_capacity(e), Vec::with_capacity(e));
+        let (mut at, mut mask, mut heads, mut idx) = (
+            Vec::with_capacity(e * span),
+            Vec::with_capacity(e * span),
+            Vec::with_capacity(e),
+            Vec::with_capacity(e),
+        );
         for &(gi, tree, path) in &pairs {
             for k in 0..span {
-                let next = if k + 1 < path.len() { tree.tokens[path[k + 1]] } else { tree.close };
-                at.push(if k < path.len() { ((gi * width + path[k]) * v + next as usize) as i64 } else { 0 });
+                let next = if k + 1 < path.len() {
+                    tree.tokens[path[k + 1]]
+                } else {
+                    tree.close
+                };
+                at.push(if k < path.len() {
+                    ((gi * width + path[k]) * v + next as usize) as i64
+                } else {
+                    0
+                });
                 mask.push((k < path.len()) as u8 as f32);
             }
             heads.push(tree.tokens[path[0]] as usize);
@@ -286,12 +350,22 @@ fn exact<B: Backend>(model: &Transformer<B>, mut cache: KvCache<B>, problems: &[
         let at = Tensor::<B, 1, Int>::from_data(TensorData::new(at, [e * span]), &device);
         let mask = Tensor::<B, 2>::from_data(TensorData::new(mask, [e, span]), &device);
         let tail = (lp.select(0, at).reshape([e, span]) * mask).sum_dim(1).reshape([e]);
-        let head = first.clone().select(0, int_tensor::<B>(&idx, &device)).gather(1, int_tensor::<B>(&heads, &device).reshape([e, 1])).reshape([e]);
+        let head = first
+            .clone()
+            .select(0, int_tensor::<B>(&idx, &device))
+            .gather(1, int_tensor::<B>(&heads, &device).reshape([e, 1]))
+            .reshape([e]);
         for (r, lp) in idx.iter().zip((head + tail).into_data().iter::<f32>()) {
             j[*r] += lp.exp();
         }
     }
-    Ok(j.into_iter().zip(mass).map(|(j, well_formed)| Estimate { j: j.min(1.0), well_formed }).collect())
+    Ok(j.into_iter()
+        .zip(mass)
+        .map(|(j, well_formed)| Estimate {
+            j: j.min(1.0),
+            well_formed,
+        })
+        .collect())
 }
 
 fn sampled<B: Backend>(

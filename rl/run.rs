@@ -19,8 +19,8 @@ use serde::{Deserialize, Serialize};
 
 use super::config::RunConfig;
 use super::optim::{load_optimizer, optimizer_section, Adam};
-use crate::data::split::fnv1a;
 use super::protocol::Tokens;
+use crate::data::split::fnv1a;
 use crate::error::{Error, Result};
 use crate::fsutil::{read_json, write_json};
 use crate::model::checkpoint;
@@ -91,7 +91,11 @@ impl RunDir {
     /// Reads `config.json` and the tokenizer of an existing run.
     pub fn open(&self) -> Result<(RunConfig, Tokens)> {
         if !self.config_path().exists() {
-            return Err(Error::config("run directory", self.root.display(), "has no config.json (not a run directory?)"));
+            return Err(Error::config(
+                "run directory",
+                self.root.display(),
+                "has no config.json (not a run directory?)",
+            ));
         }
         let saved: SavedConfig = read_json(&self.config_path())?;
         saved.config.validate()?;
@@ -127,9 +131,19 @@ pub fn step_rng(seed: u64, stream: &str, step: usize) -> StdRng {
 }
 
 /// Saves model, optimizer and progress atomically.
-pub fn save_state<B: AutodiffBackend>(path: &Path, model: &Transformer<B>, optim: &Adam<B>, progress: Progress) -> Result<()> {
+pub fn save_state<B: AutodiffBackend>(
+    path: &Path,
+    model: &Transformer<B>,
+    optim: &Adam<B>,
+    progress: Progress,
+) -> Result<()> {
     let meta = serde_json::to_value(progress).map_err(|e| Error::checkpoint(path, e.to_string()))?;
-    checkpoint::save(path, model, vec![optimizer_section(optim)], serde_json::json!({ "progress": meta }))
+    checkpoint::save(
+        path,
+        model,
+        vec![optimizer_section(optim)],
+        serde_json::json!({ "progress": meta }),
+    )
 }
 
 /// Loads a state saved by [`save_state`]: the model (trainable), the optimizer and progress.

@@ -85,14 +85,21 @@ pub fn score<B: Backend>(engine: &Engine<B>, problems: &[Problem], cfg: &RlConfi
         // Supervised on selected correct streams, weight 1 on their tokens.
         Algo::Star | Algo::MrtStar => {
             for (group, chunk) in rollouts.chunks(g).enumerate() {
-                let mut correct: Vec<usize> = (0..g).filter(|&i| chunk[i].reward > 0.0).map(|i| group * g + i).collect();
+                let mut correct: Vec<usize> = (0..g)
+                    .filter(|&i| chunk[i].reward > 0.0)
+                    .map(|i| group * g + i)
+                    .collect();
                 if cfg.algo == Algo::MrtStar {
-                    correct.sort_by(|&a, &b| progress_per_episode(&rollouts[b].j).total_cmp(&progress_per_episode(&rollouts[a].j)));
-                    let n = ((correct.len() as f64 * cfg.star_keep).ceil() as usize).max(1).min(correct.len());
+                    correct.sort_by(|&a, &b| {
+                        progress_per_episode(&rollouts[b].j).total_cmp(&progress_per_episode(&rollouts[a].j))
+                    });
+                    let n = ((correct.len() as f64 * cfg.star_keep).ceil() as usize)
+                        .max(1)
+                        .min(correct.len());
                     correct.truncate(n);
                 }
-                for i in group * g..(group + 1) * g {
-                    signals[i] = Signal::outcome(1.0, correct.contains(&i));
+                for (i, s) in signals.iter_mut().enumerate().skip(group * g).take(g) {
+                    *s = Signal::outcome(1.0, correct.contains(&i));
                 }
             }
         }
@@ -133,14 +140,24 @@ fn score_mrt<B: Backend>(engine: &Engine<B>, problems: &[Problem], cfg: &RlConfi
         seeds.push(s.prefix(k));
         baselines.push(b);
     }
-    let continuation = Engine { model: engine.model, protocol: engine.protocol, config: engine.config, prover: None };
+    let continuation = Engine {
+        model: engine.model,
+        protocol: engine.protocol,
+        config: engine.config,
+        prover: None,
+    };
     let mut batch = continuation.start_from(&seeds, problems, m, rng)?;
     continuation.run(&mut batch, problems, rng)?;
     let rollouts = Engine::finish(batch);
 
     let rewards: Vec<f32> = rollouts.iter().map(|r| r.reward).collect();
     let lens: Vec<usize> = rollouts.iter().map(|r| r.tokens.len()).collect();
-    let MrtSignals { signals, degenerate, outcome_abs, progress_abs } = mrt_signals(&rewards, &baselines, &lens, m, cfg.alpha as f32, cfg.scale_by_std);
+    let MrtSignals {
+        signals,
+        degenerate,
+        outcome_abs,
+        progress_abs,
+    } = mrt_signals(&rewards, &baselines, &lens, m, cfg.alpha as f32, cfg.scale_by_std);
     Ok(Scored {
         groups: streams.len(),
         rollouts,
@@ -172,7 +189,14 @@ pub struct MrtSignals {
 /// all-equal group never joins the outcome term's token mean (which would scale the mixed
 /// groups' signal down by their share of the tokens), and α → 0 is GRPO's centring,
 /// continuously.
-pub fn mrt_signals(rewards: &[f32], baselines: &[f32], lens: &[usize], m: usize, alpha: f32, scale_by_std: bool) -> MrtSignals {
+pub fn mrt_signals(
+    rewards: &[f32],
+    baselines: &[f32],
+    lens: &[usize],
+    m: usize,
+    alpha: f32,
+    scale_by_std: bool,
+) -> MrtSignals {
     assert_eq!(rewards.len(), lens.len(), "one length per continuation");
     let adv = mrt(rewards, baselines, m, alpha, scale_by_std);
     let mut signals = Vec::with_capacity(rewards.len());
@@ -180,18 +204,36 @@ pub fn mrt_signals(rewards: &[f32], baselines: &[f32], lens: &[usize], m: usize,
     for (g, group) in rewards.chunks(m).enumerate() {
         let mixed = group.iter().any(|&r| r != group[0]);
         degenerate += !mixed as usize;
-        for i in g * m..(g + 1) * m {
-            let mut s = Signal::outcome(adv.outcome[i], mixed);
-            let p = adv.progress[i];
+        let span = g * m..(g + 1) * m;
+        let terms = adv.outcome[span.clone()].iter().zip(&adv.progress[span.clone()]);
+        for ((&outcome, &p), &len) in terms.zip(&lens[span]) {
+            let mut s = Signal::outcome(outcome, mixed);
             // A NaN baseline (no J at the cut; NaN ≠ 0) poisons the loss on purpose: the loop
             // reports it as divergence rather than training on a made-up baseline.
             if p != 0.0 {
-                s.bonus = Some(vec![p; lens[i]]);
+                s.bonus = Some(vec![p; len]);
             }
             signals.push(s);
         }
     }
-    let outcome_abs = mean_abs(signals.iter().zip(&adv.outcome).filter(|(s, _)| s.in_outcome).map(|(_, a)| *a));
-    let progress_abs = mean_abs(signals.iter().zip(&adv.progress).filter(|(s, _)| s.bonus.is_some()).map(|(_, p)| *p));
-    MrtSignals { signals, degenerate, outcome_abs, progress_abs }
+    let outcome_abs = mean_abs(
+        signals
+            .iter()
+            .zip(&adv.outcome)
+            .filter(|(s, _)| s.in_outcome)
+            .map(|(_, a)| *a),
+    );
+    let progress_abs = mean_abs(
+        signals
+            .iter()
+            .zip(&adv.progress)
+            .filter(|(s, _)| s.bonus.is_some())
+            .map(|(_, p)| *p),
+    );
+    MrtSignals {
+        signals,
+        degenerate,
+        outcome_abs,
+        progress_abs,
+    }
 }

@@ -31,9 +31,21 @@ pub fn warm_start<B: AutodiffBackend>(
         .config
         .task
         .warm_start()
-        .ok_or_else(|| Error::config("warm_start.steps", cfg.steps, "this task has no scripted traces: a pretrained model starts RL directly (use 0)"))?
+        .ok_or_else(|| {
+            Error::config(
+                "warm_start.steps",
+                cfg.steps,
+                "this task has no scripted traces: a pretrained model starts RL directly (use 0)",
+            )
+        })?
         .clone();
-    let vocab = ctx.vocab.ok_or_else(|| Error::config("warm_start.steps", cfg.steps, "a warm start needs the task's word vocabulary"))?;
+    let vocab = ctx.vocab.ok_or_else(|| {
+        Error::config(
+            "warm_start.steps",
+            cfg.steps,
+            "a warm start needs the task's word vocabulary",
+        )
+    })?;
     let bar = ctx.progress_bar("warm-start", cfg.steps, start);
     let log_every = (cfg.steps / 20).max(1);
     for step in start..cfg.steps {
@@ -54,7 +66,11 @@ pub fn warm_start<B: AutodiffBackend>(
         let loss = sft_loss(lp.logprobs, &batch.mask);
         let loss_value: f64 = loss.clone().into_scalar().elem();
         if !loss_value.is_finite() {
-            return Err(Error::Diverged { step, what: "warm-start loss".into(), value: loss_value });
+            return Err(Error::Diverged {
+                step,
+                what: "warm-start loss".into(),
+                value: loss_value,
+            });
         }
         let lr = cfg.optim.lr_at(step, cfg.steps);
         let (next, grad_norm) = optim_step(model, &mut optim, loss, lr, cfg.optim.grad_clip);
@@ -73,14 +89,29 @@ pub fn warm_start<B: AutodiffBackend>(
         bar.set_position(done as u64);
         bar.set_message(format!("loss {loss_value:.4}"));
         if done % log_every == 0 || done == cfg.steps {
-            ctx.say(&bar, format!("warm-start {done:>5}/{} | loss {loss_value:.4} | lr {lr:.2e} | grad {grad_norm:.3} | {:.0} ms", cfg.steps, dt * 1e3));
+            ctx.say(
+                &bar,
+                format!(
+                    "warm-start {done:>5}/{} | loss {loss_value:.4} | lr {lr:.2e} | grad {grad_norm:.3} | {:.0} ms",
+                    cfg.steps,
+                    dt * 1e3
+                ),
+            );
         }
         if due(cfg.eval_every, done, cfg.steps) {
             let summary = ctx.evaluate(&model.valid(), "warm-start", done)?;
             ctx.say(&bar, eval_line("warm-start", done, &summary));
         }
         if due(cfg.checkpoint_every, done, cfg.steps) {
-            save_state(&ctx.run.checkpoint("latest"), &model, &optim, Progress { stage: Stage::WarmStart, step: done })?;
+            save_state(
+                &ctx.run.checkpoint("latest"),
+                &model,
+                &optim,
+                Progress {
+                    stage: Stage::WarmStart,
+                    step: done,
+                },
+            )?;
         }
     }
     bar.finish_and_clear();

@@ -41,9 +41,11 @@ impl Ctx<'_> {
         }
         let bar = ProgressBar::new(total as u64);
         bar.set_style(
-            ProgressStyle::with_template("{prefix:>10} [{bar:28.cyan/blue}] {pos}/{len} {per_sec:>10} eta {eta:>4} {msg}")
-                .expect("valid template")
-                .progress_chars("=> "),
+            ProgressStyle::with_template(
+                "{prefix:>10} [{bar:28.cyan/blue}] {pos}/{len} {per_sec:>10} eta {eta:>4} {msg}",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
         );
         bar.set_prefix(stage.to_string());
         bar.set_position(start as u64);
@@ -67,7 +69,15 @@ impl Ctx<'_> {
     pub fn evaluate<B: Backend>(&mut self, model: &Transformer<B>, stage: &str, step: usize) -> Result<EvalSummary> {
         let t0 = Instant::now();
         let seed = self.config.seed ^ 0x5eed_e7a1;
-        let (summary, _) = evaluate(model, self.task, self.protocol, &self.eval_problems, &self.config.eval, false, seed)?;
+        let (summary, _) = evaluate(
+            model,
+            self.task,
+            self.protocol,
+            &self.eval_problems,
+            &self.config.eval,
+            false,
+            seed,
+        )?;
         let mut rec = Record::new(stage, step);
         rec.set("eval/pass@1", summary.pass1)
             .set("eval/answered", summary.answered)
@@ -92,7 +102,8 @@ impl Ctx<'_> {
 /// One fixed-format line for an evaluation.
 pub fn eval_line(stage: &str, step: usize, s: &EvalSummary) -> String {
     format!(
-        "{stage:>10} {step:>5} | eval pass@1 {:.3} | answered {:.2} | episodes {:.2} | tokens {:.1} (solved {:.1}) | regret {:.3} | forced well-formed {:.3}",
+        "{stage:>10} {step:>5} | eval pass@1 {:.3} | answered {:.2} | episodes {:.2} | tokens {:.1} (solved {:.1}) \
+            | regret {:.3} | forced well-formed {:.3}",
         s.pass1, s.answered, s.mean_episodes, s.mean_tokens, s.tokens_to_solve, s.regret, s.forced_well_formed
     )
 }

@@ -11,18 +11,40 @@ impl RunConfig {
         let task = self.task.build()?;
         match (self.task.is_text(), &self.pretrained) {
             (true, None) => {
-                return Err(Error::config("pretrained", "none", format!("the `{}` task fine-tunes a pretrained model: pass --model DIR", self.task.name())));
+                return Err(Error::config(
+                    "pretrained",
+                    "none",
+                    format!(
+                        "the `{}` task fine-tunes a pretrained model: pass --model DIR",
+                        self.task.name()
+                    ),
+                ));
             }
             (false, Some(dir)) => {
-                return Err(Error::config("pretrained", dir.display(), format!("the `{}` task trains its own model from scratch: only `math` starts from a pretrained one", self.task.name())));
+                return Err(Error::config(
+                    "pretrained",
+                    dir.display(),
+                    format!(
+                        "the `{}` task trains its own model from scratch: only `math` starts from a pretrained one",
+                        self.task.name()
+                    ),
+                ));
             }
             _ => {}
         }
         if self.rl.micro_batch > 0 && self.rl.kl_beta > 0.0 {
-            return Err(Error::config("rl.micro_batch", self.rl.micro_batch, "the KL penalty is a mean over the whole batch: use 0 (one pass) with rl.kl_beta > 0"));
+            return Err(Error::config(
+                "rl.micro_batch",
+                self.rl.micro_batch,
+                "the KL penalty is a mean over the whole batch: use 0 (one pass) with rl.kl_beta > 0",
+            ));
         }
         if self.task.is_text() && self.warm_start.steps > 0 {
-            return Err(Error::config("warm_start.steps", self.warm_start.steps, "a pretrained model has no scripted warm start: use 0"));
+            return Err(Error::config(
+                "warm_start.steps",
+                self.warm_start.steps,
+                "a pretrained model has no scripted warm start: use 0",
+            ));
         }
         self.warm_start.optim.validate("warm_start.optim")?;
         self.rl.optim.validate("rl.optim")?;
@@ -60,21 +82,29 @@ impl RunConfig {
             return Err(Error::config(
                 "rl.group_size",
                 self.rl.group_size,
-                format!("{} compares samples within a group: a group of one carries no learning signal (use ≥ 2)", self.rl.algo.name()),
+                format!(
+                    "{} compares samples within a group: a group of one carries no learning signal (use ≥ 2)",
+                    self.rl.algo.name()
+                ),
             ));
         }
         // The loss scores sampled tokens under softmax(logits / T) over the whole vocabulary:
         // truncated or greedy sampling would make every rollout off-policy for it.
         let sampler = &self.rl.rollout.sampler;
-        if !(sampler.temperature > 0.0) {
-            return Err(Error::config("rl.rollout.sampler.temperature", sampler.temperature, "RL needs stochastic rollouts (> 0)"));
+        if sampler.temperature.is_nan() || sampler.temperature <= 0.0 {
+            return Err(Error::config(
+                "rl.rollout.sampler.temperature",
+                sampler.temperature,
+                "RL needs stochastic rollouts (> 0)",
+            ));
         }
         // Budget forcing masks `</think>` out of the sampling softmax, which the loss does not.
         if self.rl.rollout.budget_forcing {
             return Err(Error::config(
                 "rl.rollout.budget_forcing",
                 true,
-                "RL rollouts must sample from the softmax the loss scores; budget forcing (which bans the end of thinking) is for evaluation only",
+                "RL rollouts must sample from the softmax the loss scores; budget forcing (which bans the end of \
+                    thinking) is for evaluation only",
             ));
         }
         // J (and `mrt`'s termination baseline) is a probability under the policy's sampling
@@ -83,22 +113,35 @@ impl RunConfig {
             return Err(Error::config(
                 "rl.prover.temperature",
                 self.rl.prover.temperature,
-                format!("must equal the sampler's temperature rl.rollout.sampler.temperature = {} (J is read under the policy that samples)", sampler.temperature),
+                format!(
+                    "must equal the sampler's temperature rl.rollout.sampler.temperature = {} (J is read under \
+                    the policy that samples)",
+                    sampler.temperature
+                ),
             ));
         }
         if sampler.top_k != 0 || sampler.top_p < 1.0 {
             return Err(Error::config(
                 "rl.rollout.sampler",
                 format!("top_k {} top_p {}", sampler.top_k, sampler.top_p),
-                "RL trains on log-probs of the full softmax, so top-k / top-p sampling would be off-policy (use top_k 0, top_p 1)",
+                "RL trains on log-probs of the full softmax, so top-k / top-p sampling would be off-policy (use \
+                    top_k 0, top_p 1)",
             ));
         }
         if self.eval.split == Split::Train {
-            return Err(Error::config("eval.split", "train", "evaluate on `held-out` or `validation` problems, never on training problems"));
+            return Err(Error::config(
+                "eval.split",
+                "train",
+                "evaluate on `held-out` or `validation` problems, never on training problems",
+            ));
         }
         // 0 is greedy decoding (GSM8K's usual pass@1); the prover keeps its own temperature.
         if !(self.eval.temperature.is_finite() && self.eval.temperature >= 0.0) {
-            return Err(Error::config("eval.temperature", self.eval.temperature, "must be ≥ 0 (0: greedy)"));
+            return Err(Error::config(
+                "eval.temperature",
+                self.eval.temperature,
+                "must be ≥ 0 (0: greedy)",
+            ));
         }
         let vocab_needed = crate::data::vocab::SPECIAL_TOKENS.len() + task.words().len();
         if !self.task.is_text() && self.model.vocab_size < vocab_needed {

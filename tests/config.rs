@@ -13,7 +13,10 @@ fn patched(algo: Algo, task: &str, patch: serde_json::Value) -> Result<RunConfig
 fn defaults_validate_for_every_task_and_algorithm() {
     for task in ["search", "countdown"] {
         for algo in ["grpo", "mrt", "mrt-dense", "star", "mrt-star"] {
-            RunConfig::default_for(task, "cpu-tiny", Algo::parse(algo).unwrap(), 0, true).unwrap().validate().unwrap();
+            RunConfig::default_for(task, "cpu-tiny", Algo::parse(algo).unwrap(), 0, true)
+                .unwrap()
+                .validate()
+                .unwrap();
         }
     }
 }
@@ -39,13 +42,27 @@ fn a_group_of_one_is_refused_where_samples_are_compared_within_groups() {
 
 #[test]
 fn rollout_sampling_the_loss_cannot_score_is_refused() {
-    for sampler in [json!({"temperature": 1.0, "top_k": 5}), json!({"temperature": 1.0, "top_p": 0.9}), json!({"temperature": 0.0})] {
+    for sampler in [
+        json!({"temperature": 1.0, "top_k": 5}),
+        json!({"temperature": 1.0, "top_p": 0.9}),
+        json!({"temperature": 0.0}),
+    ] {
         let err = patched(Algo::Grpo, "search", json!({"rl": {"rollout": {"sampler": sampler}}})).unwrap_err();
         assert!(err.contains("rl.rollout.sampler"), "{err}");
     }
     // A temperature other than 1 is fine: the loss scores tokens at the same temperature.
-    assert!(patched(Algo::Grpo, "search", json!({"rl": {"rollout": {"sampler": {"temperature": 0.7}}}})).is_ok());
-    let err = patched(Algo::MrtDense, "search", json!({"rl": {"prover": {"temperature": 0.0}}})).unwrap_err();
+    assert!(patched(
+        Algo::Grpo,
+        "search",
+        json!({"rl": {"rollout": {"sampler": {"temperature": 0.7}}}})
+    )
+    .is_ok());
+    let err = patched(
+        Algo::MrtDense,
+        "search",
+        json!({"rl": {"prover": {"temperature": 0.0}}}),
+    )
+    .unwrap_err();
     assert!(err.contains("prover.temperature"), "{err}");
 }
 
@@ -74,7 +91,12 @@ fn off_policy_rollouts_and_a_prover_at_another_temperature_are_refused() {
 
 #[test]
 fn split_fractions_must_leave_training_problems() {
-    let err = patched(Algo::Grpo, "search", json!({"task": {"held_out_fraction": 0.6, "validation_fraction": 0.5}})).unwrap_err();
+    let err = patched(
+        Algo::Grpo,
+        "search",
+        json!({"task": {"held_out_fraction": 0.6, "validation_fraction": 0.5}}),
+    )
+    .unwrap_err();
     assert!(err.contains("validation_fraction"), "{err}");
     let err = patched(Algo::Grpo, "search", json!({"eval": {"split": "train"}})).unwrap_err();
     assert!(err.contains("eval.split"), "{err}");

@@ -33,7 +33,11 @@ fn json(path: &Path) -> Json {
 }
 
 fn f32s(v: &Json) -> Vec<f32> {
-    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
 }
 
 #[test]
@@ -48,9 +52,19 @@ fn every_element_type_dequantises_as_gguf_py_does() {
         let info = &file.tensors[name];
         assert_eq!(format!("{:?}", info.kind), t["ggml_type"].as_str().unwrap(), "{name}");
         assert_eq!(info.kind.id() as u64, t["ggml_type_id"].as_u64().unwrap());
-        let dims: Vec<u64> = t["dims"].as_array().unwrap().iter().map(|d| d.as_u64().unwrap()).collect();
+        let dims: Vec<u64> = t["dims"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d.as_u64().unwrap())
+            .collect();
         assert_eq!(info.dims, dims, "{name}: dims in ggml order");
-        let shape: Vec<usize> = t["numpy_shape"].as_array().unwrap().iter().map(|d| d.as_u64().unwrap() as usize).collect();
+        let shape: Vec<usize> = t["numpy_shape"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d.as_u64().unwrap() as usize)
+            .collect();
         assert_eq!(info.shape(), shape, "{name}: row-major shape");
         let ours = file.dequantize(name).unwrap();
         let theirs = f32s(&t["values"]);
@@ -58,10 +72,21 @@ fn every_element_type_dequantises_as_gguf_py_does() {
         for (i, (a, b)) in ours.iter().zip(&theirs).enumerate() {
             assert!(a.to_bits() == b.to_bits(), "{name}[{i}]: {a} here, {b} in gguf-py");
         }
-        assert!(theirs.iter().any(|v| *v != 0.0), "{name}: a fixture of zeros would test nothing");
+        assert!(
+            theirs.iter().any(|v| *v != 0.0),
+            "{name}: a fixture of zeros would test nothing"
+        );
         kinds.push(info.kind);
     }
-    for kind in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0, GgmlType::Q4_K, GgmlType::Q5_K, GgmlType::Q6_K, GgmlType::BF16] {
+    for kind in [
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q8_0,
+        GgmlType::Q4_K,
+        GgmlType::Q5_K,
+        GgmlType::Q6_K,
+        GgmlType::BF16,
+    ] {
         assert!(kinds.contains(&kind), "{kind:?} is not covered by the fixture");
     }
 }
@@ -78,8 +103,14 @@ fn metadata_of_every_value_type_reads_back() {
     assert_eq!(*get("test.i16"), Value::I16(-32768));
     assert_eq!(*get("test.u32"), Value::U32(u32::MAX));
     assert_eq!(*get("test.i32"), Value::I32(i32::MIN));
-    assert_eq!(*get("test.f32"), Value::F32(3.14159));
-    assert_eq!((get("test.bool").as_bool(), get("test.bool_false").as_bool()), (Some(true), Some(false)));
+    // The fixture's value (make_quant_fixtures.py), not π.
+    #[allow(clippy::approx_constant)]
+    let written = 3.14159;
+    assert_eq!(*get("test.f32"), Value::F32(written));
+    assert_eq!(
+        (get("test.bool").as_bool(), get("test.bool_false").as_bool()),
+        (Some(true), Some(false))
+    );
     assert_eq!(get("test.string").as_str(), Some("héllo wörld ✓ 🙂"));
     assert_eq!(get("test.string_empty").as_str(), Some(""));
     assert_eq!(*get("test.u64"), Value::U64(u64::MAX));
@@ -87,15 +118,22 @@ fn metadata_of_every_value_type_reads_back() {
     assert_eq!(*get("test.f64"), Value::F64(-2.718281828459045e-300));
     let ints = [1, -2, 3, i32::MAX, i32::MIN].map(Value::I32).to_vec();
     assert_eq!(*get("test.array_i32"), Value::Array(ints));
-    let strings = ["alpha", "", "ünïcödé", "two words"].map(|s| Value::String(s.into())).to_vec();
+    let strings = ["alpha", "", "ünïcödé", "two words"]
+        .map(|s| Value::String(s.into()))
+        .to_vec();
     assert_eq!(*get("test.array_string"), Value::Array(strings));
     assert_eq!(*get("test.array_empty"), Value::Array(Vec::new()));
 }
 
 #[test]
 fn broken_gguf_files_are_refused_with_the_reason() {
-    let err = GgufFile::open(&fixtures().join("truncated.gguf")).unwrap_err().to_string();
-    assert!(err.contains("truncated.gguf") && err.contains("lies outside the file") && err.contains("truncated"), "{err}");
+    let err = GgufFile::open(&fixtures().join("truncated.gguf"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("truncated.gguf") && err.contains("lies outside the file") && err.contains("truncated"),
+        "{err}"
+    );
     let dir = std::env::temp_dir().join(format!("mrt-gguf-broken-{}", std::process::id()));
     fs::create_dir_all(&dir).unwrap();
     let bytes = fs::read(fixtures().join("quants.gguf")).unwrap();
@@ -114,7 +152,10 @@ fn broken_gguf_files_are_refused_with_the_reason() {
     let err = GgufFile::open(&dir.join("text.gguf")).unwrap_err().to_string();
     assert!(err.contains("not a GGUF file"), "{err}");
     // A file of the test architecture is not a model this project runs.
-    let err = hf::load::<B>(&fixtures().join("quants.gguf"), &Default::default()).err().unwrap().to_string();
+    let err = hf::load::<B>(&fixtures().join("quants.gguf"), &Default::default())
+        .err()
+        .unwrap()
+        .to_string();
     assert!(err.contains("architecture `test` is not supported"), "{err}");
     let _ = fs::remove_dir_all(&dir);
 }
@@ -149,7 +190,11 @@ fn real_model() -> Option<(PathBuf, PathBuf)> {
     if model.is_file() && gsm8k.is_file() {
         return Some((model, gsm8k));
     }
-    let why = format!("{} or {} is missing: run .ci/fetch-models", model.display(), gsm8k.display());
+    let why = format!(
+        "{} or {} is missing: run .ci/fetch-models",
+        model.display(),
+        gsm8k.display()
+    );
     if std::env::var_os("MRT_REQUIRE_REAL_MODEL").is_some() {
         panic!("MRT_REQUIRE_REAL_MODEL is set but {why}");
     }
@@ -162,7 +207,11 @@ fn reference() -> Json {
 }
 
 fn ids(v: &Json) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
 }
 
 fn load_model(path: &Path) -> Transformer<B> {
@@ -184,7 +233,10 @@ fn smollm2_config_and_logits_match_transformers() {
     let Some((path, _)) = real_model() else { return };
     let model = load_model(&path);
     let c = &model.config;
-    assert_eq!((c.vocab_size, c.d_model, c.n_layers, c.n_heads, c.n_kv_heads, c.d_ff), (49152, 576, 30, 9, 3, 1536));
+    assert_eq!(
+        (c.vocab_size, c.d_model, c.n_layers, c.n_heads, c.n_kv_heads, c.d_ff),
+        (49152, 576, 30, 9, 3, 1536)
+    );
     assert_eq!((c.rope_theta, c.tie_embeddings, c.qkv_bias), (100_000.0, true, false));
     assert!((c.norm_eps - 1e-5).abs() < 1e-10);
     let reference = reference();
@@ -194,7 +246,10 @@ fn smollm2_config_and_logits_match_transformers() {
     for prompt in logits["prompts"].as_array().unwrap() {
         let label = prompt["label"].as_str().unwrap();
         let tokens = ids(&prompt["ids"]);
-        let input = Tensor::<B, 2, Int>::from_data(TensorData::new(tokens.iter().map(|&t| t as i64).collect(), [1, tokens.len()]), &Default::default());
+        let input = Tensor::<B, 2, Int>::from_data(
+            TensorData::new(tokens.iter().map(|&t| t as i64).collect(), [1, tokens.len()]),
+            &Default::default(),
+        );
         let out: Vec<f32> = model.forward(input).into_data().to_vec().unwrap();
         let positions = prompt["positions"].as_array().unwrap();
         assert_eq!(positions.len(), tokens.len(), "{label}");
@@ -205,7 +260,10 @@ fn smollm2_config_and_logits_match_transformers() {
             let mut check = |ours: f32, theirs: f64, what: &str| {
                 let d = (ours as f64 - theirs).abs() as f32;
                 worst = worst.max(d);
-                assert!(d < 1e-3, "{label} position {pos} {what}: {ours} here, {theirs} in transformers");
+                assert!(
+                    d < 1e-3,
+                    "{label} position {pos} {what}: {ours} here, {theirs} in transformers"
+                );
             };
             check(lse as f32, p["lse"].as_f64().unwrap(), "log-sum-exp");
             for pair in p["top"].as_array().unwrap() {
@@ -213,10 +271,18 @@ fn smollm2_config_and_logits_match_transformers() {
                 check(row[id], pair[1].as_f64().unwrap(), &format!("logit of top id {id}"));
             }
             for (&id, v) in probe.iter().zip(p["probe"].as_array().unwrap()) {
-                check(row[id as usize], v.as_f64().unwrap(), &format!("logit of probe id {id}"));
+                check(
+                    row[id as usize],
+                    v.as_f64().unwrap(),
+                    &format!("logit of probe id {id}"),
+                );
             }
             let argmax = (0..row.len()).max_by(|&a, &b| row[a].total_cmp(&row[b])).unwrap();
-            assert_eq!(argmax as u64, p["argmax"].as_u64().unwrap(), "{label} position {pos}: argmax");
+            assert_eq!(
+                argmax as u64,
+                p["argmax"].as_u64().unwrap(),
+                "{label} position {pos}: argmax"
+            );
         }
     }
     eprintln!("largest logit difference to transformers: {worst:e}");
@@ -230,10 +296,18 @@ fn smollm2_greedy_continuation_matches_transformers() {
     let prompt = ids(&greedy["prompt_ids"]);
     let expected = ids(&greedy["new_ids"]);
     let mut cache = model.new_cache(1, prompt.len() + expected.len() + 1);
-    let input = Tensor::<B, 2, Int>::from_data(TensorData::new(prompt.iter().map(|&t| t as i64).collect(), [1, prompt.len()]), &Default::default());
+    let input = Tensor::<B, 2, Int>::from_data(
+        TensorData::new(prompt.iter().map(|&t| t as i64).collect(), [1, prompt.len()]),
+        &Default::default(),
+    );
     let logits = model.forward_cached(input, &mut cache, None).unwrap();
     let last = logits.narrow(1, prompt.len() - 1, 1).squeeze_dim::<2>(1);
-    let config = GenerateConfig { max_new_tokens: expected.len(), sampler: SamplerConfig::greedy(), stop_tokens: vec![2], check_every: 8 };
+    let config = GenerateConfig {
+        max_new_tokens: expected.len(),
+        sampler: SamplerConfig::greedy(),
+        stop_tokens: vec![2],
+        check_every: 8,
+    };
     let out = generate(&model, cache, last, &config, &mut rand::rngs::StdRng::seed_from_u64(0)).unwrap();
     assert_eq!(out[0], expected, "greedy continuation of {} tokens", expected.len());
 }
@@ -251,18 +325,35 @@ fn smollm2_tokenizer_and_chat_template_match_transformers() {
     for case in reference["tokenizer_cases"].as_array().unwrap() {
         let text = case["text"].as_str().unwrap();
         let ours = tok.encode(text).unwrap();
-        let expected = if case["digit_split_ids_agree"].as_bool().unwrap() { &case["ids"] } else { &case["digit_split_ids"] };
+        let expected = if case["digit_split_ids_agree"].as_bool().unwrap() {
+            &case["ids"]
+        } else {
+            &case["digit_split_ids"]
+        };
         assert_eq!(ours, ids(expected), "ids of {text:?}");
-        assert_eq!(tok.decode(&ours).unwrap(), case["decoded"].as_str().unwrap(), "decoding {text:?}");
+        assert_eq!(
+            tok.decode(&ours).unwrap(),
+            case["decoded"].as_str().unwrap(),
+            "decoding {text:?}"
+        );
     }
     let questions: Vec<String> = fs::read_to_string(&gsm8k)
         .unwrap()
         .lines()
-        .map(|l| serde_json::from_str::<Json>(l).unwrap()["question"].as_str().unwrap().to_string())
+        .map(|l| {
+            serde_json::from_str::<Json>(l).unwrap()["question"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
         .collect();
     let gsm = &reference["gsm8k_ids"];
-    let mut expected: Vec<(u64, String)> =
-        gsm["length_and_hash"].as_array().unwrap().iter().map(|h| (h[0].as_u64().unwrap(), h[1].as_str().unwrap().into())).collect();
+    let mut expected: Vec<(u64, String)> = gsm["length_and_hash"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| (h[0].as_u64().unwrap(), h[1].as_str().unwrap().into()))
+        .collect();
     assert_eq!(questions.len(), 1319);
     assert_eq!(expected.len(), questions.len());
     let split = gsm["digit_split_disagreements"].as_array().unwrap();
@@ -280,7 +371,13 @@ fn smollm2_tokenizer_and_chat_template_match_transformers() {
         })
         .map(|(i, _)| i)
         .collect();
-    assert!(differ.is_empty(), "{} of {} GSM8K questions tokenize differently, first {:?}", differ.len(), questions.len(), &differ[..differ.len().min(5)]);
+    assert!(
+        differ.is_empty(),
+        "{} of {} GSM8K questions tokenize differently, first {:?}",
+        differ.len(),
+        questions.len(),
+        &differ[..differ.len().min(5)]
+    );
     for case in reference["chat_template"].as_array().unwrap() {
         let messages: Vec<Message> = case["messages"]
             .as_array()
@@ -288,7 +385,11 @@ fn smollm2_tokenizer_and_chat_template_match_transformers() {
             .iter()
             .map(|m| Message::new(m["role"].as_str().unwrap(), m["content"].as_str().unwrap()))
             .collect();
-        let rendered = tok.chat.as_ref().expect("SmolLM2 has a chat template").render(&messages, case["add_generation_prompt"].as_bool().unwrap());
+        let rendered = tok
+            .chat
+            .as_ref()
+            .expect("SmolLM2 has a chat template")
+            .render(&messages, case["add_generation_prompt"].as_bool().unwrap());
         assert_eq!(rendered.unwrap(), case["rendered"].as_str().unwrap(), "{messages:?}");
     }
     // The greedy reference's prompt is the first GSM8K question through the template.

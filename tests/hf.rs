@@ -20,7 +20,9 @@ type B = Flex;
 const FAMILIES: [&str; 2] = ["llama", "qwen2"];
 
 fn fixture(family: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf").join(family)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/hf")
+        .join(family)
 }
 
 struct Reference {
@@ -37,7 +39,11 @@ fn reference(family: &str) -> Reference {
     let shape: Vec<usize> = serde_json::from_value(v["shape"].clone()).unwrap();
     let logits: Vec<f32> = serde_json::from_value(v["logits"].clone()).unwrap();
     assert_eq!(shape[0] * shape[1] * shape[2], logits.len());
-    Reference { ids, logits, vocab: shape[2] }
+    Reference {
+        ids,
+        logits,
+        vocab: shape[2],
+    }
 }
 
 fn ids_tensor(rows: &[Vec<u32>]) -> Tensor<B, 2, Int> {
@@ -63,11 +69,36 @@ fn scratch(name: &str) -> PathBuf {
 #[test]
 fn imported_configs_are_the_saved_models() {
     let llama = load(&fixture("llama")).config;
-    assert_eq!((llama.vocab_size, llama.d_model, llama.n_layers, llama.n_heads, llama.n_kv_heads, llama.d_ff), (96, 64, 2, 4, 2, 128));
-    assert_eq!((llama.rope_theta, llama.norm_eps, llama.tie_embeddings, llama.qkv_bias), (1000.0, 1e-5, false, false));
+    assert_eq!(
+        (
+            llama.vocab_size,
+            llama.d_model,
+            llama.n_layers,
+            llama.n_heads,
+            llama.n_kv_heads,
+            llama.d_ff
+        ),
+        (96, 64, 2, 4, 2, 128)
+    );
+    assert_eq!(
+        (llama.rope_theta, llama.norm_eps, llama.tie_embeddings, llama.qkv_bias),
+        (1000.0, 1e-5, false, false)
+    );
     let qwen2 = load(&fixture("qwen2")).config;
-    assert_eq!((qwen2.n_kv_heads, qwen2.rope_theta, qwen2.norm_eps, qwen2.tie_embeddings, qwen2.qkv_bias), (1, 10_000.0, 1e-6, true, true));
-    assert!(fixture("qwen2").join(hf::INDEX).is_file(), "the Qwen2 fixture is meant to be sharded");
+    assert_eq!(
+        (
+            qwen2.n_kv_heads,
+            qwen2.rope_theta,
+            qwen2.norm_eps,
+            qwen2.tie_embeddings,
+            qwen2.qkv_bias
+        ),
+        (1, 10_000.0, 1e-6, true, true)
+    );
+    assert!(
+        fixture("qwen2").join(hf::INDEX).is_file(),
+        "the Qwen2 fixture is meant to be sharded"
+    );
 }
 
 /// Full-sequence logits equal `transformers`' at every position of both rows.
@@ -90,7 +121,12 @@ fn cached_decoding_matches_transformers() {
         let at = |row: usize, pos: usize| &r.logits[(row * len + pos) * r.vocab..(row * len + pos + 1) * r.vocab];
         let mut cache: KvCache<B> = model.new_cache(rows, len);
         let prefix: Vec<Vec<u32>> = r.ids.iter().map(|row| row[..5].to_vec()).collect();
-        let logits: Vec<f32> = model.forward_cached(ids_tensor(&prefix), &mut cache, None).unwrap().into_data().to_vec().unwrap();
+        let logits: Vec<f32> = model
+            .forward_cached(ids_tensor(&prefix), &mut cache, None)
+            .unwrap()
+            .into_data()
+            .to_vec()
+            .unwrap();
         for row in 0..rows {
             for pos in 0..5 {
                 let ours = &logits[(row * 5 + pos) * r.vocab..(row * 5 + pos + 1) * r.vocab];
@@ -100,7 +136,12 @@ fn cached_decoding_matches_transformers() {
         }
         for pos in 5..len {
             let step: Vec<Vec<u32>> = r.ids.iter().map(|row| vec![row[pos]]).collect();
-            let logits: Vec<f32> = model.forward_cached(ids_tensor(&step), &mut cache, None).unwrap().into_data().to_vec().unwrap();
+            let logits: Vec<f32> = model
+                .forward_cached(ids_tensor(&step), &mut cache, None)
+                .unwrap()
+                .into_data()
+                .to_vec()
+                .unwrap();
             for row in 0..rows {
                 let d = max_diff(&logits[row * r.vocab..(row + 1) * r.vocab], at(row, pos));
                 assert!(d < 1e-4, "{family}: decoding row {row} position {pos} differs by {d}");
@@ -121,16 +162,35 @@ fn export_then_import_is_bit_identical() {
         assert!(out.join("reference.json").is_file() && out.join(hf::SINGLE).is_file());
         let back = load(&out);
         assert_eq!(back.config, model.config, "{family}: config changed");
-        let (a, b) = (model.forward(ids_tensor(&reference(family).ids)), back.forward(ids_tensor(&reference(family).ids)));
-        assert_eq!(a.into_data().to_vec::<f32>().unwrap(), b.into_data().to_vec::<f32>().unwrap(), "{family}: logits changed");
+        let (a, b) = (
+            model.forward(ids_tensor(&reference(family).ids)),
+            back.forward(ids_tensor(&reference(family).ids)),
+        );
+        assert_eq!(
+            a.into_data().to_vec::<f32>().unwrap(),
+            b.into_data().to_vec::<f32>().unwrap(),
+            "{family}: logits changed"
+        );
         // Every stored tensor is identical, bit for bit.
         let again = scratch(&format!("export-{family}-again"));
         hf::save(&back, &again, Some(1), Some(2), &[]).unwrap();
-        assert_eq!(fs::read(out.join(hf::SINGLE)).unwrap(), fs::read(again.join(hf::SINGLE)).unwrap(), "{family}: weights changed");
-        let config: serde_json::Value = serde_json::from_str(&fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
-        let arch = if family == "llama" { "LlamaForCausalLM" } else { "Qwen2ForCausalLM" };
+        assert_eq!(
+            fs::read(out.join(hf::SINGLE)).unwrap(),
+            fs::read(again.join(hf::SINGLE)).unwrap(),
+            "{family}: weights changed"
+        );
+        let config: serde_json::Value =
+            serde_json::from_str(&fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+        let arch = if family == "llama" {
+            "LlamaForCausalLM"
+        } else {
+            "Qwen2ForCausalLM"
+        };
         assert_eq!(config["architectures"][0], arch);
-        assert_eq!((config["bos_token_id"].as_u64(), config["eos_token_id"].as_u64()), (Some(1), Some(2)));
+        assert_eq!(
+            (config["bos_token_id"].as_u64(), config["eos_token_id"].as_u64()),
+            (Some(1), Some(2))
+        );
         // A second export to the same place is refused rather than mixed into the first.
         let err = hf::save(&back, &out, None, None, &[]).unwrap_err().to_string();
         assert!(err.contains("already exists"), "{err}");
@@ -140,19 +200,33 @@ fn export_then_import_is_bit_identical() {
 
 /// A copy of the Llama fixture with `config.json` edited by `edit`, only the tensors that `keep`
 /// accepts, and `extra` (a zero bf16 tensor of that name and shape) added.
-fn broken_copy(name: &str, edit: impl Fn(&mut serde_json::Value), keep: impl Fn(&str) -> bool, extra: Option<(&str, Vec<usize>)>) -> PathBuf {
+fn broken_copy(
+    name: &str,
+    edit: impl Fn(&mut serde_json::Value),
+    keep: impl Fn(&str) -> bool,
+    extra: Option<(&str, Vec<usize>)>,
+) -> PathBuf {
     let src = fixture("llama");
     let dir = scratch(name);
     fs::create_dir_all(&dir).unwrap();
-    let mut config: serde_json::Value = serde_json::from_str(&fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    let mut config: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
     edit(&mut config);
     fs::write(dir.join("config.json"), config.to_string()).unwrap();
     let bytes = fs::read(src.join(hf::SINGLE)).unwrap();
-    let zeros = vec![0u8; extra.as_ref().map_or(0, |(_, shape)| shape.iter().product::<usize>() * 2)];
+    let zeros = vec![
+        0u8;
+        extra
+            .as_ref()
+            .map_or(0, |(_, shape)| shape.iter().product::<usize>() * 2)
+    ];
     let st = SafeTensors::deserialize(&bytes).unwrap();
     let mut tensors: Vec<(String, TensorView)> = st.tensors().into_iter().filter(|(n, _)| keep(n)).collect();
     if let Some((extra_name, shape)) = extra {
-        tensors.push((extra_name.to_string(), TensorView::new(safetensors::Dtype::BF16, shape, &zeros).unwrap()));
+        tensors.push((
+            extra_name.to_string(),
+            TensorView::new(safetensors::Dtype::BF16, shape, &zeros).unwrap(),
+        ));
     }
     fs::write(dir.join(hf::SINGLE), safetensors::serialize(tensors, None).unwrap()).unwrap();
     dir
@@ -170,7 +244,11 @@ fn broken_model_directories_say_what_is_wrong() {
     let same = |_: &mut serde_json::Value| {};
     let all = |_: &str| true;
     let cases: Vec<(&str, PathBuf, &str)> = vec![
-        ("missing tensor", broken_copy("missing", same, |n| n != "model.norm.weight", None), "`model.norm.weight` is missing"),
+        (
+            "missing tensor",
+            broken_copy("missing", same, |n| n != "model.norm.weight", None),
+            "`model.norm.weight` is missing",
+        ),
         (
             "mis-shaped tensor",
             broken_copy("shape", |c| c["intermediate_size"] = 96.into(), all, None),
@@ -178,20 +256,39 @@ fn broken_model_directories_say_what_is_wrong() {
         ),
         (
             "unknown tensor",
-            broken_copy("extra", same, all, Some(("model.layers.0.self_attn.o_proj.bias", vec![64]))),
+            broken_copy(
+                "extra",
+                same,
+                all,
+                Some(("model.layers.0.self_attn.o_proj.bias", vec![64])),
+            ),
             "`model.layers.0.self_attn.o_proj.bias` (and 0 more) has no place in a Llama model",
         ),
         (
             "unsupported architecture",
-            broken_copy("arch", |c| c["architectures"] = serde_json::json!(["MistralForCausalLM"]), all, None),
+            broken_copy(
+                "arch",
+                |c| c["architectures"] = serde_json::json!(["MistralForCausalLM"]),
+                all,
+                None,
+            ),
             "unsupported architectures [\"MistralForCausalLM\"]",
         ),
         (
             "scaled rotary embeddings",
-            broken_copy("rope", |c| c["rope_parameters"] = serde_json::json!({"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}), all, None),
+            broken_copy(
+                "rope",
+                |c| c["rope_parameters"] = serde_json::json!({"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}),
+                all,
+                None,
+            ),
             "`rope_parameters`",
         ),
-        ("another activation", broken_copy("act", |c| c["hidden_act"] = "gelu".into(), all, None), "`hidden_act` = \"gelu\""),
+        (
+            "another activation",
+            broken_copy("act", |c| c["hidden_act"] = "gelu".into(), all, None),
+            "`hidden_act` = \"gelu\"",
+        ),
     ];
     for (what, dir, expected) in cases {
         let err = load_err(&dir);
@@ -204,13 +301,22 @@ fn broken_model_directories_say_what_is_wrong() {
     let bytes = fs::read(dir.join(hf::SINGLE)).unwrap();
     fs::write(dir.join(hf::SINGLE), &bytes[..bytes.len() - 1000]).unwrap();
     let err = load_err(&dir);
-    assert!(err.contains("model.safetensors: not a complete safetensors file"), "{err}");
+    assert!(
+        err.contains("model.safetensors: not a complete safetensors file"),
+        "{err}"
+    );
     fs::write(dir.join(hf::SINGLE), b"").unwrap();
     let err = load_err(&dir);
-    assert!(err.contains("model.safetensors: not a complete safetensors file"), "empty file: {err}");
+    assert!(
+        err.contains("model.safetensors: not a complete safetensors file"),
+        "empty file: {err}"
+    );
     fs::remove_file(dir.join(hf::SINGLE)).unwrap();
     let err = load_err(&dir);
-    assert!(err.contains("has neither `model.safetensors` nor `model.safetensors.index.json`"), "{err}");
+    assert!(
+        err.contains("has neither `model.safetensors` nor `model.safetensors.index.json`"),
+        "{err}"
+    );
     fs::remove_file(dir.join("config.json")).unwrap();
     let err = load_err(&dir);
     assert!(err.contains("config.json"), "{err}");
@@ -224,11 +330,20 @@ fn broken_model_directories_say_what_is_wrong() {
 fn tokenizers_match_transformers() {
     for family in FAMILIES {
         let dir = fixture(family);
-        let v: serde_json::Value = serde_json::from_str(&fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_str(&fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
         let tok = TextTokenizer::load(&dir).unwrap();
         let ids: Vec<u32> = serde_json::from_value(v["text_ids"].clone()).unwrap();
-        assert_eq!(tok.encode(v["text"].as_str().unwrap()).unwrap(), ids, "{family}: encoding");
-        assert_eq!(tok.decode(&ids).unwrap(), v["text_decoded"].as_str().unwrap(), "{family}: decoding");
+        assert_eq!(
+            tok.encode(v["text"].as_str().unwrap()).unwrap(),
+            ids,
+            "{family}: encoding"
+        );
+        assert_eq!(
+            tok.decode(&ids).unwrap(),
+            v["text_decoded"].as_str().unwrap(),
+            "{family}: decoding"
+        );
         let special = |k: &str| v["special_ids"][k].as_u64().map(|id| id as u32);
         assert_eq!(tok.bos, special("bos"), "{family}: bos");
         assert_eq!(Some(tok.eos), special("eos"), "{family}: eos");
@@ -244,7 +359,11 @@ fn tokenizers_match_transformers() {
     let dir = scratch("tokenizer");
     fs::create_dir_all(&dir).unwrap();
     fs::copy(fixture("llama").join("tokenizer.json"), dir.join("tokenizer.json")).unwrap();
-    fs::write(dir.join("tokenizer_config.json"), r#"{"eos_token": {"content": "<|im_end|>"}}"#).unwrap();
+    fs::write(
+        dir.join("tokenizer_config.json"),
+        r#"{"eos_token": {"content": "<|im_end|>"}}"#,
+    )
+    .unwrap();
     let err = TextTokenizer::load(&dir).unwrap_err().to_string();
     assert!(err.contains("eos_token `<|im_end|>` is not in the vocabulary"), "{err}");
     fs::remove_file(dir.join("tokenizer_config.json")).unwrap();

@@ -26,7 +26,13 @@ fn saved(name: &str) -> (PathBuf, Transformer<B>) {
     let cfg = TransformerConfig::preset("cpu-tiny").unwrap();
     let m = Transformer::<B>::new(&cfg, 21, &Default::default()).unwrap();
     let path = dir(name).join("model.ckpt");
-    save(&path, &m, vec![Section::bytes("extra", vec![1, 2, 3])], serde_json::json!({"step": 12})).unwrap();
+    save(
+        &path,
+        &m,
+        vec![Section::bytes("extra", vec![1, 2, 3])],
+        serde_json::json!({"step": 12}),
+    )
+    .unwrap();
     (path, m)
 }
 
@@ -39,12 +45,18 @@ fn round_trip_gives_identical_logits_and_metadata() {
     assert_eq!(ck.meta["step"], 12);
     assert_eq!(ck.section("extra").unwrap(), &[1, 2, 3]);
     // No temporary file is left beside the checkpoint.
-    let names: Vec<_> = fs::read_dir(path.parent().unwrap()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let names: Vec<_> = fs::read_dir(path.parent().unwrap())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
     assert_eq!(names.len(), 1, "{names:?}");
 }
 
 fn err(path: &std::path::Path, expected: Option<&TransformerConfig>) -> String {
-    load(path, expected).and_then(|c| c.model::<B>(&Default::default())).unwrap_err().to_string()
+    load(path, expected)
+        .and_then(|c| c.model::<B>(&Default::default()))
+        .unwrap_err()
+        .to_string()
 }
 
 #[test]

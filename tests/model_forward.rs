@@ -26,7 +26,10 @@ fn config(n_kv_heads: usize, tie: bool) -> TransformerConfig {
 
 /// Right-padded `[rows, width]` ids; padding uses `pad`.
 fn padded(rows: &[Vec<u32>], width: usize, pad: u32) -> Tensor<B, 2, Int> {
-    let tok: Vec<i64> = rows.iter().flat_map(|r| (0..width).map(move |i| *r.get(i).unwrap_or(&pad) as i64)).collect();
+    let tok: Vec<i64> = rows
+        .iter()
+        .flat_map(|r| (0..width).map(move |i| *r.get(i).unwrap_or(&pad) as i64))
+        .collect();
     Tensor::from_data(TensorData::new(tok, [rows.len(), width]), &Default::default())
 }
 
@@ -159,7 +162,9 @@ fn tree_chunks_score_every_branch_like_its_own_sequence() {
     let model = Transformer::<B>::new(&config(2, false), 5, &dev).unwrap();
     let prompts: Vec<Vec<u32>> = vec![vec![1, 2, 3, 4, 5], vec![6, 7]];
     let mut cache = model.new_cache(2, 64);
-    model.forward_cached(padded(&prompts, 5, 0), &mut cache, Some(&[5, 2])).unwrap();
+    model
+        .forward_cached(padded(&prompts, 5, 0), &mut cache, Some(&[5, 2]))
+        .unwrap();
     // Row 0: 8 ─┬─ 9 ─── 10        Row 1: 11 ─ 12
     //           └─ 12 ─┬─ 13              13
     //                  └─ 14
@@ -194,7 +199,9 @@ fn malformed_trees_are_errors_not_panics() {
     let model = Transformer::<B>::new(&config(4, false), 3, &dev).unwrap();
     let mut cache = model.new_cache(1, 16);
     let (tok, _) = ids(&[vec![1, 2]], 2);
-    let err = model.forward_tree(tok.clone(), &[vec![Some(1), None]], &mut cache).unwrap_err();
+    let err = model
+        .forward_tree(tok.clone(), &[vec![Some(1), None]], &mut cache)
+        .unwrap_err();
     assert!(err.to_string().contains("does not come before it"), "{err}");
     let err = model.forward_tree(tok, &[vec![None]], &mut cache).unwrap_err();
     assert!(err.to_string().contains("width 2"), "{err}");
@@ -357,9 +364,17 @@ fn autodiff_gradients_match_finite_differences() {
         ("q", |m| &m.blocks[0].attn.q.weight, |m| &mut m.blocks[0].attn.q.weight),
         ("k", |m| &m.blocks[1].attn.k.weight, |m| &mut m.blocks[1].attn.k.weight),
         ("v", |m| &m.blocks[0].attn.v.weight, |m| &mut m.blocks[0].attn.v.weight),
-        ("gate", |m| &m.blocks[1].mlp.gate.weight, |m| &mut m.blocks[1].mlp.gate.weight),
+        (
+            "gate",
+            |m| &m.blocks[1].mlp.gate.weight,
+            |m| &mut m.blocks[1].mlp.gate.weight,
+        ),
         ("embed", |m| &m.embed.weight, |m| &mut m.embed.weight),
-        ("head", |m| &m.head.as_ref().unwrap().weight, |m| &mut m.head.as_mut().unwrap().weight),
+        (
+            "head",
+            |m| &m.head.as_ref().unwrap().weight,
+            |m| &mut m.head.as_mut().unwrap().weight,
+        ),
     ];
     let eps = 2e-3f32;
     let mut checked = 0;
@@ -384,7 +399,10 @@ fn autodiff_gradients_match_finite_differences() {
             let numeric = (value(eps) - value(-eps)) / (2.0 * eps as f64);
             let analytic = g[flat] as f64;
             let rel = (numeric - analytic).abs() / analytic.abs().max(1e-2);
-            assert!(rel < 2e-2, "{name}[{i},{j}]: autodiff {analytic:.5} vs finite difference {numeric:.5}");
+            assert!(
+                rel < 2e-2,
+                "{name}[{i},{j}]: autodiff {analytic:.5} vs finite difference {numeric:.5}"
+            );
             checked += 1;
         }
     }

@@ -3,7 +3,9 @@
 use burn::backend::Flex;
 use burn::prelude::*;
 use mrt::model::sampling::uniforms;
-use mrt::model::{generate, last_logits, read_ids, sample, GenerateConfig, SamplerConfig, Transformer, TransformerConfig};
+use mrt::model::{
+    generate, last_logits, read_ids, sample, GenerateConfig, SamplerConfig, Transformer, TransformerConfig,
+};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
@@ -26,7 +28,14 @@ fn run(model: &Transformer<B>, seed: u64, sampler: SamplerConfig, stop: Vec<u32>
         stop_tokens: stop,
         check_every: 4,
     };
-    generate(model, cache, last_logits(logits, &counts), &cfg, &mut StdRng::seed_from_u64(seed)).unwrap()
+    generate(
+        model,
+        cache,
+        last_logits(logits, &counts),
+        &cfg,
+        &mut StdRng::seed_from_u64(seed),
+    )
+    .unwrap()
 }
 
 #[test]
@@ -61,7 +70,9 @@ fn temperature_zero_is_argmax_of_the_full_forward() {
 
 fn random_logits(rows: usize, vocab: usize, seed: u64) -> Vec<f32> {
     let mut rng = StdRng::seed_from_u64(seed);
-    (0..rows * vocab).map(|_| 3.0 * (mrt::model::sampling::open_uniform(&mut rng) - 0.5)).collect()
+    (0..rows * vocab)
+        .map(|_| 3.0 * (mrt::model::sampling::open_uniform(&mut rng) - 0.5))
+        .collect()
 }
 
 #[test]
@@ -70,12 +81,20 @@ fn top_k_never_samples_outside_the_top_k() {
     let (rows, vocab, k) = (16, 37, 5);
     let values = random_logits(rows, vocab, 3);
     let logits = Tensor::<B, 2>::from_data(TensorData::new(values.clone(), [rows, vocab]), &dev);
-    let sampler = SamplerConfig { temperature: 1.5, top_k: k, top_p: 1.0 };
+    let sampler = SamplerConfig {
+        temperature: 1.5,
+        top_k: k,
+        top_p: 1.0,
+    };
     let mut rng = StdRng::seed_from_u64(4);
     let u = uniforms::<B>(200, rows, &mut rng, &dev);
     let mut seen_ranks = vec![0usize; k];
     for s in 0..200 {
-        let tok = read_ids(sample(logits.clone(), u.clone().narrow(0, s, 1).reshape([rows]), &sampler));
+        let tok = read_ids(sample(
+            logits.clone(),
+            u.clone().narrow(0, s, 1).reshape([rows]),
+            &sampler,
+        ));
         for (r, &t) in tok.iter().enumerate() {
             let row = &values[r * vocab..(r + 1) * vocab];
             let rank = row.iter().filter(|&&x| x > row[t as usize]).count();
@@ -83,7 +102,10 @@ fn top_k_never_samples_outside_the_top_k() {
             seen_ranks[rank] += 1;
         }
     }
-    assert!(seen_ranks.iter().all(|&c| c > 0), "every one of the top k is reachable: {seen_ranks:?}");
+    assert!(
+        seen_ranks.iter().all(|&c| c > 0),
+        "every one of the top k is reachable: {seen_ranks:?}"
+    );
 }
 
 /// Empirical frequencies over `n` draws from one row of logits.
@@ -111,11 +133,27 @@ fn temperature_sampling_follows_the_softmax_and_top_p_cuts_the_tail() {
         assert!((*p as f64 - q).abs() < 4.5 * se, "expected {p}, got {q}");
     }
     // Mass before token i: 0, 0.5, 0.8, 0.95 → top-p 0.7 keeps tokens 0 and 1, renormalised.
-    let f = frequencies(&logits, SamplerConfig { temperature: 1.0, top_k: 0, top_p: 0.7 }, n);
+    let f = frequencies(
+        &logits,
+        SamplerConfig {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 0.7,
+        },
+        n,
+    );
     assert_eq!(f[2] + f[3], 0.0);
     assert!((f[0] - 0.625).abs() < 0.02, "{f:?}");
     // Temperature 0.5 squares the odds: p ∝ p².
-    let f = frequencies(&logits, SamplerConfig { temperature: 0.5, top_k: 0, top_p: 1.0 }, n);
+    let f = frequencies(
+        &logits,
+        SamplerConfig {
+            temperature: 0.5,
+            top_k: 0,
+            top_p: 1.0,
+        },
+        n,
+    );
     let z: f64 = probs.iter().map(|p| (*p as f64).powi(2)).sum();
     assert!((f[0] - 0.25 / z).abs() < 0.02, "{f:?}");
 }
@@ -142,7 +180,9 @@ fn generate_reads_tokens_back_once_per_check_for_the_whole_batch() {
     let free = run(&m, 1, SamplerConfig::default(), vec![]);
     assert_eq!(mrt::model::token_reads() - before, 1);
     // A stop token no row samples: a read every `check_every` = 4 steps, 24 / 4 in all.
-    let never = (0..64u32).find(|t| free.iter().all(|r| !r.contains(t))).expect("some token unsampled");
+    let never = (0..64u32)
+        .find(|t| free.iter().all(|r| !r.contains(t)))
+        .expect("some token unsampled");
     let before = mrt::model::token_reads();
     let out = run(&m, 1, SamplerConfig::default(), vec![never]);
     assert_eq!(out, free);

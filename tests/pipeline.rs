@@ -38,7 +38,15 @@ fn small_config() -> RunConfig {
 }
 
 fn options(run_dir: PathBuf, resume: bool, interrupt_after: Option<usize>) -> PipelineOptions {
-    PipelineOptions { config: small_config(), run_dir, resume, init: None, quiet: true, interrupt_after, final_eval: true }
+    PipelineOptions {
+        config: small_config(),
+        run_dir,
+        resume,
+        init: None,
+        quiet: true,
+        interrupt_after,
+        final_eval: true,
+    }
 }
 
 /// Metrics without wall-clock measurements.
@@ -91,7 +99,10 @@ fn killed_and_resumed_run_matches_uninterrupted_run() {
     assert_eq!(fa.pass1, fb.pass1);
     assert_eq!(fa.anytime, fb.anytime);
     // One pass@1 per held-out problem, averaging to the whole evaluation's.
-    assert_eq!((fa.pass1_by_problem.len(), &fa.pass1_by_problem), (fa.problems, &fb.pass1_by_problem));
+    assert_eq!(
+        (fa.pass1_by_problem.len(), &fa.pass1_by_problem),
+        (fa.problems, &fb.pass1_by_problem)
+    );
     assert!((fa.pass1_by_problem.iter().sum::<f64>() / fa.problems as f64 - fa.pass1).abs() < 1e-12);
     assert_eq!(metrics_without_timing(&a), metrics_without_timing(&b));
     // 12 warm-start steps, 8 RL steps, evaluations at warm-start 6, 12 and RL 4, 8, base, final.
@@ -102,14 +113,22 @@ fn killed_and_resumed_run_matches_uninterrupted_run() {
 fn resume_of_a_directory_that_is_not_a_run_is_an_error() {
     let d = dir("not-a-run");
     std::fs::create_dir_all(&d).unwrap();
-    let err = run_pipeline::<AD>(&options(d.clone(), true, None), &Default::default()).unwrap_err().to_string();
+    let err = run_pipeline::<AD>(&options(d.clone(), true, None), &Default::default())
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("config.json"), "{err}");
     // A corrupt checkpoint is reported, not a panic.
     let run = dir("corrupt");
-    assert!(!run_pipeline::<AD>(&options(run.clone(), false, Some(4)), &Default::default()).unwrap().completed);
+    assert!(
+        !run_pipeline::<AD>(&options(run.clone(), false, Some(4)), &Default::default())
+            .unwrap()
+            .completed
+    );
     let ck = run.join("checkpoints/latest.ckpt");
     let bytes = std::fs::read(&ck).unwrap();
     std::fs::write(&ck, &bytes[..bytes.len() / 2]).unwrap();
-    let err = run_pipeline::<AD>(&options(run, true, None), &Default::default()).unwrap_err().to_string();
+    let err = run_pipeline::<AD>(&options(run, true, None), &Default::default())
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("truncated"), "{err}");
 }

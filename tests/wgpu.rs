@@ -27,7 +27,9 @@ use burn::module::{Module, ModuleVisitor, Param};
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use mrt::model::checkpoint::{self, decode_record, encode_record};
-use mrt::model::{generate, last_logits, token_logprobs, GenerateConfig, SamplerConfig, Transformer, TransformerConfig};
+use mrt::model::{
+    generate, last_logits, token_logprobs, GenerateConfig, SamplerConfig, Transformer, TransformerConfig,
+};
 use mrt::rl::config::{Algo, RunConfig};
 use mrt::rl::metrics::read_metrics;
 use mrt::rl::pipeline::{run_pipeline, PipelineOptions};
@@ -46,7 +48,12 @@ fn gpu() -> Option<WgpuDevice> {
             mrt::backend::isolate_kernel_caches_for_tests();
             match mrt::backend::probe_wgpu() {
                 Some(a) => {
-                    eprintln!("wgpu tests on {} ({}{})", a.name, a.api, if a.software { ", software" } else { "" });
+                    eprintln!(
+                        "wgpu tests on {} ({}{})",
+                        a.name,
+                        a.api,
+                        if a.software { ", software" } else { "" }
+                    );
                     Some(a.device.clone())
                 }
                 None if std::env::var_os("MRT_REQUIRE_WGPU").is_some() => {
@@ -65,7 +72,9 @@ fn gpu() -> Option<WgpuDevice> {
 fn moved<A: Backend, C: Backend>(model: &Transformer<A>, device: &C::Device) -> Transformer<C> {
     let bytes = encode_record::<A, _>(model.clone().into_record()).unwrap();
     let record = decode_record::<C, _>(&PathBuf::from("<memory>"), &bytes, device).unwrap();
-    Transformer::<C>::new(&model.config, 0, device).unwrap().load_record(record)
+    Transformer::<C>::new(&model.config, 0, device)
+        .unwrap()
+        .load_record(record)
 }
 
 /// A briefly trained `search` policy (attention far from uniform, so key gradients matter).
@@ -96,7 +105,14 @@ fn gqa_tied() -> Transformer<Cpu> {
 /// Ragged rows of valid ids (taken from the vocabulary's ordinary words), right-padded with `pad`.
 fn ragged(vocab: usize, lens: &[usize], seed: u64) -> (Vec<Vec<u32>>, usize) {
     let mut rng = StdRng::seed_from_u64(seed);
-    let rows: Vec<Vec<u32>> = lens.iter().map(|&n| (0..n).map(|_| rand::Rng::random_range(&mut rng, 4..vocab as u32)).collect()).collect();
+    let rows: Vec<Vec<u32>> = lens
+        .iter()
+        .map(|&n| {
+            (0..n)
+                .map(|_| rand::Rng::random_range(&mut rng, 4..vocab as u32))
+                .collect()
+        })
+        .collect();
     (rows, *lens.iter().max().unwrap())
 }
 
@@ -108,7 +124,10 @@ fn on_both_models(check: fn(&Transformer<Cpu>, &WgpuDevice)) {
 }
 
 fn ids<B: Backend>(rows: &[Vec<u32>], width: usize, pad: u32, device: &B::Device) -> Tensor<B, 2, Int> {
-    let tok: Vec<i64> = rows.iter().flat_map(|r| (0..width).map(move |i| *r.get(i).unwrap_or(&pad) as i64)).collect();
+    let tok: Vec<i64> = rows
+        .iter()
+        .flat_map(|r| (0..width).map(move |i| *r.get(i).unwrap_or(&pad) as i64))
+        .collect();
     Tensor::from_data(TensorData::new(tok, [rows.len(), width]), device)
 }
 
@@ -134,8 +153,18 @@ fn check_full_forward(model: &Transformer<Cpu>, device: &WgpuDevice) {
     let v = model.config.vocab_size;
     let (rows, width) = ragged(v, &[13, 5, 9, 1], 11);
     let on_gpu = moved::<Cpu, Gpu>(model, device);
-    let cpu = real_positions(host(model.forward(ids::<Cpu>(&rows, width, 0, &Default::default()))), &rows, width, v);
-    let gpu = real_positions(host(on_gpu.forward(ids::<Gpu>(&rows, width, 0, device))), &rows, width, v);
+    let cpu = real_positions(
+        host(model.forward(ids::<Cpu>(&rows, width, 0, &Default::default()))),
+        &rows,
+        width,
+        v,
+    );
+    let gpu = real_positions(
+        host(on_gpu.forward(ids::<Gpu>(&rows, width, 0, device))),
+        &rows,
+        width,
+        v,
+    );
     let d = max_abs_diff(&cpu, &gpu);
     let scale = cpu.iter().fold(0.0f32, |m, x| m.max(x.abs()));
     assert!(d < 1e-4, "full-forward logits differ by {d} (largest |logit| {scale})");
@@ -159,8 +188,16 @@ fn check_cached(model: &Transformer<Cpu>, device: &WgpuDevice) {
     for (i, lens) in chunks.iter().enumerate() {
         let (rows, width) = ragged(v, lens, 20 + i as u64);
         let counts: Vec<usize> = lens.clone();
-        let cpu = model.forward_cached(ids::<Cpu>(&rows, width, 0, &Default::default()), &mut cpu_cache, Some(&counts)).unwrap();
-        let gpu = on_gpu.forward_cached(ids::<Gpu>(&rows, width, 0, device), &mut gpu_cache, Some(&counts)).unwrap();
+        let cpu = model
+            .forward_cached(
+                ids::<Cpu>(&rows, width, 0, &Default::default()),
+                &mut cpu_cache,
+                Some(&counts),
+            )
+            .unwrap();
+        let gpu = on_gpu
+            .forward_cached(ids::<Gpu>(&rows, width, 0, device), &mut gpu_cache, Some(&counts))
+            .unwrap();
         let cpu = real_positions(host(cpu), &rows, width, v);
         let gpu = real_positions(host(gpu), &rows, width, v);
         let d = max_abs_diff(&cpu, &gpu);
@@ -198,25 +235,45 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for Grads<'_, B> {
 
 /// Gradients of the summed masked token log-probs of a ragged batch (the quantity every
 /// policy-gradient and SFT loss is built from).
-fn logprob_grads<B: AutodiffBackend>(model: &Transformer<B>, rows: &[Vec<u32>], width: usize, device: &B::Device) -> Vec<(String, Vec<f32>)> {
-    let mask: Vec<f32> = rows.iter().flat_map(|r| (1..width).map(move |t| if t < r.len() { 1.0 } else { 0.0 })).collect();
+fn logprob_grads<B: AutodiffBackend>(
+    model: &Transformer<B>,
+    rows: &[Vec<u32>],
+    width: usize,
+    device: &B::Device,
+) -> Vec<(String, Vec<f32>)> {
+    let mask: Vec<f32> = rows
+        .iter()
+        .flat_map(|r| (1..width).map(move |t| if t < r.len() { 1.0 } else { 0.0 }))
+        .collect();
     let mask = Tensor::<B, 2>::from_data(TensorData::new(mask, [rows.len(), width - 1]), device);
     let lp = token_logprobs(model, ids::<B>(rows, width, 0, device), Some(mask), false, 1.0);
     let grads = lp.logprobs.sum().backward();
-    let mut v = Grads::<B> { grads: &grads, path: Vec::new(), out: Vec::new() };
+    let mut v = Grads::<B> {
+        grads: &grads,
+        path: Vec::new(),
+        out: Vec::new(),
+    };
     model.visit(&mut v);
     v.out
 }
 
 fn check_gradients(model: &Transformer<Cpu>, device: &WgpuDevice) {
     let (rows, width) = ragged(model.config.vocab_size, &[24, 17, 9, 24, 3, 12], 5);
-    let cpu = logprob_grads::<Autodiff<Cpu>>(&moved::<Cpu, Autodiff<Cpu>>(model, &Default::default()), &rows, width, &Default::default());
+    let cpu = logprob_grads::<Autodiff<Cpu>>(
+        &moved::<Cpu, Autodiff<Cpu>>(model, &Default::default()),
+        &rows,
+        width,
+        &Default::default(),
+    );
     let gpu = logprob_grads::<Autodiff<Gpu>>(&moved::<Cpu, Autodiff<Gpu>>(model, device), &rows, width, device);
     assert_eq!(cpu.len(), gpu.len());
     let mut report = Vec::new();
     let mut worst = 0.0f32;
     for ((name, c), (_, g)) in cpu.iter().zip(&gpu) {
-        assert!(!c.is_empty() && c.len() == g.len(), "{name}: no gradient on one backend");
+        assert!(
+            !c.is_empty() && c.len() == g.len(),
+            "{name}: no gradient on one backend"
+        );
         let scale = c.iter().fold(0.0f32, |m, x| m.max(x.abs())).max(1e-12);
         let rel = max_abs_diff(c, g) / scale;
         worst = worst.max(rel);
@@ -224,8 +281,15 @@ fn check_gradients(model: &Transformer<Cpu>, device: &WgpuDevice) {
             report.push(format!("{name}: max |Δ| = {rel:.3} of its largest entry {scale:.3e}"));
         }
     }
-    assert!(report.is_empty(), "wgpu gradients differ from flex:\n{}", report.join("\n"));
-    eprintln!("gradients: worst max |Δ| / max |g| over {} tensors {worst:.2e}", cpu.len());
+    assert!(
+        report.is_empty(),
+        "wgpu gradients differ from flex:\n{}",
+        report.join("\n")
+    );
+    eprintln!(
+        "gradients: worst max |Δ| / max |g| over {} tensors {worst:.2e}",
+        cpu.len()
+    );
 }
 
 /// The guard for the fused-kernel bug of issue 10: with Burn's default fusion and autotuning,
@@ -245,9 +309,23 @@ fn seeded_sampling_gives_valid_tokens_and_honours_stop_tokens() {
     let stop = vec![5u32, 9, 13];
     let run = |seed: u64| {
         let mut cache = model.new_cache(rows.len(), 64);
-        let logits = model.forward_cached(ids::<Gpu>(&rows, width, 0, &device), &mut cache, Some(&counts)).unwrap();
-        let config = GenerateConfig { max_new_tokens: 24, sampler: SamplerConfig::default(), stop_tokens: stop.clone(), check_every: 4 };
-        generate(&model, cache, last_logits(logits, &counts), &config, &mut StdRng::seed_from_u64(seed)).unwrap()
+        let logits = model
+            .forward_cached(ids::<Gpu>(&rows, width, 0, &device), &mut cache, Some(&counts))
+            .unwrap();
+        let config = GenerateConfig {
+            max_new_tokens: 24,
+            sampler: SamplerConfig::default(),
+            stop_tokens: stop.clone(),
+            check_every: 4,
+        };
+        generate(
+            &model,
+            cache,
+            last_logits(logits, &counts),
+            &config,
+            &mut StdRng::seed_from_u64(seed),
+        )
+        .unwrap()
     };
     let out = run(3);
     assert_eq!(out, run(3), "same seed, different samples");
@@ -290,8 +368,22 @@ fn run_dir(name: &str) -> PathBuf {
 }
 
 /// Runs the pipeline on wgpu and returns the one `train/loss` it logged in `phase`.
-fn pipeline_loss(config: RunConfig, dir: &PathBuf, init: Option<PathBuf>, phase: &str, device: &WgpuDevice) -> f64 {
-    let opts = PipelineOptions { config, run_dir: dir.clone(), resume: false, init, quiet: true, interrupt_after: None, final_eval: false };
+fn pipeline_loss(
+    config: RunConfig,
+    dir: &std::path::Path,
+    init: Option<PathBuf>,
+    phase: &str,
+    device: &WgpuDevice,
+) -> f64 {
+    let opts = PipelineOptions {
+        config,
+        run_dir: dir.to_path_buf(),
+        resume: false,
+        init,
+        quiet: true,
+        interrupt_after: None,
+        final_eval: false,
+    };
     assert!(run_pipeline::<Autodiff<Gpu>>(&opts, device).unwrap().completed);
     let losses: Vec<f64> = read_metrics(&dir.join("metrics.jsonl"))
         .unwrap()
@@ -309,8 +401,15 @@ fn check_checkpoint_on_cpu(path: &std::path::Path, device: &WgpuDevice) {
     let on_cpu = ck.model::<Cpu>(&Default::default()).unwrap();
     let on_gpu = ck.model::<Gpu>(device).unwrap();
     let (rows, width) = ragged(on_cpu.config.vocab_size, &[6, 4], 2);
-    let d = max_abs_diff(&host(on_cpu.forward(ids::<Cpu>(&rows, width, 0, &Default::default()))), &host(on_gpu.forward(ids::<Gpu>(&rows, width, 0, device))));
-    assert!(d < 1e-4, "{}: the wgpu checkpoint's logits differ on the CPU by {d}", path.display());
+    let d = max_abs_diff(
+        &host(on_cpu.forward(ids::<Cpu>(&rows, width, 0, &Default::default()))),
+        &host(on_gpu.forward(ids::<Gpu>(&rows, width, 0, device))),
+    );
+    assert!(
+        d < 1e-4,
+        "{}: the wgpu checkpoint's logits differ on the CPU by {d}",
+        path.display()
+    );
 }
 
 /// One warm-start step from scratch, then one RL step of `grpo` and of `mrt-dense` from the
@@ -345,9 +444,15 @@ fn a_cpu_checkpoint_loads_on_wgpu_with_the_same_logits() {
     let path = dir.join("cpu.ckpt");
     let model = gqa_tied();
     checkpoint::save(&path, &model, vec![], serde_json::json!({})).unwrap();
-    let back = checkpoint::load(&path, Some(&model.config)).unwrap().model::<Gpu>(&device).unwrap();
+    let back = checkpoint::load(&path, Some(&model.config))
+        .unwrap()
+        .model::<Gpu>(&device)
+        .unwrap();
     let (rows, width) = ragged(model.config.vocab_size, &[7, 3, 5], 4);
-    let d = max_abs_diff(&host(model.forward(ids::<Cpu>(&rows, width, 0, &Default::default()))), &host(back.forward(ids::<Gpu>(&rows, width, 0, &device))));
+    let d = max_abs_diff(
+        &host(model.forward(ids::<Cpu>(&rows, width, 0, &Default::default()))),
+        &host(back.forward(ids::<Gpu>(&rows, width, 0, &device))),
+    );
     assert!(d < 1e-4, "a CPU checkpoint's logits differ on wgpu by {d}");
     let _ = std::fs::remove_dir_all(&dir);
 }

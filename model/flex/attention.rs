@@ -15,7 +15,6 @@ use burn_flex::FlexTensor;
 use rayon::prelude::*;
 use std::any::Any;
 
-
 /// softmax(q·kᵀ / √D, masked) · v, or `None` when the tensors are not flex f32 (the caller
 /// then takes the portable path).
 ///
@@ -32,7 +31,11 @@ pub(crate) fn masked_attention<B: Backend>(
 ) -> Option<Tensor<B, 4>> {
     let device = q.device();
     // `to_contiguous` copies only what is not laid out row-major already.
-    let (q, k, v) = (flex_f32(q)?.to_contiguous(), flex_f32(k)?.to_contiguous(), flex_f32(v)?.to_contiguous());
+    let (q, k, v) = (
+        flex_f32(q)?.to_contiguous(),
+        flex_f32(k)?.to_contiguous(),
+        flex_f32(v)?.to_contiguous(),
+    );
     let mask_prim = mask.clone().into_primitive();
     let mask = (&mask_prim as &dyn Any).downcast_ref::<FlexTensor>()?.to_contiguous();
     let ([b, h, w, d], [kb, kvh, s, k_width], [mb, mask_heads, mw, ms]) = (dims(&q), dims(&k), dims(&mask));
@@ -60,9 +63,13 @@ pub(crate) fn masked_attention<B: Backend>(
     // Waking the thread pool costs more than small problems take on one core.
     if b * h * w * s * d < PARALLEL_WORK {
         let mut scores = vec![0f32; s];
-        out.chunks_mut(w * d).enumerate().for_each(|job| pair_job(&mut scores, job));
+        out.chunks_mut(w * d)
+            .enumerate()
+            .for_each(|job| pair_job(&mut scores, job));
     } else {
-        out.par_chunks_mut(w * d).enumerate().for_each_init(|| vec![0f32; s], pair_job);
+        out.par_chunks_mut(w * d)
+            .enumerate()
+            .for_each_init(|| vec![0f32; s], pair_job);
     }
     Some(Tensor::from_data(TensorData::new(out, [b, h, w, d]), &device))
 }
@@ -83,12 +90,28 @@ fn attend(query: &[f32], keys: &[f32], values: &[f32], masked: &[u8], scale: f32
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn attend_avx2(query: &[f32], keys: &[f32], values: &[f32], masked: &[u8], scale: f32, scores: &mut [f32], out: &mut [f32]) {
+unsafe fn attend_avx2(
+    query: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    masked: &[u8],
+    scale: f32,
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
     attend_portable(query, keys, values, masked, scale, scores, out)
 }
 
 #[inline(always)]
-fn attend_portable(query: &[f32], keys: &[f32], values: &[f32], masked: &[u8], scale: f32, scores: &mut [f32], out: &mut [f32]) {
+fn attend_portable(
+    query: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    masked: &[u8],
+    scale: f32,
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
     let d = query.len();
     let mut max = f32::NEG_INFINITY;
     for (slot, (score, &m)) in scores.iter_mut().zip(masked).enumerate() {
@@ -163,12 +186,22 @@ mod tests {
             let k = Tensor::<Flex, 4>::random([b, kvh, s, d], Distribution::Normal(0.0, 1.0), &dev);
             let v = Tensor::<Flex, 4>::random([b, kvh, s, d], Distribution::Normal(0.0, 1.0), &dev);
             // Masked: slot s for query w when (s·7 + w·3 + row) % 5 < 2, never slot 0.
-            let bits: Vec<bool> = (0..b * w * s).map(|i| (i % s) != 0 && ((i % s) * 7 + (i / s % w) * 3 + i / (w * s)) % 5 < 2).collect();
+            let bits: Vec<bool> = (0..b * w * s)
+                .map(|i| (i % s) != 0 && ((i % s) * 7 + (i / s % w) * 3 + i / (w * s)) % 5 < 2)
+                .collect();
             let mask = Tensor::<Flex, 4, Bool>::from_data(TensorData::new(bits, [b, 1, w, s]), &dev);
             let ours = masked_attention(&q, &k, &v, &mask).expect("flex tensors");
             let rep = h / kvh;
-            let expand = |t: Tensor<Flex, 4>| t.unsqueeze_dim::<5>(2).expand([b, kvh, rep, s, d]).reshape([b, h, s, d]);
-            let options = AttentionModuleOptions { scale: None, softcap: None, is_causal: false };
+            let expand = |t: Tensor<Flex, 4>| {
+                t.unsqueeze_dim::<5>(2)
+                    .expand([b, kvh, rep, s, d])
+                    .reshape([b, h, s, d])
+            };
+            let options = AttentionModuleOptions {
+                scale: None,
+                softcap: None,
+                is_causal: false,
+            };
             let theirs = attention(q, expand(k), expand(v), Some(mask.expand([b, h, w, s])), None, options);
             let diff: f32 = (ours - theirs).abs().max().into_scalar();
             assert!(diff < 1e-5, "[{b}, {h}, {kvh}, {w}, {s}, {d}]: differs by {diff}");
@@ -179,7 +212,8 @@ mod tests {
     fn a_query_with_nothing_to_attend_gets_zeros() {
         let dev = Default::default();
         let t = Tensor::<Flex, 4>::ones([1, 1, 2, 8], &dev);
-        let mask = Tensor::<Flex, 4, Bool>::from_data(TensorData::new(vec![true, true, false, true], [1, 1, 2, 2]), &dev);
+        let mask =
+            Tensor::<Flex, 4, Bool>::from_data(TensorData::new(vec![true, true, false, true], [1, 1, 2, 2]), &dev);
         let y = masked_attention(&t, &t, &(t.clone() * 3.0), &mask).expect("flex tensors");
         let rows: Vec<f32> = y.into_data().to_vec().unwrap();
         assert_eq!(&rows[..8], &[0.0; 8]);

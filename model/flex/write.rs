@@ -62,5 +62,7 @@ fn write(dst: &mut FlexTensor, value: &FlexTensor, slot: usize, [b, h, w, d]: [u
 
 /// True when the tensor's elements are exactly its buffer, in row-major order.
 fn whole(t: &FlexTensor) -> bool {
-    t.is_contiguous() && t.layout().start_offset() == 0 && t.bytes().len() == t.layout().num_elements() * t.dtype().size()
+    t.is_contiguous()
+        && t.layout().start_offset() == 0
+        && t.bytes().len() == t.layout().num_elements() * t.dtype().size()
 }

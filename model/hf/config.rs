@@ -102,17 +102,29 @@ impl HfConfig {
             _ => None,
         };
         found.ok_or_else(|| {
-            let what = if self.architectures.is_empty() { format!("model_type {:?}", self.model_type) } else { format!("architectures {:?}", self.architectures) };
-            Error::pretrained(path, format!("unsupported {what} (supported: {})", ARCHITECTURES.join(", ")))
+            let what = if self.architectures.is_empty() {
+                format!("model_type {:?}", self.model_type)
+            } else {
+                format!("architectures {:?}", self.architectures)
+            };
+            Error::pretrained(
+                path,
+                format!("unsupported {what} (supported: {})", ARCHITECTURES.join(", ")),
+            )
         })
     }
 
     /// The native config of the same model, or an error naming the first field it cannot honour.
     pub fn to_native(&self, path: &Path) -> Result<TransformerConfig> {
         let family = self.family(path)?;
-        let bad = |field: &str, value: String, why: &str| Error::pretrained(path, format!("`{field}` = {value}: {why}"));
+        let bad =
+            |field: &str, value: String, why: &str| Error::pretrained(path, format!("`{field}` = {value}: {why}"));
         if self.hidden_act != "silu" {
-            return Err(bad("hidden_act", format!("{:?}", self.hidden_act), "only SwiGLU with silu is implemented"));
+            return Err(bad(
+                "hidden_act",
+                format!("{:?}", self.hidden_act),
+                "only SwiGLU with silu is implemented",
+            ));
         }
         let rope_theta = self.rotary_base(path)?;
         if self.mlp_bias {
@@ -120,19 +132,41 @@ impl HfConfig {
         }
         let sliding = self.layer_types.iter().flatten().any(|t| t != "full_attention");
         if self.use_sliding_window || sliding {
-            let (field, value) = if sliding { ("layer_types", format!("{:?}", self.layer_types.as_deref().unwrap_or_default())) } else { ("use_sliding_window", "true".into()) };
+            let (field, value) = if sliding {
+                (
+                    "layer_types",
+                    format!("{:?}", self.layer_types.as_deref().unwrap_or_default()),
+                )
+            } else {
+                ("use_sliding_window", "true".into())
+            };
             return Err(bad(field, value, "sliding-window attention is not implemented"));
         }
         if family == Family::Llama && self.attention_bias {
             // Llama's switch also puts a bias on the output projection, which the native
             // attention does not have.
-            return Err(bad("attention_bias", "true".into(), "an output-projection bias is not implemented"));
+            return Err(bad(
+                "attention_bias",
+                "true".into(),
+                "an output-projection bias is not implemented",
+            ));
         }
         if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
-            return Err(bad("num_attention_heads", self.num_attention_heads.to_string(), "must divide hidden_size"));
+            return Err(bad(
+                "num_attention_heads",
+                self.num_attention_heads.to_string(),
+                "must divide hidden_size",
+            ));
         }
-        if let Some(d) = self.head_dim.filter(|&d| d != self.hidden_size / self.num_attention_heads) {
-            return Err(bad("head_dim", d.to_string(), "must equal hidden_size / num_attention_heads"));
+        if let Some(d) = self
+            .head_dim
+            .filter(|&d| d != self.hidden_size / self.num_attention_heads)
+        {
+            return Err(bad(
+                "head_dim",
+                d.to_string(),
+                "must equal hidden_size / num_attention_heads",
+            ));
         }
         let config = TransformerConfig {
             vocab_size: self.vocab_size,
@@ -158,12 +192,22 @@ impl HfConfig {
             let kind = v.get("rope_type").or_else(|| v.get("type")).and_then(|t| t.as_str());
             v.is_null() || kind.is_none_or(|k| k == "default")
         };
-        for (field, value) in [("rope_scaling", &self.rope_scaling), ("rope_parameters", &self.rope_parameters)] {
+        for (field, value) in [
+            ("rope_scaling", &self.rope_scaling),
+            ("rope_parameters", &self.rope_parameters),
+        ] {
             if let Some(v) = value.as_ref().filter(|v| !plain(v)) {
-                return Err(Error::pretrained(path, format!("`{field}` = {v}: scaled rotary embeddings are not implemented")));
+                return Err(Error::pretrained(
+                    path,
+                    format!("`{field}` = {v}: scaled rotary embeddings are not implemented"),
+                ));
             }
         }
-        let nested = self.rope_parameters.as_ref().and_then(|p| p.get("rope_theta")).and_then(|t| t.as_f64());
+        let nested = self
+            .rope_parameters
+            .as_ref()
+            .and_then(|p| p.get("rope_theta"))
+            .and_then(|t| t.as_f64());
         Ok(nested.or(self.rope_theta).unwrap_or(DEFAULT_THETA))
     }
 
@@ -171,7 +215,11 @@ impl HfConfig {
     /// otherwise. Token ids that the tokenizer defines are passed through. Switches that are
     /// off are left out, so each family's file holds only fields that family knows.
     pub fn from_native(config: &TransformerConfig, bos: Option<u32>, eos: Option<u32>) -> Self {
-        let (arch, model_type) = if config.qkv_bias { ("Qwen2ForCausalLM", "qwen2") } else { ("LlamaForCausalLM", "llama") };
+        let (arch, model_type) = if config.qkv_bias {
+            ("Qwen2ForCausalLM", "qwen2")
+        } else {
+            ("LlamaForCausalLM", "llama")
+        };
         Self {
             architectures: vec![arch.into()],
             model_type: Some(model_type.into()),
@@ -221,8 +269,14 @@ mod tests {
             "hidden_act": "silu", "torch_dtype": "bfloat16", "bos_token_id": 151643, "eos_token_id": 151643
         }));
         let n = c.to_native(Path::new("config.json")).unwrap();
-        assert_eq!((n.d_model, n.n_heads, n.n_kv_heads, n.head_dim(), n.d_ff), (1536, 12, 2, 128, 8960));
-        assert_eq!((n.rope_theta, n.norm_eps, n.qkv_bias, n.tie_embeddings), (10_000.0, 1e-6, true, false));
+        assert_eq!(
+            (n.d_model, n.n_heads, n.n_kv_heads, n.head_dim(), n.d_ff),
+            (1536, 12, 2, 128, 8960)
+        );
+        assert_eq!(
+            (n.rope_theta, n.norm_eps, n.qkv_bias, n.tie_embeddings),
+            (10_000.0, 1e-6, true, false)
+        );
         // DeepSeek-R1-Distill-Qwen-1.5B's shapes: the 1.78 B parameters its model card states,
         // q/k/v biases included.
         assert_eq!(n.num_params(), 1_777_088_000);
@@ -233,7 +287,10 @@ mod tests {
             "num_key_value_heads": 2, "max_position_embeddings": 32768, "rope_theta": 1000000.0,
             "tie_word_embeddings": true
         }));
-        assert_eq!(small.to_native(Path::new("config.json")).unwrap().num_params(), 494_032_768);
+        assert_eq!(
+            small.to_native(Path::new("config.json")).unwrap().num_params(),
+            494_032_768
+        );
 
         // Llama without `num_key_value_heads`: one key/value head per query head.
         let llama = parse(serde_json::json!({
@@ -253,7 +310,11 @@ mod tests {
             "max_position_embeddings": 64
         });
         let cases = [
-            ("rope_scaling", serde_json::json!({"rope_type": "llama3", "factor": 8.0}), "`rope_scaling`"),
+            (
+                "rope_scaling",
+                serde_json::json!({"rope_type": "llama3", "factor": 8.0}),
+                "`rope_scaling`",
+            ),
             ("attention_bias", serde_json::json!(true), "`attention_bias`"),
             ("mlp_bias", serde_json::json!(true), "`mlp_bias`"),
             ("head_dim", serde_json::json!(16), "`head_dim` = 16"),
@@ -263,13 +324,22 @@ mod tests {
         for (field, value, expected) in cases {
             let mut json = base.clone();
             json[field] = value;
-            let err = parse(json).to_native(Path::new("m/config.json")).unwrap_err().to_string();
-            assert!(err.contains(expected) && err.contains("m/config.json"), "{field}: {err}");
+            let err = parse(json)
+                .to_native(Path::new("m/config.json"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains(expected) && err.contains("m/config.json"),
+                "{field}: {err}"
+            );
         }
         // A default rope_type is plain rotary embeddings, not scaling.
         let mut json = base.clone();
         json["rope_parameters"] = serde_json::json!({"rope_type": "default", "rope_theta": 1234.0});
-        assert_eq!(parse(json).to_native(Path::new("config.json")).unwrap().rope_theta, 1234.0);
+        assert_eq!(
+            parse(json).to_native(Path::new("config.json")).unwrap().rope_theta,
+            1234.0
+        );
     }
 
     /// What export writes reads back as the same native config.

@@ -20,21 +20,40 @@ use crate::model::Transformer;
 /// the given special token ids, `model.safetensors`, and a copy of each of `extra_files` (for
 /// example `tokenizer.json`). Everything is written into a temporary sibling first and renamed
 /// into place at the end, so a failure never leaves a half-written model under `dir`.
-pub fn save<B: Backend>(model: &Transformer<B>, dir: &Path, bos: Option<u32>, eos: Option<u32>, extra_files: &[PathBuf]) -> Result<()> {
+pub fn save<B: Backend>(
+    model: &Transformer<B>,
+    dir: &Path,
+    bos: Option<u32>,
+    eos: Option<u32>,
+    extra_files: &[PathBuf],
+) -> Result<()> {
     if dir.exists() {
         return Err(Error::pretrained(dir, "already exists (export writes a new directory)"));
     }
-    let name = dir.file_name().and_then(|n| n.to_str()).ok_or_else(|| Error::pretrained(dir, "has no usable directory name"))?;
-    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let name = dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| Error::pretrained(dir, "has no usable directory name"))?;
+    let parent = dir
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
-    let result = write_all(model, &tmp, bos, eos, extra_files).and_then(|()| fs::rename(&tmp, dir).map_err(|e| Error::io(dir, e)));
+    let result = write_all(model, &tmp, bos, eos, extra_files)
+        .and_then(|()| fs::rename(&tmp, dir).map_err(|e| Error::io(dir, e)));
     if result.is_err() {
         let _ = fs::remove_dir_all(&tmp);
     }
     result
 }
 
-fn write_all<B: Backend>(model: &Transformer<B>, dir: &Path, bos: Option<u32>, eos: Option<u32>, extra_files: &[PathBuf]) -> Result<()> {
+fn write_all<B: Backend>(
+    model: &Transformer<B>,
+    dir: &Path,
+    bos: Option<u32>,
+    eos: Option<u32>,
+    extra_files: &[PathBuf],
+) -> Result<()> {
     fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let mut config = serde_json::to_value(HfConfig::from_native(&model.config, bos, eos)).expect("a config serialises");
     config["torch_dtype"] = "float32".into();
@@ -45,10 +64,13 @@ fn write_all<B: Backend>(model: &Transformer<B>, dir: &Path, bos: Option<u32>, e
         .map(|(name, shape, bytes)| TensorView::new(Dtype::F32, shape.clone(), bytes).map(|v| (name.clone(), v)))
         .collect::<std::result::Result<Vec<_>, _>>()
         .map_err(|e| Error::pretrained(dir, format!("cannot lay out tensors: {e}")))?;
-    let bytes = safetensors::serialize(views, None).map_err(|e| Error::pretrained(dir, format!("cannot serialise tensors: {e}")))?;
+    let bytes = safetensors::serialize(views, None)
+        .map_err(|e| Error::pretrained(dir, format!("cannot serialise tensors: {e}")))?;
     write_atomic(&dir.join(super::weights::SINGLE), &bytes)?;
     for file in extra_files {
-        let name = file.file_name().ok_or_else(|| Error::pretrained(file, "is not a file"))?;
+        let name = file
+            .file_name()
+            .ok_or_else(|| Error::pretrained(file, "is not a file"))?;
         fs::copy(file, dir.join(name)).map_err(|e| Error::io(file, e))?;
     }
     Ok(())
@@ -65,7 +87,10 @@ fn named_tensors<B: Backend>(model: &Transformer<B>) -> Vec<(String, Vec<usize>,
         out.linear(format!("{p}.self_attn.k_proj"), &block.attn.k);
         out.linear(format!("{p}.self_attn.v_proj"), &block.attn.v);
         out.linear(format!("{p}.self_attn.o_proj"), &block.attn.o);
-        out.push(format!("{p}.post_attention_layernorm.weight"), block.mlp_norm.gamma.val());
+        out.push(
+            format!("{p}.post_attention_layernorm.weight"),
+            block.mlp_norm.gamma.val(),
+        );
         out.linear(format!("{p}.mlp.gate_proj"), &block.mlp.gate);
         out.linear(format!("{p}.mlp.up_proj"), &block.mlp.up);
         out.linear(format!("{p}.mlp.down_proj"), &block.mlp.down);
@@ -89,7 +114,8 @@ impl Tensors {
     fn linear<B: Backend>(&mut self, prefix: String, l: &Linear<B>) {
         let [d_in, d_out] = l.weight.dims();
         let weight = transpose(&host(l.weight.val()), d_in, d_out);
-        self.0.push((format!("{prefix}.weight"), vec![d_out, d_in], le_bytes(&weight)));
+        self.0
+            .push((format!("{prefix}.weight"), vec![d_out, d_in], le_bytes(&weight)));
         if let Some(b) = &l.bias {
             self.push(format!("{prefix}.bias"), b.val());
         }

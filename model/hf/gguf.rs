@@ -64,18 +64,29 @@ impl GgufWeights {
     pub fn open(path: &Path) -> Result<(Self, HfConfig)> {
         let file = GgufFile::open(path)?;
         let bad = |reason: String| Error::pretrained(path, reason);
-        let arch = file.require("general.architecture")?.as_str().unwrap_or_default().to_string();
+        let arch = file
+            .require("general.architecture")?
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
         let (family, hf_arch) = match arch.as_str() {
             "llama" => (Family::Llama, "LlamaForCausalLM"),
             "qwen2" => (Family::Qwen2, "Qwen2ForCausalLM"),
-            other => return Err(bad(format!("architecture `{other}` is not supported (supported: llama, qwen2)"))),
+            other => {
+                return Err(bad(format!(
+                    "architecture `{other}` is not supported (supported: llama, qwen2)"
+                )))
+            }
         };
         let key = |k: &str| format!("{arch}.{k}");
         let count = |k: &str| file.require_u64(&key(k)).map(|v| v as usize);
         let float = |k: &str| -> Result<Option<f64>> {
             match file.get(&key(k)) {
                 None => Ok(None),
-                Some(v) => v.as_f64().map(Some).ok_or_else(|| bad(format!("metadata `{}` = {v:?} is not a number", key(k)))),
+                Some(v) => v
+                    .as_f64()
+                    .map(Some)
+                    .ok_or_else(|| bad(format!("metadata `{}` = {v:?} is not a number", key(k)))),
             }
         };
         let (hidden, heads) = (count("embedding_length")?, count("attention.head_count")?);
@@ -83,22 +94,37 @@ impl GgufWeights {
             None => heads,
             Some(_) => count("attention.head_count_kv")?,
         };
-        if let Some(kind) = file.get(&key("rope.scaling.type")).and_then(Value::as_str).filter(|t| *t != "none") {
-            return Err(bad(format!("`{}` = {kind:?}: scaled rotary embeddings are not implemented", key("rope.scaling.type"))));
+        if let Some(kind) = file
+            .get(&key("rope.scaling.type"))
+            .and_then(Value::as_str)
+            .filter(|t| *t != "none")
+        {
+            return Err(bad(format!(
+                "`{}` = {kind:?}: scaled rotary embeddings are not implemented",
+                key("rope.scaling.type")
+            )));
         }
         if file.tensors.contains_key("rope_freqs.weight") {
-            return Err(bad("tensor `rope_freqs.weight`: scaled rotary embeddings (Llama 3.1's) are not implemented".into()));
+            return Err(bad(
+                "tensor `rope_freqs.weight`: scaled rotary embeddings (Llama 3.1's) are not implemented".into(),
+            ));
         }
         let head_dim = hidden / heads.max(1);
         for k in ["rope.dimension_count", "attention.key_length", "attention.value_length"] {
             if let Some(v) = file.get(&key(k)) {
                 let n = v.as_u64().unwrap_or(0) as usize;
                 if n != head_dim {
-                    return Err(bad(format!("`{}` = {n}: only a full-width head of {head_dim} is implemented", key(k))));
+                    return Err(bad(format!(
+                        "`{}` = {n}: only a full-width head of {head_dim} is implemented",
+                        key(k)
+                    )));
                 }
             }
         }
-        let embed = file.tensors.get("token_embd.weight").ok_or_else(|| bad("tensor `token_embd.weight` is missing".into()))?;
+        let embed = file
+            .tensors
+            .get("token_embd.weight")
+            .ok_or_else(|| bad("tensor `token_embd.weight` is missing".into()))?;
         let vocab = match file.get(&key("vocab_size")) {
             Some(_) => count("vocab_size")?,
             None => *embed.dims.get(1).unwrap_or(&0) as usize,
@@ -129,10 +155,25 @@ impl GgufWeights {
             attention_bias: false,
             mlp_bias: false,
             use_sliding_window: false,
-            bos_token_id: file.get("tokenizer.ggml.bos_token_id").and_then(Value::as_u64).map(Into::into),
-            eos_token_id: file.get("tokenizer.ggml.eos_token_id").and_then(Value::as_u64).map(Into::into),
+            bos_token_id: file
+                .get("tokenizer.ggml.bos_token_id")
+                .and_then(Value::as_u64)
+                .map(Into::into),
+            eos_token_id: file
+                .get("tokenizer.ggml.eos_token_id")
+                .and_then(Value::as_u64)
+                .map(Into::into),
         };
-        Ok((Self { file, names, family, n_heads: heads, n_kv_heads: kv_heads }, config))
+        Ok((
+            Self {
+                file,
+                names,
+                family,
+                n_heads: heads,
+                n_kv_heads: kv_heads,
+            },
+            config,
+        ))
     }
 
     pub fn path(&self) -> &Path {
@@ -150,12 +191,19 @@ impl GgufWeights {
     /// Tensor `name` (a `transformers` name) as f32, row-major, checked against `shape`, with
     /// llama's query/key row permutation undone.
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
-        let gguf = self.names.get(name).ok_or_else(|| Error::pretrained(self.path(), format!("tensor `{name}` is missing")))?;
+        let gguf = self
+            .names
+            .get(name)
+            .ok_or_else(|| Error::pretrained(self.path(), format!("tensor `{name}` is missing")))?;
         let info = &self.file.tensors[gguf];
         if info.shape() != shape {
             return Err(Error::pretrained(
                 self.path(),
-                format!("tensor `{gguf}` has shape {:?} (GGUF dims {:?}), the config needs {shape:?}", info.shape(), info.dims),
+                format!(
+                    "tensor `{gguf}` has shape {:?} (GGUF dims {:?}), the config needs {shape:?}",
+                    info.shape(),
+                    info.dims
+                ),
             ));
         }
         let values = self.file.dequantize(gguf)?;

@@ -17,8 +17,8 @@ use burn::prelude::*;
 use super::config::HfConfig;
 use super::gguf::GgufWeights;
 use super::weights::{Safetensors, Weights};
-use crate::gguf::is_gguf;
 use crate::error::{Error, Result};
+use crate::gguf::is_gguf;
 use crate::model::attention::Attention;
 use crate::model::block::{Block, Mlp};
 use crate::model::{Transformer, TransformerConfig};
@@ -51,15 +51,26 @@ pub fn load_with_context<B: Backend>(dir: &Path, context: Option<usize>, device:
     if let Some(n) = context {
         config.max_seq_len = n;
     }
-    let mut reader = Reader { weights: &weights, used: BTreeSet::new(), device };
+    let mut reader = Reader {
+        weights: &weights,
+        used: BTreeSet::new(),
+        device,
+    };
     let model = reader.model(&config)?;
     let tied_head = config.tie_embeddings && weights.contains("lm_head.weight");
-    let unused: Vec<&str> =
-        weights.names().into_iter().filter(|n| !reader.used.contains(*n) && !ignorable(n) && !(tied_head && *n == "lm_head.weight")).collect();
+    let unused: Vec<&str> = weights
+        .names()
+        .into_iter()
+        .filter(|n| !(reader.used.contains(*n) || ignorable(n) || tied_head && *n == "lm_head.weight"))
+        .collect();
     if let Some(first) = unused.first() {
         return Err(Error::pretrained(
             dir,
-            format!("tensor `{first}` (and {} more) has no place in a {} model", unused.len() - 1, family_name(&config)),
+            format!(
+                "tensor `{first}` (and {} more) has no place in a {} model",
+                unused.len() - 1,
+                family_name(&config)
+            ),
         ));
     }
     Ok(model)
@@ -77,7 +88,11 @@ pub fn native_config(path: &Path) -> Result<TransformerConfig> {
 }
 
 fn family_name(config: &TransformerConfig) -> &'static str {
-    if config.qkv_bias { "Qwen2" } else { "Llama" }
+    if config.qkv_bias {
+        "Qwen2"
+    } else {
+        "Llama"
+    }
 }
 
 /// Reads named tensors onto the device, remembering which were used.
@@ -102,18 +117,33 @@ impl<B: Backend> Reader<'_, B> {
     /// An `nn.Linear` stored `[out, in]`, as Burn's `[in, out]`; with its bias when `bias`.
     fn linear(&mut self, prefix: &str, d_in: usize, d_out: usize, bias: bool) -> Result<Linear<B>> {
         let values = self.host(&format!("{prefix}.weight"), &[d_out, d_in])?;
-        let weight = Tensor::from_data(TensorData::new(transpose(&values, d_out, d_in), [d_in, d_out]), self.device);
-        let bias = if bias { Some(Param::from_tensor(self.tensor(&format!("{prefix}.bias"), [d_out])?)) } else { None };
-        Ok(Linear { weight: Param::from_tensor(weight), bias })
+        let weight = Tensor::from_data(
+            TensorData::new(transpose(&values, d_out, d_in), [d_in, d_out]),
+            self.device,
+        );
+        let bias = if bias {
+            Some(Param::from_tensor(self.tensor(&format!("{prefix}.bias"), [d_out])?))
+        } else {
+            None
+        };
+        Ok(Linear {
+            weight: Param::from_tensor(weight),
+            bias,
+        })
     }
 
     fn norm(&mut self, name: &str, d: usize, eps: f64) -> Result<RmsNorm<B>> {
-        Ok(RmsNorm { gamma: Param::from_tensor(self.tensor(name, [d])?), epsilon: eps })
+        Ok(RmsNorm {
+            gamma: Param::from_tensor(self.tensor(name, [d])?),
+            epsilon: eps,
+        })
     }
 
     fn model(&mut self, c: &TransformerConfig) -> Result<Transformer<B>> {
         let (d, hd, kvd) = (c.d_model, c.n_heads * c.head_dim(), c.n_kv_heads * c.head_dim());
-        let embed = Embedding { weight: Param::from_tensor(self.tensor("model.embed_tokens.weight", [c.vocab_size, d])?) };
+        let embed = Embedding {
+            weight: Param::from_tensor(self.tensor("model.embed_tokens.weight", [c.vocab_size, d])?),
+        };
         let mut blocks = Vec::with_capacity(c.n_layers);
         for i in 0..c.n_layers {
             let p = format!("model.layers.{i}");
@@ -137,8 +167,18 @@ impl<B: Backend> Reader<'_, B> {
             });
         }
         let norm = self.norm("model.norm.weight", d, c.norm_eps)?;
-        let head = if c.tie_embeddings { None } else { Some(self.linear("lm_head", d, c.vocab_size, false)?) };
-        Ok(Transformer { embed, blocks, norm, head, config: c.clone() })
+        let head = if c.tie_embeddings {
+            None
+        } else {
+            Some(self.linear("lm_head", d, c.vocab_size, false)?)
+        };
+        Ok(Transformer {
+            embed,
+            blocks,
+            norm,
+            head,
+            config: c.clone(),
+        })
     }
 }
 

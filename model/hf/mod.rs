@@ -12,6 +12,6 @@ mod weights;
 
 pub use config::{Family, HfConfig, ARCHITECTURES};
 pub use export::save;
-pub use import::{load, load_with_context, native_config};
 pub use gguf::{unpermute_rows, GgufWeights};
+pub use import::{load, load_with_context, native_config};
 pub use weights::{Safetensors, Weights, INDEX, SINGLE};

@@ -98,17 +98,29 @@ impl Safetensors {
             let bytes = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?;
             // The crate checks that the header's offsets cover the data exactly, which catches a
             // truncated download.
-            let (header, metadata) = SafeTensors::read_metadata(&bytes)
-                .map_err(|e| Error::pretrained(&path, format!("not a complete safetensors file ({e}): truncated or corrupt?")))?;
+            let (header, metadata) = SafeTensors::read_metadata(&bytes).map_err(|e| {
+                Error::pretrained(
+                    &path,
+                    format!("not a complete safetensors file ({e}): truncated or corrupt?"),
+                )
+            })?;
             let data_start = 8 + header;
             let shard = shards.len();
             for name in metadata.tensors().into_keys() {
                 if let Some(first) = by_name.insert(name.clone(), shard) {
                     let first: &Shard = &shards[first];
-                    return Err(Error::pretrained(&path, format!("tensor `{name}` is also stored in {}", first.path.display())));
+                    return Err(Error::pretrained(
+                        &path,
+                        format!("tensor `{name}` is also stored in {}", first.path.display()),
+                    ));
                 }
             }
-            shards.push(Shard { path, bytes, data_start, metadata });
+            shards.push(Shard {
+                path,
+                bytes,
+                data_start,
+                metadata,
+            });
         }
         Ok(Self { shards, by_name })
     }
@@ -128,7 +140,11 @@ impl Safetensors {
     /// The values of tensor `name` as f32, row-major, checked against the `shape` the model needs.
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
         let Some(&shard) = self.by_name.get(name) else {
-            let dir = self.shards.first().and_then(|s| s.path.parent()).unwrap_or(Path::new("."));
+            let dir = self
+                .shards
+                .first()
+                .and_then(|s| s.path.parent())
+                .unwrap_or(Path::new("."));
             return Err(Error::pretrained(dir, format!("tensor `{name}` is missing")));
         };
         let shard = &self.shards[shard];
@@ -141,8 +157,12 @@ impl Safetensors {
         }
         let (start, end) = info.data_offsets;
         let raw = &shard.bytes[shard.data_start + start..shard.data_start + end];
-        widen(raw, info.dtype)
-            .ok_or_else(|| Error::pretrained(&shard.path, format!("tensor `{name}` is {:?}; supported: F32, F16, BF16", info.dtype)))
+        widen(raw, info.dtype).ok_or_else(|| {
+            Error::pretrained(
+                &shard.path,
+                format!("tensor `{name}` is {:?}; supported: F32, F16, BF16", info.dtype),
+            )
+        })
     }
 }
 
@@ -151,7 +171,10 @@ impl Safetensors {
 fn widen(raw: &[u8], dtype: Dtype) -> Option<Vec<f32>> {
     let pairs = || raw.chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]]));
     Some(match dtype {
-        Dtype::F32 => raw.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+        Dtype::F32 => raw
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
         Dtype::F16 => pairs().map(|b| f16::from_bits(b).to_f32()).collect(),
         Dtype::BF16 => pairs().map(|b| bf16::from_bits(b).to_f32()).collect(),
         _ => return None,
@@ -165,8 +188,15 @@ fn shard_map(index: &Path) -> Result<HashMap<String, String>> {
         weight_map: HashMap<String, String>,
     }
     let parsed: Index = read_json(index)?;
-    if let Some(bad) = parsed.weight_map.values().find(|f| Path::new(f).components().count() != 1) {
-        return Err(Error::pretrained(index, format!("shard `{bad}` is not a file name in the model directory")));
+    if let Some(bad) = parsed
+        .weight_map
+        .values()
+        .find(|f| Path::new(f).components().count() != 1)
+    {
+        return Err(Error::pretrained(
+            index,
+            format!("shard `{bad}` is not a file name in the model directory"),
+        ));
     }
     Ok(parsed.weight_map)
 }

@@ -37,8 +37,14 @@ pub fn run_all<'a, T: Send>(jobs: Vec<Job<'a, T>>, workers: usize) -> Result<Vec
 /// (a cycle, an index out of range) are an error, not a hang.
 pub fn run_when_ready<'a, T: Send>(jobs: Vec<(Vec<usize>, Job<'a, T>)>, workers: usize) -> Result<Vec<T>> {
     let n = jobs.len();
-    if let Some((i, d)) = jobs.iter().enumerate().find_map(|(i, (deps, _))| deps.iter().find(|&&d| d >= n).map(|&d| (i, d))) {
-        return Err(Error::Budget(format!("job {i} waits for job {d}, which does not exist")));
+    if let Some((i, d)) = jobs
+        .iter()
+        .enumerate()
+        .find_map(|(i, (deps, _))| deps.iter().find(|&&d| d >= n).map(|&d| (i, d)))
+    {
+        return Err(Error::Budget(format!(
+            "job {i} waits for job {d}, which does not exist"
+        )));
     }
     struct State<'a, T> {
         pending: Vec<Option<(Vec<usize>, Job<'a, T>)>>,
@@ -46,7 +52,12 @@ pub fn run_when_ready<'a, T: Send>(jobs: Vec<(Vec<usize>, Job<'a, T>)>, workers:
         running: usize,
         failure: Option<Error>,
     }
-    let state = Mutex::new(State { pending: jobs.into_iter().map(Some).collect(), results: (0..n).map(|_| None).collect(), running: 0, failure: None });
+    let state = Mutex::new(State {
+        pending: jobs.into_iter().map(Some).collect(),
+        results: (0..n).map(|_| None).collect(),
+        running: 0,
+        failure: None,
+    });
     let wake = Condvar::new();
     std::thread::scope(|scope| {
         for _ in 0..workers.clamp(1, n.max(1)) {
@@ -55,7 +66,8 @@ pub fn run_when_ready<'a, T: Send>(jobs: Vec<(Vec<usize>, Job<'a, T>)>, workers:
                     Ok(p) => p,
                     Err(e) => {
                         let mut st = state.lock().expect("not poisoned");
-                        st.failure.get_or_insert(Error::io("rayon worker pool", std::io::Error::other(e.to_string())));
+                        st.failure
+                            .get_or_insert(Error::io("rayon worker pool", std::io::Error::other(e.to_string())));
                         wake.notify_all();
                         return;
                     }
@@ -65,7 +77,11 @@ pub fn run_when_ready<'a, T: Send>(jobs: Vec<(Vec<usize>, Job<'a, T>)>, workers:
                     if st.failure.is_some() {
                         return;
                     }
-                    let ready = (0..n).find(|&i| st.pending[i].as_ref().is_some_and(|(deps, _)| deps.iter().all(|&d| st.results[d].is_some())));
+                    let ready = (0..n).find(|&i| {
+                        st.pending[i]
+                            .as_ref()
+                            .is_some_and(|(deps, _)| deps.iter().all(|&d| st.results[d].is_some()))
+                    });
                     let Some(i) = ready else {
                         if st.pending.iter().all(Option::is_none) {
                             return;
@@ -125,14 +141,20 @@ mod tests {
 
     #[test]
     fn results_come_back_in_order_and_each_job_has_one_thread() {
-        let jobs: Vec<Job<(usize, usize)>> = (0..7usize).map(|i| Box::new(move || Ok((i, rayon::current_num_threads()))) as Job<(usize, usize)>).collect();
+        let jobs: Vec<Job<(usize, usize)>> = (0..7usize)
+            .map(|i| Box::new(move || Ok((i, rayon::current_num_threads()))) as Job<(usize, usize)>)
+            .collect();
         let out = run_all(jobs, 3).unwrap();
         assert_eq!(out, (0..7).map(|i| (i, 1)).collect::<Vec<_>>());
     }
 
     #[test]
     fn the_first_error_is_returned() {
-        let jobs: Vec<Job<usize>> = vec![Box::new(|| Ok(1)), Box::new(|| Err(Error::Budget("boom".into()))), Box::new(|| Ok(3))];
+        let jobs: Vec<Job<usize>> = vec![
+            Box::new(|| Ok(1)),
+            Box::new(|| Err(Error::Budget("boom".into()))),
+            Box::new(|| Ok(3)),
+        ];
         let err = run_all(jobs, 1).unwrap_err().to_string();
         assert!(err.contains("boom"), "{err}");
     }
@@ -146,10 +168,13 @@ mod tests {
             .enumerate()
             .map(|(i, &c)| {
                 let started = &started;
-                (c, Box::new(move || {
-                    started.lock().unwrap().push(i);
-                    Ok(i * 10)
-                }) as Job<usize>)
+                (
+                    c,
+                    Box::new(move || {
+                        started.lock().unwrap().push(i);
+                        Ok(i * 10)
+                    }) as Job<usize>,
+                )
             })
             .collect();
         let out = run_costliest_first(jobs, 1).unwrap();
@@ -170,12 +195,22 @@ mod tests {
             }) as Job<usize>
         };
         // 0 needs 2, 1 needs 0, 2 needs nothing, 3 needs 2: one worker runs 2, 0, 1, 3.
-        let jobs = vec![(vec![2], job(0)), (vec![0], job(1)), (vec![], job(2)), (vec![2], job(3))];
+        let jobs = vec![
+            (vec![2], job(0)),
+            (vec![0], job(1)),
+            (vec![], job(2)),
+            (vec![2], job(3)),
+        ];
         assert_eq!(run_when_ready(jobs, 1).unwrap(), vec![0, 1, 2, 3]);
         assert_eq!(*log.lock().unwrap(), vec![2, 0, 1, 3]);
         // With two workers too, nothing starts before what it needs.
         log.lock().unwrap().clear();
-        let jobs = vec![(vec![2], job(0)), (vec![0], job(1)), (vec![], job(2)), (vec![2], job(3))];
+        let jobs = vec![
+            (vec![2], job(0)),
+            (vec![0], job(1)),
+            (vec![], job(2)),
+            (vec![2], job(3)),
+        ];
         run_when_ready(jobs, 2).unwrap();
         let order = log.lock().unwrap().clone();
         let at = |i: usize| order.iter().position(|&j| j == i).unwrap();
@@ -187,17 +222,26 @@ mod tests {
         let ran = Mutex::new(Vec::new());
         let jobs: Vec<(Vec<usize>, Job<usize>)> = vec![
             (vec![], Box::new(|| Err(Error::Budget("warm start failed".into())))),
-            (vec![0], Box::new(|| {
-                ran.lock().unwrap().push(1);
-                Ok(1)
-            })),
+            (
+                vec![0],
+                Box::new(|| {
+                    ran.lock().unwrap().push(1);
+                    Ok(1)
+                }),
+            ),
         ];
         let err = run_when_ready(jobs, 2).unwrap_err().to_string();
-        assert!(err.contains("warm start failed") && ran.lock().unwrap().is_empty(), "{err}");
+        assert!(
+            err.contains("warm start failed") && ran.lock().unwrap().is_empty(),
+            "{err}"
+        );
         let cycle: Vec<(Vec<usize>, Job<usize>)> = vec![(vec![1], Box::new(|| Ok(0))), (vec![0], Box::new(|| Ok(1)))];
         assert!(run_when_ready(cycle, 2).unwrap_err().to_string().contains("cycle"));
         let missing: Vec<(Vec<usize>, Job<usize>)> = vec![(vec![5], Box::new(|| Ok(0)))];
-        assert!(run_when_ready(missing, 1).unwrap_err().to_string().contains("does not exist"));
+        assert!(run_when_ready(missing, 1)
+            .unwrap_err()
+            .to_string()
+            .contains("does not exist"));
     }
 
     #[test]

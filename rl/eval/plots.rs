@@ -19,7 +19,13 @@ pub struct Series {
 
 impl Series {
     pub fn new(label: impl Into<String>, color: RGBColor, points: Vec<(f64, f64)>) -> Self {
-        Self { label: label.into(), color, dashed: false, points, band: Vec::new() }
+        Self {
+            label: label.into(),
+            color,
+            dashed: false,
+            points,
+            band: Vec::new(),
+        }
     }
 
     pub fn dashed(mut self) -> Self {
@@ -52,14 +58,29 @@ fn plot_err(path: &Path, e: impl std::fmt::Display) -> Error {
 }
 
 /// A line chart written as SVG.
-pub fn line_chart(path: &Path, title: &str, x_label: &str, y_label: &str, series: &[Series], y_range: Option<(f64, f64)>) -> Result<()> {
-    let all: Vec<(f64, f64)> = series.iter().flat_map(|s| s.points.iter().copied()).filter(|p| p.0.is_finite() && p.1.is_finite()).collect();
+pub fn line_chart(
+    path: &Path,
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    series: &[Series],
+    y_range: Option<(f64, f64)>,
+) -> Result<()> {
+    let all: Vec<(f64, f64)> = series
+        .iter()
+        .flat_map(|s| s.points.iter().copied())
+        .filter(|p| p.0.is_finite() && p.1.is_finite())
+        .collect();
     if all.is_empty() {
         return Ok(());
     }
-    let (x0, x1) = all.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), p| (a.min(p.0), b.max(p.0)));
+    let (x0, x1) = all
+        .iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), p| (a.min(p.0), b.max(p.0)));
     let (y0, y1) = y_range.unwrap_or_else(|| {
-        let (lo, hi) = all.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), p| (a.min(p.1), b.max(p.1)));
+        let (lo, hi) = all
+            .iter()
+            .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), p| (a.min(p.1), b.max(p.1)));
         let pad = ((hi - lo) * 0.05).max(1e-3);
         (lo - pad, hi + pad)
     });
@@ -84,9 +105,17 @@ pub fn line_chart(path: &Path, title: &str, x_label: &str, y_label: &str, series
         let color = s.color;
         if s.band.len() == s.points.len() && !s.band.is_empty() {
             let upper = s.points.iter().zip(&s.band).map(|(p, b)| (p.0, p.1 + b));
-            let lower: Vec<(f64, f64)> = s.points.iter().zip(&s.band).map(|(p, b)| (p.0, p.1 - b)).rev().collect();
+            let lower: Vec<(f64, f64)> = s
+                .points
+                .iter()
+                .zip(&s.band)
+                .map(|(p, b)| (p.0, p.1 - b))
+                .rev()
+                .collect();
             let polygon: Vec<(f64, f64)> = upper.chain(lower).collect();
-            chart.draw_series(std::iter::once(Polygon::new(polygon, color.mix(0.15).filled()))).map_err(|e| plot_err(path, e))?;
+            chart
+                .draw_series(std::iter::once(Polygon::new(polygon, color.mix(0.15).filled())))
+                .map_err(|e| plot_err(path, e))?;
         }
         let style = ShapeStyle::from(&color).stroke_width(2);
         let drawn = if s.dashed {
@@ -95,7 +124,9 @@ pub fn line_chart(path: &Path, title: &str, x_label: &str, y_label: &str, series
             chart.draw_series(LineSeries::new(s.points.iter().copied(), style))
         }
         .map_err(|e| plot_err(path, e))?;
-        drawn.label(s.label.clone()).legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], ShapeStyle::from(&color).stroke_width(2)));
+        drawn.label(s.label.clone()).legend(move |(x, y)| {
+            PathElement::new(vec![(x, y), (x + 18, y)], ShapeStyle::from(&color).stroke_width(2))
+        });
         if !s.dashed && s.points.len() <= 40 {
             chart
                 .draw_series(s.points.iter().map(|&p| Circle::new(p, 3, color.filled())))

@@ -16,7 +16,13 @@ use crate::rl::protocol::Tokens;
 
 /// Evaluates the model in `dir` on `config`'s text task (a config made by
 /// `RunConfig::pretrained_with_patch`); writes `out/eval.json`.
-pub fn evaluate_pretrained<B: AutodiffBackend>(dir: &Path, config: &RunConfig, opts: &ReportOptions, out: &Path, device: &B::Device) -> Result<EvalReport> {
+pub fn evaluate_pretrained<B: AutodiffBackend>(
+    dir: &Path,
+    config: &RunConfig,
+    opts: &ReportOptions,
+    out: &Path,
+    device: &B::Device,
+) -> Result<EvalReport> {
     config.validate()?;
     let tokens = Tokens::Text(TextTokenizer::load(dir)?);
     let task = config.task.build()?;

@@ -88,17 +88,32 @@ impl Regime {
 
     /// Parses and checks a regime's JSON (`origin` names it in errors).
     pub fn parse(text: &str, origin: &str) -> Result<Self> {
-        let regime: Regime = serde_json::from_str(text).map_err(|e| Error::Json { path: format!("experiments/{origin}.json").into(), reason: e.to_string() })?;
+        let regime: Regime = serde_json::from_str(text).map_err(|e| Error::Json {
+            path: format!("experiments/{origin}.json").into(),
+            reason: e.to_string(),
+        })?;
         regime.validate()?;
         Ok(regime)
     }
 
     fn validate(&self) -> Result<()> {
         if self.algos.is_empty() || self.warm_start_seeds.is_empty() || self.rl_seeds == 0 {
-            return Err(Error::config(format!("regime {}", self.name), "algos / seeds", "needs at least one algorithm, warm start and RL seed"));
+            return Err(Error::config(
+                format!("regime {}", self.name),
+                "algos / seeds",
+                "needs at least one algorithm, warm start and RL seed",
+            ));
         }
-        if self.report.samples == 0 || self.report.samples > 16 || self.report.extended_samples == 0 || self.report.problems == 0 {
-            return Err(Error::config(format!("regime {}.report", self.name), self.report.samples, "samples in 1..=16, extended_samples and problems positive"));
+        if self.report.samples == 0
+            || self.report.samples > 16
+            || self.report.extended_samples == 0
+            || self.report.problems == 0
+        {
+            return Err(Error::config(
+                format!("regime {}.report", self.name),
+                self.report.samples,
+                "samples in 1..=16, extended_samples and problems positive",
+            ));
         }
         for spec in &self.algos {
             self.run_config(spec, 0)?.validate()?;
@@ -138,8 +153,17 @@ impl Regime {
         merge_json(&mut q.config, shrink);
         q.warm_start_seeds.truncate(2);
         q.rl_seeds = 2;
-        q.report = ReportSpec { problems: 6, samples: 2, extended_samples: 1 };
-        q.sweep = SweepSpec { alphas: q.sweep.alphas.iter().copied().take(2).collect(), seeds: 1, problems: 6, samples: 2 };
+        q.report = ReportSpec {
+            problems: 6,
+            samples: 2,
+            extended_samples: 1,
+        };
+        q.sweep = SweepSpec {
+            alphas: q.sweep.alphas.iter().copied().take(2).collect(),
+            seeds: 1,
+            problems: 6,
+            samples: 2,
+        };
         q
     }
 }

@@ -43,7 +43,11 @@ pub fn samples(protocol: &dyn Protocol, rollouts: &[Rollout], step: Option<usize
     rollouts
         .iter()
         .map(|r| {
-            let episodes = r.episodes.iter().map(|e| protocol.text(&r.tokens[e.clone()])).collect::<Result<_>>()?;
+            let episodes = r
+                .episodes
+                .iter()
+                .map(|e| protocol.text(&r.tokens[e.clone()]))
+                .collect::<Result<_>>()?;
             Ok(Sample {
                 step,
                 problem: r.problem,
@@ -64,9 +68,16 @@ pub fn samples(protocol: &dyn Protocol, rollouts: &[Rollout], step: Option<usize
 pub fn append(path: &Path, samples: &[Sample]) -> Result<()> {
     let mut text = String::new();
     for s in samples {
-        text.push_str(&serde_json::to_string(s).map_err(|e| Error::Json { path: path.to_path_buf(), reason: e.to_string() })?);
+        text.push_str(&serde_json::to_string(s).map_err(|e| Error::Json {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?);
         text.push('\n');
     }
-    let mut file = std::fs::OpenOptions::new().create(true).append(true).open(path).map_err(|e| Error::io(path, e))?;
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| Error::io(path, e))?;
     file.write_all(text.as_bytes()).map_err(|e| Error::io(path, e))
 }

@@ -14,9 +14,9 @@ use serde_json::Value;
 
 use super::compare::RunEval;
 use super::experiment::{ensure_run, evaluate_run, ExperimentOptions, EVAL_SEED};
-use super::warm::warm_start;
 use super::jobs::{cost_rank, run_all, Job};
 use super::report::{EvalReport, ReportOptions};
+use super::warm::warm_start;
 use crate::data::Split;
 use crate::error::{Error, Result};
 use crate::fsutil::{read_json, write_atomic, write_json};
@@ -33,18 +33,31 @@ struct Setting {
 
 fn report_options(opts: &ExperimentOptions) -> ReportOptions {
     let s = &opts.regime.sweep;
-    ReportOptions { problems: s.problems, samples: s.samples, extended_samples: 1, seed: EVAL_SEED, samples_file: None, progress: false }
+    ReportOptions {
+        problems: s.problems,
+        samples: s.samples,
+        extended_samples: 1,
+        seed: EVAL_SEED,
+        samples_file: None,
+        progress: false,
+    }
 }
 
 /// Runs the sweep of every regime in `list` and returns the path of each regime's report.
-pub fn run_sweeps<B: AutodiffBackend>(list: &[ExperimentOptions], workers: usize, device: &B::Device) -> Result<Vec<PathBuf>> {
+pub fn run_sweeps<B: AutodiffBackend>(
+    list: &[ExperimentOptions],
+    workers: usize,
+    device: &B::Device,
+) -> Result<Vec<PathBuf>> {
     // 1. The first warm start of each regime, evaluated on validation.
     let mut jobs: Vec<Job<(PathBuf, EvalReport)>> = Vec::new();
     for opts in list {
         let out = opts.out.join("sweep");
         std::fs::create_dir_all(&out).map_err(|e| Error::io(&out, e))?;
         let w = opts.regime.warm_start_seeds[0];
-        jobs.push(Box::new(move || warm_start::<B>(opts, w, &report_options(opts), Split::Validation, device)));
+        jobs.push(Box::new(move || {
+            warm_start::<B>(opts, w, &report_options(opts), Split::Validation, device)
+        }));
     }
     let bases = run_all(jobs, workers)?;
 
@@ -53,10 +66,19 @@ pub fn run_sweeps<B: AutodiffBackend>(list: &[ExperimentOptions], workers: usize
     for (i, opts) in list.iter().enumerate() {
         let r = &opts.regime;
         for spec in &r.algos {
-            let alphas: Vec<Option<f64>> = if spec.algo == "grpo" { vec![None] } else { r.sweep.alphas.iter().map(|&a| Some(a)).collect() };
+            let alphas: Vec<Option<f64>> = if spec.algo == "grpo" {
+                vec![None]
+            } else {
+                r.sweep.alphas.iter().map(|&a| Some(a)).collect()
+            };
             for alpha in alphas {
                 for seed in 0..r.sweep.seeds as u64 {
-                    settings.push(Setting { regime: i, algo: spec.algo.clone(), alpha, seed });
+                    settings.push(Setting {
+                        regime: i,
+                        algo: spec.algo.clone(),
+                        alpha,
+                        seed,
+                    });
                 }
             }
         }
@@ -84,7 +106,13 @@ pub fn run_sweeps<B: AutodiffBackend>(list: &[ExperimentOptions], workers: usize
             ensure_run::<B>(config, &dir, Some(ckpt.clone()), device)?;
             match read_json::<RunEval>(&dir.join("eval.json")) {
                 Ok(e) => Ok(e),
-                Err(_) => evaluate_run::<B>(&dir, &report_options(opts), Some(base), regime.warm_start_seeds[0], device),
+                Err(_) => evaluate_run::<B>(
+                    &dir,
+                    &report_options(opts),
+                    Some(base),
+                    regime.warm_start_seeds[0],
+                    device,
+                ),
             }
         }));
     }
@@ -97,7 +125,12 @@ pub fn run_sweeps<B: AutodiffBackend>(list: &[ExperimentOptions], workers: usize
     // 3. One report per regime.
     let mut paths = Vec::new();
     for (i, opts) in list.iter().enumerate() {
-        let runs: Vec<(&Setting, RunEval)> = settings.iter().zip(evals.iter_mut()).filter(|(s, _)| s.regime == i).map(|(s, e)| (s, e.take().expect("every job ran"))).collect();
+        let runs: Vec<(&Setting, RunEval)> = settings
+            .iter()
+            .zip(evals.iter_mut())
+            .filter(|(s, _)| s.regime == i)
+            .map(|(s, e)| (s, e.take().expect("every job ran")))
+            .collect();
         paths.push(write_report(opts, &runs, &bases[i].1)?);
     }
     Ok(paths)
@@ -123,20 +156,58 @@ fn write_report(opts: &ExperimentOptions, runs: &[(&Setting, RunEval)], base: &E
     let mut choice = serde_json::Map::new();
     let mut s = String::new();
     let w = regime.warm_start_seeds[0];
-    let _ = writeln!(s, "# α sweep — regime `{}` (validation split)\n\nProduced by `{}` on {} (git commit {}). Validation problems only: {} × {} samples; {} seeds per setting from warm start {w}. The choice minimises mean validation regret at the training budget.\n", regime.name, opts.command, opts.device_label, git_commit(), regime.sweep.problems, regime.sweep.samples, regime.sweep.seeds);
-    let _ = writeln!(s, "| algorithm | α | validation pass@1 (per seed) | mean | validation regret at B (per seed) | mean |\n|---|---|---|---|---|---|");
+    let _ = writeln!(
+        s,
+        "# α sweep — regime `{}` (validation split)\n\nProduced by `{}` on {} (git commit {}). \
+        Validation problems only: {} × {} samples; {} seeds per setting from warm start {w}. The choice minimises \
+            mean validation regret at the training \
+                budget.\n",
+        regime.name,
+        opts.command,
+        opts.device_label,
+        git_commit(),
+        regime.sweep.problems,
+        regime.sweep.samples,
+        regime.sweep.seeds
+    );
+    let _ = writeln!(
+        s,
+        "| algorithm | α | validation pass@1 (per seed) | mean | validation regret at B (per seed) \
+        | mean |\n|---|---|---|---|---|---|"
+    );
     for (algo, alpha, pass, regret) in &rows {
         let fmt = |v: &[f64]| v.iter().map(|x| format!("{x:.3}")).collect::<Vec<_>>().join(", ");
-        let _ = writeln!(s, "| {algo} | {} | {} | {:.3} | {} | {:.3} |", alpha.map(|a| a.to_string()).unwrap_or_else(|| "—".into()), fmt(pass), mean(pass), fmt(regret), mean(regret));
+        let _ = writeln!(
+            s,
+            "| {algo} | {} | {} | {:.3} | {} | {:.3} |",
+            alpha.map(|a| a.to_string()).unwrap_or_else(|| "—".into()),
+            fmt(pass),
+            mean(pass),
+            fmt(regret),
+            mean(regret)
+        );
     }
     for spec in regime.algos.iter().filter(|a| a.algo != "grpo") {
-        let best = rows.iter().filter(|r| r.0 == spec.algo).min_by(|a, b| mean(&a.3).total_cmp(&mean(&b.3)));
+        let best = rows
+            .iter()
+            .filter(|r| r.0 == spec.algo)
+            .min_by(|a, b| mean(&a.3).total_cmp(&mean(&b.3)));
         if let Some((_, Some(alpha), _, regret)) = best {
             choice.insert(spec.algo.clone(), serde_json::json!(alpha));
-            let _ = writeln!(s, "\nChosen for `{}`: α = {alpha} (mean validation regret {:.3}).", spec.algo, mean(regret));
+            let _ = writeln!(
+                s,
+                "\nChosen for `{}`: α = {alpha} (mean validation regret {:.3}).",
+                spec.algo,
+                mean(regret)
+            );
         }
     }
-    let _ = writeln!(s, "\nWarm start on validation: pass@1 {:.3}, regret at B {:.3}.", base.natural.pass1, base.regret.last().copied().unwrap_or(f64::NAN));
+    let _ = writeln!(
+        s,
+        "\nWarm start on validation: pass@1 {:.3}, regret at B {:.3}.",
+        base.natural.pass1,
+        base.regret.last().copied().unwrap_or(f64::NAN)
+    );
     write_json(&out.join("choice.json"), &Value::Object(choice))?;
     let path = out.join("REPORT.md");
     write_atomic(&path, s.as_bytes())?;

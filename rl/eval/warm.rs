@@ -17,14 +17,29 @@ use crate::rl::run::RunDir;
 
 /// The shared warm start of seed `w` (in the regime's directory, shared by the headline runs
 /// and the sweep) and its evaluation on `split` (both cached there).
-pub(super) fn warm_start<B: AutodiffBackend>(opts: &ExperimentOptions, w: u64, report: &ReportOptions, split: Split, device: &B::Device) -> Result<(PathBuf, EvalReport)> {
+pub(super) fn warm_start<B: AutodiffBackend>(
+    opts: &ExperimentOptions,
+    w: u64,
+    report: &ReportOptions,
+    split: Split,
+    device: &B::Device,
+) -> Result<(PathBuf, EvalReport)> {
     let dir = opts.out.join(format!("warm-start-{w}"));
     let mut cfg = opts.regime.run_config(&opts.regime.algos[0], w)?;
     cfg.rl.steps = 0;
     ensure_run::<B>(cfg, &dir, None, device)?;
     let run = RunDir::new(&dir);
     let ckpt = run.checkpoint("warm_start");
-    let cached = dir.join(format!("eval_base_{}_{}x{}.json", if split == Split::HeldOut { "held_out" } else { "validation" }, report.problems, report.samples));
+    let cached = dir.join(format!(
+        "eval_base_{}_{}x{}.json",
+        if split == Split::HeldOut {
+            "held_out"
+        } else {
+            "validation"
+        },
+        report.problems,
+        report.samples
+    ));
     let base = match read_json::<EvalReport>(&cached) {
         Ok(b) => b,
         Err(_) => {
@@ -37,7 +52,13 @@ pub(super) fn warm_start<B: AutodiffBackend>(opts: &ExperimentOptions, w: u64, r
 }
 
 /// Evaluates a checkpoint of a run on `split` whatever split its config names.
-fn evaluate_report_on<B: AutodiffBackend>(run: &RunDir, ckpt: &Path, opts: &ReportOptions, split: Split, device: &B::Device) -> Result<EvalReport> {
+fn evaluate_report_on<B: AutodiffBackend>(
+    run: &RunDir,
+    ckpt: &Path,
+    opts: &ReportOptions,
+    split: Split,
+    device: &B::Device,
+) -> Result<EvalReport> {
     let (mut config, tokens) = run.open()?;
     config.eval.split = split;
     let task = config.task.build()?;
@@ -48,17 +69,34 @@ fn evaluate_report_on<B: AutodiffBackend>(run: &RunDir, ckpt: &Path, opts: &Repo
 
 /// Every warm start of every regime given, with its held-out evaluation (both cached in the
 /// regime's directory), side by side: per regime, (warm-start seed, checkpoint, evaluation).
-pub fn warm_starts<B: AutodiffBackend>(list: &[ExperimentOptions], workers: usize, device: &B::Device) -> Result<Vec<Vec<(u64, PathBuf, EvalReport)>>> {
+pub fn warm_starts<B: AutodiffBackend>(
+    list: &[ExperimentOptions],
+    workers: usize,
+    device: &B::Device,
+) -> Result<Vec<Vec<(u64, PathBuf, EvalReport)>>> {
     let jobs: Vec<(u64, Job<(PathBuf, EvalReport)>)> = warm_start_list(list)?
         .into_iter()
         .map(|(cost, r, _, w)| {
             let opts = &list[r];
-            let job: Job<(PathBuf, EvalReport)> = Box::new(move || warm_start::<B>(opts, w, &report_options(&opts.regime), Split::HeldOut, device));
+            let job: Job<(PathBuf, EvalReport)> =
+                Box::new(move || warm_start::<B>(opts, w, &report_options(&opts.regime), Split::HeldOut, device));
             (cost, job)
         })
         .collect();
     let mut done = run_costliest_first(jobs, workers)?.into_iter();
-    Ok(list.iter().map(|o| o.regime.warm_start_seeds.iter().map(|&w| { let (c, e) = done.next().expect("one per warm start"); (w, c, e) }).collect()).collect())
+    Ok(list
+        .iter()
+        .map(|o| {
+            o.regime
+                .warm_start_seeds
+                .iter()
+                .map(|&w| {
+                    let (c, e) = done.next().expect("one per warm start");
+                    (w, c, e)
+                })
+                .collect()
+        })
+        .collect())
 }
 
 /// Every warm start of the regimes given, in regime order, as (cost, regime index, index in
@@ -68,7 +106,12 @@ pub(super) fn warm_start_list(list: &[ExperimentOptions]) -> Result<Vec<(u64, us
     for (r, opts) in list.iter().enumerate() {
         std::fs::create_dir_all(&opts.out).map_err(|e| Error::io(&opts.out, e))?;
         for (i, &w) in opts.regime.warm_start_seeds.iter().enumerate() {
-            out.push((warm_start_cost(&opts.regime.run_config(&opts.regime.algos[0], w)?), r, i, w));
+            out.push((
+                warm_start_cost(&opts.regime.run_config(&opts.regime.algos[0], w)?),
+                r,
+                i,
+                w,
+            ));
         }
     }
     Ok(out)

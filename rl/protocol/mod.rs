@@ -27,8 +27,13 @@ use crate::error::{Error, Result};
 
 /// Files of a Hugging Face model directory that define its tokenizer; a text run keeps copies
 /// so that it reads the same tokens when resumed or evaluated.
-pub const TOKENIZER_FILES: [&str; 5] =
-    ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json", "chat_template.jinja"];
+pub const TOKENIZER_FILES: [&str; 5] = [
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+    "chat_template.jinja",
+];
 
 /// A run's tokenizer: the word vocabulary a synthetic task builds, or a pretrained model's.
 #[derive(Debug, Clone)]
@@ -46,7 +51,11 @@ impl Tokens {
             (_, c) => Err(Error::config(
                 "task",
                 c.name(),
-                if c.is_text() { "needs a pretrained model's tokenizer (--model DIR)" } else { "is a synthetic task: it builds its own vocabulary (no --model)" },
+                if c.is_text() {
+                    "needs a pretrained model's tokenizer (--model DIR)"
+                } else {
+                    "is a synthetic task: it builds its own vocabulary (no --model)"
+                },
             )),
         }
     }
@@ -59,7 +68,8 @@ impl Tokens {
             Self::Words(vocab) => vocab.save(&dir.join("tokenizer.json")),
             Self::Text(text) if source.is_some_and(|s| !s.is_dir()) => text.save(dir),
             Self::Text(_) => {
-                let source = source.ok_or_else(|| Error::Tokenizer("a text tokenizer is saved from its model directory".into()))?;
+                let source = source
+                    .ok_or_else(|| Error::Tokenizer("a text tokenizer is saved from its model directory".into()))?;
                 for name in TOKENIZER_FILES {
                     let from = source.join(name);
                     if from.is_file() {
@@ -99,7 +109,11 @@ pub enum Thinking {
     /// tokens (a marker such as "Wait" that opens the next episode) belong to the next one.
     /// `reply` is the environment's answer, appended after the boundary and part of it;
     /// `confirms` says that it confirmed a solution.
-    EpisodeEnd { carry: usize, reply: Vec<u32>, confirms: bool },
+    EpisodeEnd {
+        carry: usize,
+        reply: Vec<u32>,
+        confirms: bool,
+    },
     /// The policy stopped thinking and opened its answer.
     AnswerOpens,
     /// The policy ended its output while thinking (a model that does not think in tags):

@@ -1,16 +1,17 @@
 //! Free text through a pretrained model's tokenizer: the `math` task's stream.
 //!
 //! Episodes are found while decoding: after each token the current episode's text is checked
-//! for a paragraph that starts a new episode ([`EpisodeMarkers`](crate::data::math::EpisodeMarkers): a marker such as "Wait" at
-//! least `min_paragraphs` paragraphs in, or `max_paragraphs` reached). A marker is known only
+//! for a paragraph that starts a new episode
+//! ([`EpisodeMarkers`](crate::data::math::EpisodeMarkers): a marker such as "Wait" at least
+//! `min_paragraphs` paragraphs in, or `max_paragraphs` reached). A marker is known only
 //! once the character after it has been decoded ("Wait" is not "Waiting"), so the episode
 //! ends `carry` tokens back, before the marker; the engine rewinds a fork of the cache to
 //! that boundary for the meta-prover.
 //!
 //! The policy's answer is read from what it writes after `</think>` (or from its whole output,
 //! for a model that does not think in tags, such as SmolLM2), closed by the end-of-sequence
-//! token: the last `\boxed{…}`, or by GSM8K's convention (`task.format.answer`). A forced answer follows the suffix, which ends with `\boxed{`: it is complete when
-//! that brace closes.
+//! token: the last `\boxed{…}`, or by GSM8K's convention (`task.format.answer`). A forced
+//! answer follows the suffix, which ends with `\boxed{`: it is complete when that brace closes.
 
 use super::{Forcing, Judgement, Protocol, Thinking};
 use crate::data::math::{equivalent, normalize};
@@ -44,13 +45,23 @@ impl<'a> TextProtocol<'a> {
             let text = format!("\n\n{marker}, ");
             window = window.max(tokenizer.encode(&text).map_or(text.len(), |t| t.len()) + 4);
         }
-        Ok(Self { tokenizer, config, suffix: tokenizer.encode(&config.suffix)?, wait: tokenizer.encode(&config.wait)?, window })
+        Ok(Self {
+            tokenizer,
+            config,
+            suffix: tokenizer.encode(&config.suffix)?,
+            wait: tokenizer.encode(&config.wait)?,
+            window,
+        })
     }
 
     fn gold(problem: &Problem) -> Result<&str> {
         match problem {
             Problem::Math(p) => Ok(&p.answer),
-            other => Err(Error::config("task", format!("{other:?}"), "the text protocol reads `math` problems only")),
+            other => Err(Error::config(
+                "task",
+                format!("{other:?}"),
+                "the text protocol reads `math` problems only",
+            )),
         }
     }
 
@@ -67,7 +78,15 @@ impl<'a> TextProtocol<'a> {
         };
         // A marker must be followed by something that ends it before it counts.
         let rest = &text[start..];
-        let marker = self.config.episodes.markers.iter().filter(|m| rest.starts_with(m.as_str())).map(|m| m.len()).max().unwrap_or(0);
+        let marker = self
+            .config
+            .episodes
+            .markers
+            .iter()
+            .filter(|m| rest.starts_with(m.as_str()))
+            .map(|m| m.len())
+            .max()
+            .unwrap_or(0);
         if marker > 0 && rest.len() <= marker {
             return Ok(None);
         }
@@ -105,18 +124,25 @@ impl Protocol for TextProtocol<'_> {
 
     fn prompt(&self, problem: &Problem) -> Result<Vec<u32>> {
         let Problem::Math(p) = problem else {
-            return Err(Error::config("task", format!("{problem:?}"), "the text protocol reads `math` problems only"));
+            return Err(Error::config(
+                "task",
+                format!("{problem:?}"),
+                "the text protocol reads `math` problems only",
+            ));
         };
         // A chat template writes every special token itself (as `apply_chat_template` does);
         // a plain prompt gets what the tokenizer adds to any text (its post-processor).
         let chat = if self.config.prompt.is_none() {
-            self.tokenizer.chat_prompt(self.config.system.as_deref(), &self.config.user_turn(&p.question))?
+            self.tokenizer
+                .chat_prompt(self.config.system.as_deref(), &self.config.user_turn(&p.question))?
         } else {
             None
         };
         match chat {
             Some(text) => self.tokenizer.encode(&text),
-            None => self.tokenizer.encode_with_specials(&self.config.plain_prompt(&p.question)),
+            None => self
+                .tokenizer
+                .encode_with_specials(&self.config.plain_prompt(&p.question)),
         }
     }
 
@@ -129,7 +155,11 @@ impl Protocol for TextProtocol<'_> {
             return Ok(Thinking::AnswerOpens);
         }
         Ok(match self.boundary(episode)? {
-            Some(keep) if keep > 0 => Thinking::EpisodeEnd { carry: episode.len() - keep, reply: Vec::new(), confirms: false },
+            Some(keep) if keep > 0 => Thinking::EpisodeEnd {
+                carry: episode.len() - keep,
+                reply: Vec::new(),
+                confirms: false,
+            },
             _ => Thinking::Continue,
         })
     }
@@ -149,10 +179,22 @@ impl Protocol for TextProtocol<'_> {
         let gold = Self::gold(problem)?;
         let ids = answer.strip_suffix(&[self.tokenizer.eos]).unwrap_or(answer);
         let text = self.tokenizer.decode(ids)?;
-        let given = if forced { Self::closed_forced(&text).map(str::to_string) } else { self.config.answer.extract(&text) };
+        let given = if forced {
+            Self::closed_forced(&text).map(str::to_string)
+        } else {
+            self.config.answer.extract(&text)
+        };
         Ok(match given {
-            Some(a) if !a.trim().is_empty() => Judgement { reward: equivalent(&a, gold) as u8 as f32, well_formed: true, answer: vec![normalize(&a)] },
-            _ => Judgement { reward: 0.0, well_formed: false, answer: Vec::new() },
+            Some(a) if !a.trim().is_empty() => Judgement {
+                reward: equivalent(&a, gold) as u8 as f32,
+                well_formed: true,
+                answer: vec![normalize(&a)],
+            },
+            _ => Judgement {
+                reward: 0.0,
+                well_formed: false,
+                answer: Vec::new(),
+            },
         })
     }
 
@@ -165,7 +207,15 @@ impl Protocol for TextProtocol<'_> {
     }
 
     fn forcing(&self) -> Forcing {
-        let stops = self.tokenizer.end_think.into_iter().chain([self.tokenizer.eos]).collect();
-        Forcing::Replace { stops, instead: self.wait.clone() }
+        let stops = self
+            .tokenizer
+            .end_think
+            .into_iter()
+            .chain([self.tokenizer.eos])
+            .collect();
+        Forcing::Replace {
+            stops,
+            instead: self.wait.clone(),
+        }
     }
 }

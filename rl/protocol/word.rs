@@ -13,7 +13,11 @@ pub struct WordProtocol<'a> {
 
 impl<'a> WordProtocol<'a> {
     pub fn new(task: &'a dyn Task, vocab: &'a Vocab) -> Self {
-        Self { task, vocab, suffix: suffix_ids(vocab) }
+        Self {
+            task,
+            vocab,
+            suffix: suffix_ids(vocab),
+        }
     }
 }
 
@@ -45,7 +49,11 @@ impl Protocol for WordProtocol<'_> {
                     Some(reply) => self.vocab.encode_words(&reply)?,
                     None => Vec::new(),
                 };
-                Thinking::EpisodeEnd { carry: 0, reply, confirms: self.task.confirms_solution(problem, &words) }
+                Thinking::EpisodeEnd {
+                    carry: 0,
+                    reply,
+                    confirms: self.task.confirms_solution(problem, &words),
+                }
             }
             Some(&t) if t == sp.answer => Thinking::AnswerOpens,
             _ => Thinking::Continue,
@@ -53,7 +61,9 @@ impl Protocol for WordProtocol<'_> {
     }
 
     fn confirms(&self, problem: &Problem, episode: &[u32]) -> Result<bool> {
-        let words = self.vocab.decode(episode.strip_suffix(&[self.vocab.specials.ep]).unwrap_or(episode));
+        let words = self
+            .vocab
+            .decode(episode.strip_suffix(&[self.vocab.specials.ep]).unwrap_or(episode));
         Ok(self.task.confirms_solution(problem, &words))
     }
 
@@ -62,7 +72,9 @@ impl Protocol for WordProtocol<'_> {
     }
 
     fn judge(&self, problem: &Problem, answer: &[u32], _forced: bool) -> Result<Judgement> {
-        let words = self.vocab.decode(answer.strip_suffix(&[self.vocab.specials.end_answer]).unwrap_or(answer));
+        let words = self
+            .vocab
+            .decode(answer.strip_suffix(&[self.vocab.specials.end_answer]).unwrap_or(answer));
         Ok(Judgement {
             reward: self.task.verify(problem, &words) as u8 as f32,
             well_formed: self.task.well_formed(&words),
@@ -97,6 +109,10 @@ impl Protocol for WordProtocol<'_> {
     }
 
     fn answer_starts(&self) -> Option<Vec<bool>> {
-        Some((0..self.vocab.size() as u32).map(|i| self.task.starts_answer(self.vocab.word(i))).collect())
+        Some(
+            (0..self.vocab.size() as u32)
+                .map(|i| self.task.starts_answer(self.vocab.word(i)))
+                .collect(),
+        )
     }
 }

@@ -37,7 +37,10 @@ pub use record::{AnswerLimit, Finish, Rollout, RolloutConfig};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
     Thinking,
-    Answering { forced: bool, start: usize },
+    Answering {
+        forced: bool,
+        start: usize,
+    },
     /// Feed the forced suffix at the next step instead of the sampled token.
     NeedsSuffix,
     Done,
@@ -97,7 +100,11 @@ struct Advance {
 
 impl Advance {
     fn feed(chunk: Vec<u32>) -> Self {
-        Self { chunk, boundary: None, rewind: None }
+        Self {
+            chunk,
+            boundary: None,
+            rewind: None,
+        }
     }
 }
 
@@ -133,8 +140,18 @@ impl<'a, B: Backend> Engine<'a, B> {
     /// boundary) once and replicates it into `group` rows, which continue it; everything in the
     /// seed becomes their context (never trained). With a prover, J at the end of a seed that
     /// does not carry it yet is estimated once per seed.
-    pub fn start_from(&self, seeds: &[Rollout], problems: &[Problem], group: usize, rng: &mut StdRng) -> Result<Batch<B>> {
-        let given = seeds.iter().map(|s| s.tokens.len() - s.policy_tokens()).max().unwrap_or(1);
+    pub fn start_from(
+        &self,
+        seeds: &[Rollout],
+        problems: &[Problem],
+        group: usize,
+        rng: &mut StdRng,
+    ) -> Result<Batch<B>> {
+        let given = seeds
+            .iter()
+            .map(|s| s.tokens.len() - s.policy_tokens())
+            .max()
+            .unwrap_or(1);
         if given + self.config.max_tokens + 8 > self.model.config.max_seq_len {
             return Err(Error::Budget(format!(
                 "prompt and replies ({given} tokens) + max_tokens ({}) exceed the model's max_seq_len {}",
@@ -144,17 +161,32 @@ impl<'a, B: Backend> Engine<'a, B> {
         let device = self.model.device();
         let width = seeds.iter().map(|s| s.tokens.len()).max().unwrap_or(1);
         let pad = self.protocol.pad();
-        let ids: Vec<i64> = seeds.iter().flat_map(|s| (0..width).map(|i| *s.tokens.get(i).unwrap_or(&pad) as i64)).collect();
+        let ids: Vec<i64> = seeds
+            .iter()
+            .flat_map(|s| (0..width).map(|i| *s.tokens.get(i).unwrap_or(&pad) as i64))
+            .collect();
         let counts: Vec<usize> = seeds.iter().map(|s| s.tokens.len()).collect();
-        let mut cache = self.model.new_cache(seeds.len(), width + 2 * self.config.max_tokens + 16);
-        let logits = self.model.forward_cached(Tensor::from_data(TensorData::new(ids, [seeds.len(), width]), &device), &mut cache, Some(&counts))?;
+        let mut cache = self
+            .model
+            .new_cache(seeds.len(), width + 2 * self.config.max_tokens + 16);
+        let logits = self.model.forward_cached(
+            Tensor::from_data(TensorData::new(ids, [seeds.len(), width]), &device),
+            &mut cache,
+            Some(&counts),
+        )?;
         let logits = last_logits(logits, &counts);
 
         let mut seeds = seeds.to_vec();
         if let Some(cfg) = self.prover {
-            let missing: Vec<usize> = (0..seeds.len()).filter(|&i| seeds[i].j.len() < seeds[i].boundaries.len()).collect();
+            let missing: Vec<usize> = (0..seeds.len())
+                .filter(|&i| seeds[i].j.len() < seeds[i].boundaries.len())
+                .collect();
             let mut queue = ProverQueue::default();
-            queue.push(&cache, &missing, missing.iter().map(|&i| (i, seeds[i].episodes.len(), seeds[i].problem)));
+            queue.push(
+                &cache,
+                &missing,
+                missing.iter().map(|&i| (i, seeds[i].episodes.len(), seeds[i].problem)),
+            );
             for ((i, _, _), est) in queue.flush(self.model, problems, self.protocol, cfg, rng)? {
                 let s = &mut seeds[i];
                 let last = s.boundaries.len() - 1;
@@ -172,7 +204,8 @@ impl<'a, B: Backend> Engine<'a, B> {
             for span in &seed.episodes {
                 solved |= self.protocol.confirms(problem, &seed.tokens[span.clone()])?;
             }
-            let spent = seed.episodes.len() >= self.config.max_episodes || seed.policy_tokens() >= self.config.max_tokens;
+            let spent =
+                seed.episodes.len() >= self.config.max_episodes || seed.policy_tokens() >= self.config.max_tokens;
             starts.push((if spent { Phase::NeedsSuffix } else { Phase::Thinking }, solved));
         }
         let order: Vec<usize> = (0..seeds.len()).flat_map(|s| std::iter::repeat_n(s, group)).collect();
@@ -182,7 +215,13 @@ impl<'a, B: Backend> Engine<'a, B> {
                 let mut r = seeds[s].clone();
                 r.context_len = r.tokens.len();
                 let (phase, solved) = starts[s];
-                Row { episode_start: r.tokens.len(), r, phase, solved, forced: 0 }
+                Row {
+                    episode_start: r.tokens.len(),
+                    r,
+                    phase,
+                    solved,
+                    forced: 0,
+                }
             })
             .collect();
         let idx = crate::model::cache::int_tensor::<B>(&order, &device);
@@ -225,7 +264,11 @@ impl<'a, B: Backend> Engine<'a, B> {
             let logits = match &suppress {
                 // Only rows still thinking without a confirmed solution are kept thinking.
                 Some(bias) => {
-                    let forced: Vec<f32> = batch.rows.iter().map(|r| (r.phase == Phase::Thinking && !r.solved) as u8 as f32).collect();
+                    let forced: Vec<f32> = batch
+                        .rows
+                        .iter()
+                        .map(|r| (r.phase == Phase::Thinking && !r.solved) as u8 as f32)
+                        .collect();
                     let forced = Tensor::<B, 1>::from_data(TensorData::new(forced, [rows]), &device).reshape([rows, 1]);
                     batch.logits.clone() + forced * bias.clone()
                 }
@@ -246,9 +289,16 @@ impl<'a, B: Backend> Engine<'a, B> {
             let counts: Vec<usize> = chunks.iter().map(Vec::len).collect();
             let width = counts.iter().copied().max().unwrap_or(0);
             if width > 0 {
-                let ids: Vec<i64> = chunks.iter().flat_map(|c| (0..width).map(|k| *c.get(k).unwrap_or(&pad) as i64)).collect();
+                let ids: Vec<i64> = chunks
+                    .iter()
+                    .flat_map(|c| (0..width).map(|k| *c.get(k).unwrap_or(&pad) as i64))
+                    .collect();
                 batch.cache.ensure_capacity(width);
-                let logits = self.model.forward_cached(Tensor::from_data(TensorData::new(ids, [rows, width]), &device), &mut batch.cache, Some(&counts))?;
+                let logits = self.model.forward_cached(
+                    Tensor::from_data(TensorData::new(ids, [rows, width]), &device),
+                    &mut batch.cache,
+                    Some(&counts),
+                )?;
                 // Rows that fed nothing are done or about to feed their forced suffix: their
                 // (meaningless) logits are never sampled from.
                 let pick: Vec<usize> = counts.iter().map(|&c| c.max(1)).collect();
@@ -258,7 +308,8 @@ impl<'a, B: Backend> Engine<'a, B> {
                 // A boundary behind the row's last cached token (free text: before the marker
                 // that opened the next episode) is forked and rewound to there.
                 let lengths = batch.cache.lengths().to_vec();
-                let (at_end, behind): (Vec<(usize, usize)>, Vec<(usize, usize)>) = boundary.into_iter().partition(|&(i, b)| lengths[i] == b);
+                let (at_end, behind): (Vec<(usize, usize)>, Vec<(usize, usize)>) =
+                    boundary.into_iter().partition(|&(i, b)| lengths[i] == b);
                 let tag = |i: usize| (i, batch.rows[i].r.episodes.len(), batch.rows[i].r.problem);
                 let rows_at_end: Vec<usize> = at_end.iter().map(|&(i, _)| i).collect();
                 queue.push(&batch.cache, &rows_at_end, rows_at_end.iter().map(|&i| tag(i)));
@@ -277,7 +328,13 @@ impl<'a, B: Backend> Engine<'a, B> {
     }
 
     /// Runs the prover on the queued boundary snapshots and stores their J in the rows.
-    fn score_queue(&self, queue: &mut ProverQueue<B>, batch: &mut Batch<B>, problems: &[Problem], rng: &mut StdRng) -> Result<()> {
+    fn score_queue(
+        &self,
+        queue: &mut ProverQueue<B>,
+        batch: &mut Batch<B>,
+        problems: &[Problem],
+        rng: &mut StdRng,
+    ) -> Result<()> {
         let Some(cfg) = self.prover else {
             return Ok(());
         };
@@ -306,7 +363,13 @@ impl<'a, B: Backend> Engine<'a, B> {
     /// Applies one sampled token to a row: what to feed, and whether the row now sits at an
     /// episode boundary. `replace`: budget forcing feeds the second list instead of any token
     /// of the first.
-    fn advance_row(&self, row: &mut Row, token: u32, problem: &Problem, replace: Option<(&[u32], &[u32])>) -> Result<Advance> {
+    fn advance_row(
+        &self,
+        row: &mut Row,
+        token: u32,
+        problem: &Problem,
+        replace: Option<(&[u32], &[u32])>,
+    ) -> Result<Advance> {
         match row.phase {
             Phase::Done => Ok(Advance::feed(Vec::new())),
             Phase::NeedsSuffix => {
@@ -314,7 +377,10 @@ impl<'a, B: Backend> Engine<'a, B> {
                 let r = &mut row.r;
                 r.tokens.extend_from_slice(suffix);
                 r.roles.extend(std::iter::repeat_n(Role::Forced, suffix.len()));
-                row.phase = Phase::Answering { forced: true, start: r.tokens.len() };
+                row.phase = Phase::Answering {
+                    forced: true,
+                    start: r.tokens.len(),
+                };
                 Ok(Advance::feed(suffix.to_vec()))
             }
             Phase::Answering { forced, start } => {
@@ -351,10 +417,19 @@ impl<'a, B: Backend> Engine<'a, B> {
                         vec![token]
                     }
                 };
-                let mut step = Advance { chunk: Vec::new(), boundary: None, rewind: None };
+                let mut step = Advance {
+                    chunk: Vec::new(),
+                    boundary: None,
+                    rewind: None,
+                };
                 match self.protocol.thinking(problem, &row.r.tokens[row.episode_start..])? {
                     Thinking::Continue => {}
-                    Thinking::AnswerOpens => row.phase = Phase::Answering { forced: false, start: row.r.tokens.len() },
+                    Thinking::AnswerOpens => {
+                        row.phase = Phase::Answering {
+                            forced: false,
+                            start: row.r.tokens.len(),
+                        }
+                    }
                     Thinking::Finished => {
                         let (start, end) = (row.r.boundaries[0], row.r.tokens.len());
                         self.conclude(row, problem, start..end, false)?;

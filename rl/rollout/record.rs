@@ -95,12 +95,19 @@ impl Rollout {
 
     /// Policy tokens sampled here, after the context.
     pub fn policy_tokens_after_context(&self) -> usize {
-        self.roles[self.context_len..].iter().filter(|&&r| r == Role::Policy).count()
+        self.roles[self.context_len..]
+            .iter()
+            .filter(|&&r| r == Role::Policy)
+            .count()
     }
 
     /// Trainable flags: policy tokens after the context.
     pub fn trainable(&self) -> Vec<bool> {
-        self.roles.iter().enumerate().map(|(i, &r)| r == Role::Policy && i >= self.context_len).collect()
+        self.roles
+            .iter()
+            .enumerate()
+            .map(|(i, &r)| r == Role::Policy && i >= self.context_len)
+            .collect()
     }
 
     /// The rollout cut at boundary `k` (after its first k episodes and their replies): a seed

@@ -47,7 +47,13 @@ pub fn warm_started(task_name: &str, steps: usize, init: u64, seed: u64, label: 
     cfg.d_ff = 128;
     let device = Default::default();
     let mut model = Transformer::<AD>::new(&cfg, init, &device).unwrap();
-    let optim_cfg = OptimConfig { lr: 3e-3, warmup_steps: 20, min_lr_ratio: 0.1, weight_decay: 0.01, grad_clip: 1.0 };
+    let optim_cfg = OptimConfig {
+        lr: 3e-3,
+        warmup_steps: 20,
+        min_lr_ratio: 0.1,
+        weight_decay: 0.01,
+        grad_clip: 1.0,
+    };
     let mut optim = adamw::<AD>(&optim_cfg);
     let mix = task_config.warm_start().expect("a word task").clone();
     for s in 0..steps {
@@ -55,7 +61,9 @@ pub fn warm_started(task_name: &str, steps: usize, init: u64, seed: u64, label: 
         let traces: Vec<Tokenized> = (0..32)
             .map(|_| {
                 let p = sample_problem(task.as_ref(), Split::Train, &mut rng).unwrap();
-                warm_start_trace(task.as_ref(), &p, &mix, &mut rng).tokenize(&vocab).unwrap()
+                warm_start_trace(task.as_ref(), &p, &mix, &mut rng)
+                    .tokenize(&vocab)
+                    .unwrap()
             })
             .collect();
         let refs: Vec<&Tokenized> = traces.iter().collect();
@@ -64,7 +72,12 @@ pub fn warm_started(task_name: &str, steps: usize, init: u64, seed: u64, label: 
         let loss = sft_loss(lp.logprobs, &batch.mask);
         model = step(model, &mut optim, loss, optim_cfg.lr_at(s, steps), 1.0).0;
     }
-    Fixture { task, task_config, vocab, model: model.valid() }
+    Fixture {
+        task,
+        task_config,
+        vocab,
+        model: model.valid(),
+    }
 }
 
 /// The shared fixture: 1500 warm-start steps (~1 min). Fewer leave the meta-prover unsure at
@@ -79,15 +92,29 @@ pub fn search_policy() -> &'static Fixture {
 pub fn problems(n: usize, seed: u64) -> Vec<Problem> {
     let f = search_policy();
     let mut rng = StdRng::seed_from_u64(seed);
-    (0..n).map(|_| sample_problem(f.task.as_ref(), Split::Train, &mut rng).unwrap()).collect()
+    (0..n)
+        .map(|_| sample_problem(f.task.as_ref(), Split::Train, &mut rng).unwrap())
+        .collect()
 }
 
 pub fn rollout_config() -> RolloutConfig {
-    RolloutConfig { max_episodes: 6, max_tokens: 32, max_answer_tokens: 4, free_answer: Default::default(), sampler: SamplerConfig::default(), budget_forcing: false }
+    RolloutConfig {
+        max_episodes: 6,
+        max_tokens: 32,
+        max_answer_tokens: 4,
+        free_answer: Default::default(),
+        sampler: SamplerConfig::default(),
+        budget_forcing: false,
+    }
 }
 
 pub fn exact_at(temperature: f64) -> ProverConfig {
-    ProverConfig { mode: ProverMode::Exact, samples: 8, temperature, max_answer_tokens: 4 }
+    ProverConfig {
+        mode: ProverMode::Exact,
+        samples: 8,
+        temperature,
+        max_answer_tokens: 4,
+    }
 }
 
 pub fn exact() -> ProverConfig {
@@ -101,7 +128,12 @@ pub fn rollouts_with_j(n: usize, group: usize, seed: u64) -> (Vec<Problem>, Vec<
     let rc = rollout_config();
     let prover = exact();
     let protocol = WordProtocol::new(f.task.as_ref(), &f.vocab);
-    let engine = Engine { model: &f.model, protocol: &protocol, config: &rc, prover: Some(&prover) };
+    let engine = Engine {
+        model: &f.model,
+        protocol: &protocol,
+        config: &rc,
+        prover: Some(&prover),
+    };
     let rs = engine.rollouts(&ps, group, &mut StdRng::seed_from_u64(seed)).unwrap();
     (ps, rs)
 }
