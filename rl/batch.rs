@@ -30,7 +30,11 @@ pub struct Signal {
 impl Signal {
     /// A rollout in the outcome term only.
     pub fn outcome(advantage: f32, kept: bool) -> Self {
-        Self { outcome: advantage, in_outcome: kept, bonus: None }
+        Self {
+            outcome: advantage,
+            in_outcome: kept,
+            bonus: None,
+        }
     }
 }
 
@@ -46,10 +50,27 @@ pub struct RolloutBatch<B: Backend> {
     pub trained_tokens: usize,
     pub outcome_tokens: usize,
     pub progress_tokens: usize,
+    /// Σ |c_t| of each term over the trained tokens: the term's share of the update is its mass
+    /// over both (the gradient is Σ c_t ∇log π, so a term with 6 % of the mass moves the policy
+    /// about 6 % as much as one with all of it).
+    pub outcome_mass: f64,
+    pub progress_mass: f64,
+}
+
+impl<B: Backend> RolloutBatch<B> {
+    /// The outcome term's share of Σ |c_t| (NaN when nothing is trained).
+    pub fn outcome_share(&self) -> f64 {
+        self.outcome_mass / (self.outcome_mass + self.progress_mass)
+    }
 }
 
 /// Builds the batch; `signals[i]` is rollout i's training signal.
-pub fn rollout_batch<B: Backend>(rollouts: &[&Rollout], signals: &[Signal], pad: u32, device: &B::Device) -> RolloutBatch<B> {
+pub fn rollout_batch<B: Backend>(
+    rollouts: &[&Rollout],
+    signals: &[Signal],
+    pad: u32,
+    device: &B::Device,
+) -> RolloutBatch<B> {
     assert_eq!(rollouts.len(), signals.len(), "one signal per rollout");
     let n = rollouts.len();
     let t = rollouts.iter().map(|r| r.tokens.len()).max().unwrap_or(2).max(2);
@@ -64,6 +85,7 @@ pub fn rollout_batch<B: Backend>(rollouts: &[&Rollout], signals: &[Signal], pad:
     let mut mask = Vec::with_capacity(n * (t - 1));
     let mut coef = Vec::with_capacity(n * (t - 1));
     let mut trained = 0;
+    let (mut outcome_mass, mut progress_mass) = (0.0f64, 0.0f64);
     for (i, r) in rollouts.iter().enumerate() {
         let s = &signals[i];
         ids.extend(r.tokens.iter().map(|&x| x as i64));
@@ -76,9 +98,11 @@ pub fn rollout_batch<B: Backend>(rollouts: &[&Rollout], signals: &[Signal], pad:
             let mut c = 0.0;
             if m && s.in_outcome {
                 c += s.outcome * per_outcome;
+                outcome_mass += (s.outcome * per_outcome).abs() as f64;
             }
             if let (true, Some(bonus)) = (m, &s.bonus) {
                 c += bonus[pos] * per_progress;
+                progress_mass += (bonus[pos] * per_progress).abs() as f64;
             }
             coef.push(c);
         }
@@ -90,5 +114,7 @@ pub fn rollout_batch<B: Backend>(rollouts: &[&Rollout], signals: &[Signal], pad:
         trained_tokens: trained,
         outcome_tokens,
         progress_tokens,
+        outcome_mass,
+        progress_mass,
     }
 }

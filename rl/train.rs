@@ -9,9 +9,9 @@ use burn::module::AutodiffModule;
 use burn::tensor::backend::AutodiffBackend;
 
 use super::advantage::progress;
-use super::batch::rollout_batch;
+use super::batch::{rollout_batch, RolloutBatch};
+use super::config::{Algo, RlConfig};
 use super::eval::samples::{append as append_samples, samples};
-use super::config::Algo;
 use super::metrics::Record;
 use super::optim::{step_grads, Adam};
 use super::passes::{batch_gradients, frozen_logprobs, row_chunks, LossSpec};
@@ -42,57 +42,50 @@ pub fn train_rl<B: AutodiffBackend>(
         let t0 = Instant::now();
         let mut rng = step_rng(ctx.config.seed, "rl", step);
         // Problems first, from the step's own RNG: every algorithm of a seed sees the same ones.
-        let problems: Vec<Problem> = (0..cfg.problems_per_step).map(|_| sample_problem(ctx.task, Split::Train, &mut rng)).collect::<Result<_>>()?;
+        let problems: Vec<Problem> = (0..cfg.problems_per_step)
+            .map(|_| sample_problem(ctx.task, Split::Train, &mut rng))
+            .collect::<Result<_>>()?;
 
         // 1. Rollouts and advantages, on the inference copy of the policy.
         let policy = model.valid();
         let prover = cfg.algo.needs_prover().then_some(&cfg.prover);
-        let engine = Engine { model: &policy, protocol: ctx.protocol, config: &cfg.rollout, prover };
+        let engine = Engine {
+            model: &policy,
+            protocol: ctx.protocol,
+            config: &cfg.rollout,
+            prover,
+        };
         let scored = score(&engine, &problems, &cfg, &mut rng)?;
         let rollout_s = t0.elapsed().as_secs_f64();
         if cfg.samples_per_step > 0 {
             let shown = &scored.rollouts[..cfg.samples_per_step.min(scored.rollouts.len())];
-            append_samples(&ctx.run.root.join("samples.jsonl"), &samples(ctx.protocol, shown, Some(step + 1))?)?;
+            append_samples(
+                &ctx.run.root.join("samples.jsonl"),
+                &samples(ctx.protocol, shown, Some(step + 1))?,
+            )?;
         }
 
         // 2. Loss on the policy's own tokens, 3. update.
         let refs: Vec<&Rollout> = scored.rollouts.iter().collect();
         let batch = rollout_batch::<B>(&refs, &scored.signals, ctx.protocol.pad(), &device);
-        let supervised = matches!(cfg.algo, Algo::Star | Algo::MrtStar);
-        let temperature = cfg.rollout.sampler.temperature;
         let lr = cfg.optim.lr_at(step, cfg.steps);
         let mut rec = Record::new("rl", step + 1);
-        if batch.trained_tokens > 0 {
-            let chunks = row_chunks(batch.tokens.dims()[0], cfg.micro_batch);
-            let old_logp = (cfg.ppo_epochs > 1).then(|| frozen_logprobs(&policy, &batch, &chunks, temperature));
-            let ref_logp = reference.filter(|_| cfg.kl_beta > 0.0).map(|r| frozen_logprobs(r, &batch, &chunks, temperature));
-            for epoch in 0..cfg.ppo_epochs {
-                let spec = LossSpec { supervised, temperature, clip_eps: cfg.clip_eps, kl_beta: cfg.kl_beta, entropy: epoch == 0 };
-                let (grads, st) = batch_gradients(&model, &batch, &chunks, old_logp.as_ref(), ref_logp.as_ref(), spec);
-                if !st.loss.is_finite() {
-                    return Err(Error::Diverged { step: step + 1, what: "RL loss".into(), value: st.loss });
-                }
-                if epoch == 0 {
-                    rec.set("train/entropy", st.entropy);
-                }
-                if !supervised {
-                    rec.set("train/approx_kl", st.approx_kl).set("train/clip_frac", st.clip_frac).set("train/ref_kl", st.ref_kl);
-                }
-                rec.set("train/loss", st.loss);
-                let (next, norm) = step_grads(model, &mut optim, grads, lr, cfg.optim.grad_clip);
-                model = next;
-                rec.set("train/grad_norm", norm);
-            }
-        }
+        (model, optim) = update(model, optim, &policy, reference, &batch, &cfg, lr, step, &mut rec)?;
         let step_s = t0.elapsed().as_secs_f64();
         log_rollouts(&mut rec, &scored);
         // Every token the policy sampled this step (an `mrt` step samples its prefix streams
         // and the continuations); the prover's forced answers are not counted.
-        let generated: usize = scored.rollouts.iter().chain(&scored.prefix_streams).map(|r| r.policy_tokens_after_context()).sum();
+        let generated: usize = scored
+            .rollouts
+            .iter()
+            .chain(&scored.prefix_streams)
+            .map(|r| r.policy_tokens_after_context())
+            .sum();
         rec.set("train/lr", lr)
             .set("train/trained_tokens", batch.trained_tokens)
             .set("train/outcome_tokens", batch.outcome_tokens)
             .set("train/progress_tokens", batch.progress_tokens)
+            .set("update/outcome_share", batch.outcome_share())
             .set("adv/outcome_abs", scored.outcome_abs)
             .set("adv/progress_abs", scored.progress_abs)
             .set("perf/sampled_tokens", generated)
@@ -109,7 +102,8 @@ pub fn train_rl<B: AutodiffBackend>(
             ctx.say(
                 &bar,
                 format!(
-                    "{:>10} {done:>5}/{} | reward {reward:.3} | loss {:.4} | all-equal {:.2} | tokens {:.1} | progress {:+.3} | {:.0} ms",
+                    "{:>10} {done:>5}/{} | reward {reward:.3} | loss {:.4} | all-equal {:.2} | tokens {:.1} | \
+                        progress {:+.3} | {:.0} ms",
                     cfg.algo.name(),
                     cfg.steps,
                     rec.get("train/loss").unwrap_or(f64::NAN),
@@ -125,11 +119,77 @@ pub fn train_rl<B: AutodiffBackend>(
             ctx.say(&bar, eval_line("rl", done, &summary));
         }
         if due(cfg.checkpoint_every, done, cfg.steps) {
-            save_state(&ctx.run.checkpoint("latest"), &model, &optim, Progress { stage: Stage::Rl, step: done })?;
+            save_state(
+                &ctx.run.checkpoint("latest"),
+                &model,
+                &optim,
+                Progress {
+                    stage: Stage::Rl,
+                    step: done,
+                },
+            )?;
         }
     }
     bar.finish_and_clear();
     Ok((model, optim, true))
+}
+
+/// The policy-gradient update of one step on `batch`: `ppo_epochs` passes of loss and
+/// gradients (in micro-batches of rows, `rl.micro_batch`), each followed by an optimizer step;
+/// `train/…` metrics into `rec`. `policy` is the inference copy that sampled the batch (the
+/// behaviour policy of PPO's ratio), `reference` the frozen model of the KL penalty.
+#[allow(clippy::too_many_arguments)]
+fn update<B: AutodiffBackend>(
+    mut model: Transformer<B>,
+    mut optim: Adam<B>,
+    policy: &Transformer<B::InnerBackend>,
+    reference: Option<&Transformer<B::InnerBackend>>,
+    batch: &RolloutBatch<B>,
+    cfg: &RlConfig,
+    lr: f64,
+    step: usize,
+    rec: &mut Record,
+) -> Result<(Transformer<B>, Adam<B>)> {
+    if batch.trained_tokens == 0 {
+        return Ok((model, optim));
+    }
+    let supervised = matches!(cfg.algo, Algo::Star | Algo::MrtStar);
+    let temperature = cfg.rollout.sampler.temperature;
+    let chunks = row_chunks(batch.tokens.dims()[0], cfg.micro_batch);
+    let old_logp = (cfg.ppo_epochs > 1).then(|| frozen_logprobs(policy, batch, &chunks, temperature));
+    let ref_logp = reference
+        .filter(|_| cfg.kl_beta > 0.0)
+        .map(|r| frozen_logprobs(r, batch, &chunks, temperature));
+    for epoch in 0..cfg.ppo_epochs {
+        let spec = LossSpec {
+            supervised,
+            temperature,
+            clip_eps: cfg.clip_eps,
+            kl_beta: cfg.kl_beta,
+            entropy: epoch == 0,
+        };
+        let (grads, st) = batch_gradients(&model, batch, &chunks, old_logp.as_ref(), ref_logp.as_ref(), spec);
+        if !st.loss.is_finite() {
+            return Err(Error::Diverged {
+                step: step + 1,
+                what: "RL loss".into(),
+                value: st.loss,
+            });
+        }
+        if epoch == 0 {
+            rec.set("train/entropy", st.entropy);
+        }
+        if !supervised {
+            rec.set("train/approx_kl", st.approx_kl)
+                .set("train/clip_frac", st.clip_frac)
+                .set("train/ref_kl", st.ref_kl);
+        }
+        rec.set("train/loss", st.loss);
+        let (next, norm) = step_grads(model, &mut optim, grads, lr, cfg.optim.grad_clip);
+        model = next;
+        rec.set("train/grad_norm", norm);
+    }
+    Ok((model, optim))
 }
 
 /// `rollout/…` and `prover/…` metrics of one step, over the full streams sampled from the
@@ -142,19 +202,41 @@ fn log_rollouts(rec: &mut Record, s: &Scored) {
         .set("rollout/len_tokens", mean(&|r| r.policy_tokens_after_context() as f64))
         .set("rollout/episodes", mean(&|r| r.episodes.len() as f64))
         .set("rollout/forced", mean(&|r| (r.finish == Finish::Forced) as u8 as f64))
-        .set("rollout/all_equal_frac", s.degenerate_groups as f64 / s.groups.max(1) as f64)
-        .set("rollout/kept", s.signals.iter().filter(|x| x.in_outcome || x.bonus.is_some()).count());
+        .set(
+            "rollout/all_equal_frac",
+            s.degenerate_groups as f64 / s.groups.max(1) as f64,
+        )
+        .set(
+            "rollout/kept",
+            s.signals.iter().filter(|x| x.in_outcome || x.bonus.is_some()).count(),
+        );
     if !s.prefix_streams.is_empty() {
         let prefix_episodes = |r: &Rollout| r.episodes.iter().filter(|e| e.end <= r.context_len).count() as f64;
-        rec.set("mrt/continuation_reward", s.rollouts.iter().map(|r| r.reward as f64).sum::<f64>() / s.rollouts.len().max(1) as f64)
-            .set("mrt/baseline", s.baselines.iter().map(|&b| b as f64).sum::<f64>() / s.baselines.len().max(1) as f64)
-            .set("mrt/prefix_episodes", s.rollouts.iter().map(prefix_episodes).sum::<f64>() / s.rollouts.len().max(1) as f64);
+        rec.set(
+            "mrt/continuation_reward",
+            s.rollouts.iter().map(|r| r.reward as f64).sum::<f64>() / s.rollouts.len().max(1) as f64,
+        )
+        .set(
+            "mrt/baseline",
+            s.baselines.iter().map(|&b| b as f64).sum::<f64>() / s.baselines.len().max(1) as f64,
+        )
+        .set(
+            "mrt/prefix_episodes",
+            s.rollouts.iter().map(prefix_episodes).sum::<f64>() / s.rollouts.len().max(1) as f64,
+        );
     }
-    let prg: Vec<f32> = streams.iter().flat_map(|r| progress(&r.j)).filter(|p| p.is_finite()).collect();
+    let prg: Vec<f32> = streams
+        .iter()
+        .flat_map(|r| progress(&r.j))
+        .filter(|p| p.is_finite())
+        .collect();
     if prg.is_empty() {
         return;
     }
-    rec.set("prover/progress_mean", prg.iter().sum::<f32>() as f64 / prg.len() as f64);
+    rec.set(
+        "prover/progress_mean",
+        prg.iter().sum::<f32>() as f64 / prg.len() as f64,
+    );
     let buckets: [(&str, fn(f32) -> bool); 5] = [
         ("le-0.1", |p| p <= -0.1),
         ("-0.1..-0.01", |p| p > -0.1 && p <= -0.01),
@@ -168,12 +250,20 @@ fn log_rollouts(rec: &mut Record, s: &Scored) {
     }
     let max_j = streams.iter().map(|r| r.j.len()).max().unwrap_or(0);
     for j in 0..max_j {
-        let v: Vec<f32> = streams.iter().filter_map(|r| r.j.get(j).copied()).filter(|x| x.is_finite()).collect();
+        let v: Vec<f32> = streams
+            .iter()
+            .filter_map(|r| r.j.get(j).copied())
+            .filter(|x| x.is_finite())
+            .collect();
         if !v.is_empty() {
             rec.set(&format!("prover/j@{j}"), v.iter().sum::<f32>() as f64 / v.len() as f64);
         }
     }
-    let wf: Vec<f32> = streams.iter().flat_map(|r| r.j_well_formed.iter().copied()).filter(|x| x.is_finite()).collect();
+    let wf: Vec<f32> = streams
+        .iter()
+        .flat_map(|r| r.j_well_formed.iter().copied())
+        .filter(|x| x.is_finite())
+        .collect();
     if !wf.is_empty() {
         rec.set("prover/well_formed", wf.iter().sum::<f32>() as f64 / wf.len() as f64);
     }

@@ -33,7 +33,12 @@ fn scored(algo: Algo, alpha: f64, seed: u64) -> (Vec<Problem>, Scored) {
     let ps = problems(12, 9);
     let prover = exact();
     let protocol = WordProtocol::new(f.task.as_ref(), &f.vocab);
-    let engine = Engine { model: &f.model, protocol: &protocol, config: &cfg.rollout, prover: algo.needs_prover().then_some(&prover) };
+    let engine = Engine {
+        model: &f.model,
+        protocol: &protocol,
+        config: &cfg.rollout,
+        prover: algo.needs_prover().then_some(&prover),
+    };
     let s = score(&engine, &ps, &cfg, &mut StdRng::seed_from_u64(seed)).unwrap();
     (ps, s)
 }
@@ -47,7 +52,17 @@ fn batch_of(rollouts: &[Rollout], signals: &[Signal]) -> RolloutBatch<AD> {
 fn loss_and_grads_of(batch: RolloutBatch<AD>) -> (f32, Vec<Vec<f32>>) {
     let model: Transformer<AD> = require_grad(search_policy().model.clone().train::<AD>());
     let lp = token_logprobs(&model, batch.tokens, Some(batch.mask.clone()), false, 1.0);
-    let out = policy_loss(PgBatch { old_logp: lp.logprobs.clone().detach(), logp: lp.logprobs, ref_logp: None, coef: batch.coef, mask: batch.mask }, 0.2, 0.0);
+    let out = policy_loss(
+        PgBatch {
+            old_logp: lp.logprobs.clone().detach(),
+            logp: lp.logprobs,
+            ref_logp: None,
+            coef: batch.coef,
+            mask: batch.mask,
+        },
+        0.2,
+        0.0,
+    );
     let loss: f32 = out.loss.clone().into_scalar();
     let grads = GradientsParams::from_grads(out.loss.backward(), &model);
     (loss, collect_grads(&model, &grads))
@@ -95,17 +110,42 @@ fn environment_tokens_and_forced_suffixes_get_no_gradient() {
     // Same rollouts with absurd advantages on every token that is not the policy's own.
     let poisoned: Vec<Vec<f32>> = rs
         .iter()
-        .map(|r| r.roles.iter().map(|&role| if role == Role::Policy { 1.0 } else { 1e6 }).collect())
+        .map(|r| {
+            r.roles
+                .iter()
+                .map(|&role| if role == Role::Policy { 1.0 } else { 1e6 })
+                .collect()
+        })
         .collect();
     let model: Transformer<AD> = require_grad(f.model.clone().train::<AD>());
     let grads_of = |adv: &[Vec<f32>]| {
         // Per-token values through the progress term, which takes any per-token signal.
-        let signals: Vec<Signal> = adv.iter().map(|a| Signal { outcome: 0.0, in_outcome: false, bonus: Some(a.clone()) }).collect();
+        let signals: Vec<Signal> = adv
+            .iter()
+            .map(|a| Signal {
+                outcome: 0.0,
+                in_outcome: false,
+                bonus: Some(a.clone()),
+            })
+            .collect();
         let batch = rollout_batch::<AD>(&refs, &signals, f.vocab.specials.pad, &device);
         let mask: Vec<f32> = batch.mask.clone().into_data().to_vec().unwrap();
         let lp = token_logprobs(&model, batch.tokens, Some(batch.mask.clone()), false, 1.0);
-        let out = policy_loss(PgBatch { old_logp: lp.logprobs.clone().detach(), logp: lp.logprobs, ref_logp: None, coef: batch.coef, mask: batch.mask }, 0.2, 0.0);
-        (mask, collect_grads(&model, &GradientsParams::from_grads(out.loss.backward(), &model)))
+        let out = policy_loss(
+            PgBatch {
+                old_logp: lp.logprobs.clone().detach(),
+                logp: lp.logprobs,
+                ref_logp: None,
+                coef: batch.coef,
+                mask: batch.mask,
+            },
+            0.2,
+            0.0,
+        );
+        (
+            mask,
+            collect_grads(&model, &GradientsParams::from_grads(out.loss.backward(), &model)),
+        )
     };
     let (mask, g1) = grads_of(&adv);
     let (_, g2) = grads_of(&poisoned);
@@ -133,15 +173,45 @@ fn one_update_with_positive_advantage_raises_the_sampled_tokens_log_prob() {
         let signals: Vec<Signal> = rs.iter().map(|_| Signal::outcome(sign, true)).collect();
         let batch = rollout_batch::<AD>(&refs, &signals, f.vocab.specials.pad, &device);
         let model: Transformer<AD> = require_grad(f.model.clone().train::<AD>());
-        let total = |m: &Transformer<AD>| -> f32 { token_logprobs(&m.valid(), batch.tokens.clone().inner(), Some(batch.mask.clone().inner()), false, 1.0).logprobs.sum().into_scalar() };
+        let total = |m: &Transformer<AD>| -> f32 {
+            token_logprobs(
+                &m.valid(),
+                batch.tokens.clone().inner(),
+                Some(batch.mask.clone().inner()),
+                false,
+                1.0,
+            )
+            .logprobs
+            .sum()
+            .into_scalar()
+        };
         let before = total(&model);
         let lp = token_logprobs(&model, batch.tokens.clone(), Some(batch.mask.clone()), false, 1.0);
-        let out = policy_loss(PgBatch { old_logp: lp.logprobs.clone().detach(), logp: lp.logprobs, ref_logp: None, coef: batch.coef.clone(), mask: batch.mask.clone() }, 0.2, 0.0);
-        let cfg = OptimConfig { lr: 1e-3, warmup_steps: 0, min_lr_ratio: 1.0, weight_decay: 0.0, grad_clip: 0.0 };
+        let out = policy_loss(
+            PgBatch {
+                old_logp: lp.logprobs.clone().detach(),
+                logp: lp.logprobs,
+                ref_logp: None,
+                coef: batch.coef.clone(),
+                mask: batch.mask.clone(),
+            },
+            0.2,
+            0.0,
+        );
+        let cfg = OptimConfig {
+            lr: 1e-3,
+            warmup_steps: 0,
+            min_lr_ratio: 1.0,
+            weight_decay: 0.0,
+            grad_clip: 0.0,
+        };
         let mut optim = adamw::<AD>(&cfg);
         let (model, _) = mrt::rl::optim::step(model, &mut optim, out.loss, cfg.lr, 0.0);
         let after = total(&model);
-        assert!(sign * (after - before) > 0.1, "advantage {sign}: log-prob {before} → {after}");
+        assert!(
+            sign * (after - before) > 0.1,
+            "advantage {sign}: log-prob {before} → {after}"
+        );
     }
 }
 
@@ -150,14 +220,24 @@ fn mrt_dense_outcome_term_is_grpo_s_whatever_the_progress_term_adds() {
     let (_, grpo) = scored(Algo::Grpo, 0.0, 11);
     let (_, dense) = scored(Algo::MrtDense, 2.0, 11);
     assert!(grpo.degenerate_groups > 0, "the batch has all-equal groups");
-    assert_eq!(grpo.rollouts.iter().map(|r| &r.tokens).collect::<Vec<_>>(), dense.rollouts.iter().map(|r| &r.tokens).collect::<Vec<_>>());
+    assert_eq!(
+        grpo.rollouts.iter().map(|r| &r.tokens).collect::<Vec<_>>(),
+        dense.rollouts.iter().map(|r| &r.tokens).collect::<Vec<_>>()
+    );
     let g = batch_of(&grpo.rollouts, &grpo.signals);
     let d = batch_of(&dense.rollouts, &dense.signals);
     // The progress term trains every rollout, the outcome term exactly GRPO's tokens.
     assert_eq!(d.outcome_tokens, g.trained_tokens);
     assert!(d.progress_tokens > g.trained_tokens && d.trained_tokens == d.progress_tokens);
     // The outcome part of the loss: the dense coefficients minus the progress term alone.
-    let progress_only: Vec<Signal> = dense.signals.iter().map(|s| Signal { in_outcome: false, ..s.clone() }).collect();
+    let progress_only: Vec<Signal> = dense
+        .signals
+        .iter()
+        .map(|s| Signal {
+            in_outcome: false,
+            ..s.clone()
+        })
+        .collect();
     let p = batch_of(&dense.rollouts, &progress_only);
     let diff: Vec<f32> = (d.coef.clone() - p.coef.clone()).into_data().to_vec().unwrap();
     let want: Vec<f32> = g.coef.clone().into_data().to_vec().unwrap();
@@ -169,7 +249,12 @@ fn mrt_dense_outcome_term_is_grpo_s_whatever_the_progress_term_adds() {
     let (_, g_dense) = loss_and_grads_of(d);
     let (_, g_prog) = loss_and_grads_of(p);
     let scale = g_grpo.iter().flatten().fold(0.0f32, |m, x| m.max(x.abs()));
-    for ((a, b), c) in g_dense.iter().flatten().zip(g_prog.iter().flatten()).zip(g_grpo.iter().flatten()) {
+    for ((a, b), c) in g_dense
+        .iter()
+        .flatten()
+        .zip(g_prog.iter().flatten())
+        .zip(g_grpo.iter().flatten())
+    {
         assert!((a - b - c).abs() <= 1e-4 * scale, "{} vs {c}", a - b);
     }
 }
@@ -186,8 +271,16 @@ fn mrt_continues_one_stream_cut_at_a_boundary_against_the_prover_baseline() {
         let stream = &s.prefix_streams[g];
         let ctx = chunk[0].context_len;
         // The prefix is the stream up to one of its boundaries before its last episode.
-        let k = stream.boundaries.iter().position(|&b| b == ctx).expect("cut at a boundary");
-        assert!(k == 0 || k < stream.episodes.len(), "k {k} of {} episodes", stream.episodes.len());
+        let k = stream
+            .boundaries
+            .iter()
+            .position(|&b| b == ctx)
+            .expect("cut at a boundary");
+        assert!(
+            k == 0 || k < stream.episodes.len(),
+            "k {k} of {} episodes",
+            stream.episodes.len()
+        );
         cut_inside += (k > 0) as usize;
         for r in chunk {
             assert_eq!(r.problem, stream.problem);
@@ -213,7 +306,13 @@ fn mrt_continues_one_stream_cut_at_a_boundary_against_the_prover_baseline() {
     // Only the continuations' own tokens are trained.
     let b = batch_of(&s.rollouts, &s.signals);
     let in_loss = |x: &Signal| x.in_outcome || x.bonus.is_some();
-    let own: usize = s.rollouts.iter().zip(&s.signals).filter(|(_, x)| in_loss(x)).map(|(r, _)| r.policy_tokens_after_context()).sum();
+    let own: usize = s
+        .rollouts
+        .iter()
+        .zip(&s.signals)
+        .filter(|(_, x)| in_loss(x))
+        .map(|(r, _)| r.policy_tokens_after_context())
+        .sum();
     assert_eq!(b.trained_tokens, own);
     // The step's stream metrics describe the streams, not the continuations.
     assert_eq!(s.streams().len(), ps.len());
@@ -228,18 +327,22 @@ fn log_probs_are_scored_at_the_sampling_temperature() {
     let ids: Vec<i64> = r.tokens.iter().map(|&t| t as i64).collect();
     let tokens = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [1, n]), &Default::default());
     let t = 0.7;
-    let lp: Vec<f32> = token_logprobs(&f.model, tokens.clone(), None, false, t).logprobs.into_data().to_vec().unwrap();
+    let lp: Vec<f32> = token_logprobs(&f.model, tokens.clone(), None, false, t)
+        .logprobs
+        .into_data()
+        .to_vec()
+        .unwrap();
     let logp = burn::tensor::activation::log_softmax(f.model.forward(tokens) / t, 2);
-    for pos in 0..n - 1 {
+    for (pos, &got) in lp.iter().enumerate().take(n - 1) {
         let y = r.tokens[pos + 1] as usize;
         let want: f32 = logp.clone().slice([0..1, pos..pos + 1, y..y + 1]).into_scalar();
-        assert!((lp[pos] - want).abs() < 1e-5, "position {pos}: {} vs {want}", lp[pos]);
+        assert!((got - want).abs() < 1e-5, "position {pos}: {got} vs {want}");
     }
 }
 
-/// Coefficients c_t of a batch of fake continuations with these signals (`len` tokens each,
-/// the first `ctx` of them context).
-fn coefficients(signals: &[Signal], len: usize, ctx: usize) -> Vec<Vec<f32>> {
+/// A batch of fake continuations with these signals (`len` tokens each, the first `ctx` of
+/// them context).
+fn fake_batch(signals: &[Signal], len: usize, ctx: usize) -> RolloutBatch<B> {
     let r = Rollout {
         problem: 0,
         tokens: (0..len as u32).map(|t| 5 + t % 7).collect(),
@@ -254,9 +357,13 @@ fn coefficients(signals: &[Signal], len: usize, ctx: usize) -> Vec<Vec<f32>> {
         j_well_formed: Vec::new(),
     };
     let rs: Vec<&Rollout> = signals.iter().map(|_| &r).collect();
-    let b = rollout_batch::<B>(&rs, signals, 0, &Default::default());
+    rollout_batch::<B>(&rs, signals, 0, &Default::default())
+}
+
+/// Coefficients c_t of [`fake_batch`], one row per continuation.
+fn coefficients(signals: &[Signal], len: usize, ctx: usize) -> Vec<Vec<f32>> {
     let t = len - 1;
-    let c: Vec<f32> = b.coef.into_data().to_vec().unwrap();
+    let c: Vec<f32> = fake_batch(signals, len, ctx).coef.into_data().to_vec().unwrap();
     c.chunks(t).map(<[f32]>::to_vec).collect()
 }
 
@@ -283,6 +390,16 @@ fn mrt_outcome_term_is_not_diluted_by_all_equal_groups() {
     assert!((c1[4][5] - ((1.0 - 0.9) / scale) / 32.0).abs() < 1e-6, "{}", c1[4][5]);
     assert_eq!(c1[0][2], 0.0, "context tokens are never trained");
     assert!(one.signals[4..].iter().all(|s| !s.in_outcome && s.bonus.is_some()));
+    // Each term's share of the update: Σ |c_t| is 0.5 / scale for the outcome term (32 tokens
+    // of |0.5| / scale / 32) and 0.1 / scale for the termination term, so 5/6 and 1/6.
+    let (b0, b1) = (fake_batch(&zero.signals, 12, 4), fake_batch(&one.signals, 12, 4));
+    assert_eq!(b0.outcome_share(), 1.0);
+    assert!((b1.outcome_share() - 5.0 / 6.0).abs() < 1e-5, "{}", b1.outcome_share());
+    assert!(
+        (b1.outcome_mass - 0.5 / scale as f64).abs() < 1e-5,
+        "{}",
+        b1.outcome_mass
+    );
 }
 
 #[test]
@@ -295,7 +412,13 @@ fn micro_batches_give_the_one_pass_gradient_for_every_objective() {
         let n = batch.tokens.dims()[0];
         assert!(n >= 8 && batch.trained_tokens > 0, "{algo:?}: {n} rows");
         let supervised = matches!(algo, Algo::Star | Algo::MrtStar);
-        let spec = LossSpec { supervised, temperature: 1.0, clip_eps: 0.2, kl_beta: 0.0, entropy: true };
+        let spec = LossSpec {
+            supervised,
+            temperature: 1.0,
+            clip_eps: 0.2,
+            kl_beta: 0.0,
+            entropy: true,
+        };
         let (one, chunked) = (row_chunks(n, 0), row_chunks(n, 1));
         assert_eq!((one.len(), chunked.len()), (1, n));
         // The second PPO epoch's case too: a behaviour policy other than the current one, as
@@ -303,7 +426,10 @@ fn micro_batches_give_the_one_pass_gradient_for_every_objective() {
         let mut behaviour = search_policy().model.clone();
         behaviour.norm = behaviour.norm.map(&mut Scale(1.1));
         let old = frozen_logprobs::<AD>(&behaviour, &batch, &chunked, 1.0);
-        assert_eq!(old.clone().into_data(), frozen_logprobs::<AD>(&behaviour, &batch, &one, 1.0).into_data());
+        assert_eq!(
+            old.clone().into_data(),
+            frozen_logprobs::<AD>(&behaviour, &batch, &one, 1.0).into_data()
+        );
         for old_logp in [None, Some(&old)] {
             let (g1, s1) = batch_gradients(&model, &batch, &one, old_logp, None, spec);
             let (gm, sm) = batch_gradients(&model, &batch, &chunked, old_logp, None, spec);
@@ -311,10 +437,23 @@ fn micro_batches_give_the_one_pass_gradient_for_every_objective() {
             let scale = g1.iter().flatten().fold(0.0f32, |m, x| m.max(x.abs()));
             assert!(scale > 0.0, "{algo:?}: zero gradient");
             for (a, b) in g1.iter().flatten().zip(gm.iter().flatten()) {
-                assert!((a - b).abs() <= 1e-5 * scale.max(1.0), "{algo:?}: {a} vs {b} (scale {scale})");
+                assert!(
+                    (a - b).abs() <= 1e-5 * scale.max(1.0),
+                    "{algo:?}: {a} vs {b} (scale {scale})"
+                );
             }
-            assert!((s1.loss - sm.loss).abs() < 1e-5, "{algo:?}: loss {} vs {}", s1.loss, sm.loss);
-            assert!((s1.entropy - sm.entropy).abs() < 1e-4, "{algo:?}: entropy {} vs {}", s1.entropy, sm.entropy);
+            assert!(
+                (s1.loss - sm.loss).abs() < 1e-5,
+                "{algo:?}: loss {} vs {}",
+                s1.loss,
+                sm.loss
+            );
+            assert!(
+                (s1.entropy - sm.entropy).abs() < 1e-4,
+                "{algo:?}: entropy {} vs {}",
+                s1.entropy,
+                sm.entropy
+            );
             assert!((s1.clip_frac - sm.clip_frac).abs() < 1e-5 && (s1.approx_kl - sm.approx_kl).abs() < 1e-5);
         }
     }

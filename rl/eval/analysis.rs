@@ -6,9 +6,9 @@ use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::data::Role;
 use crate::rl::advantage::progress;
 use crate::rl::rollout::Rollout;
-use crate::data::Role;
 
 /// Normalised cumulative regret at every budget: `R(b) = (1/b) Σ_{i=1..b} (J*_i − A_i)` for
 /// b = 1 … len − 1, where `acc[i]` is the anytime accuracy after i episodes (or tokens) and
@@ -44,7 +44,8 @@ pub fn anytime_at_tokens(r: &Rollout, c: usize) -> f64 {
 }
 
 /// Mean anytime accuracy over rollouts at token budgets 0 … `max_tokens`.
-pub fn token_anytime(rollouts: &[Rollout], max_tokens: usize) -> Vec<f64> {
+pub fn token_anytime<'a>(rollouts: impl IntoIterator<Item = &'a Rollout>, max_tokens: usize) -> Vec<f64> {
+    let rollouts: Vec<&Rollout> = rollouts.into_iter().collect();
     (0..=max_tokens)
         .map(|c| rollouts.iter().map(|r| anytime_at_tokens(r, c)).sum::<f64>() / rollouts.len().max(1) as f64)
         .collect()
@@ -69,7 +70,10 @@ fn majority(votes: &[&Vote]) -> Option<bool> {
             e.0 += 1;
         }
     }
-    counts.values().max_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1))).map(|e| e.2)
+    counts
+        .values()
+        .max_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)))
+        .map(|e| e.2)
 }
 
 /// maj@k: probability that the majority of k of a problem's samples is correct, and the mean
@@ -103,7 +107,9 @@ pub fn maj_at_k(samples: &[Vec<Vote>], k: usize) -> (f64, f64) {
 /// A point of an accuracy-against-cost curve.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct CostPoint {
+    #[serde(deserialize_with = "crate::fsutil::nan")]
     pub tokens: f64,
+    #[serde(deserialize_with = "crate::fsutil::nan")]
     pub accuracy: f64,
 }
 
@@ -147,7 +153,13 @@ pub fn progress_histogram(rollouts: &[Rollout], max_episodes: usize, tol: f32) -
             if !p.is_finite() {
                 continue;
             }
-            let bucket = if p <= -tol { 0 } else if p < tol { 1 } else { 2 };
+            let bucket = if p <= -tol {
+                0
+            } else if p < tol {
+                1
+            } else {
+                2
+            };
             hist[e][bucket] += 1;
         }
     }
@@ -160,7 +172,11 @@ mod tests {
 
     #[test]
     fn token_efficiency_is_measured_at_an_accuracy_both_curves_reach() {
-        let pts = |v: &[(f64, f64)]| v.iter().map(|&(tokens, accuracy)| CostPoint { tokens, accuracy }).collect::<Vec<_>>();
+        let pts = |v: &[(f64, f64)]| {
+            v.iter()
+                .map(|&(tokens, accuracy)| CostPoint { tokens, accuracy })
+                .collect::<Vec<_>>()
+        };
         let (grpo, mrt) = (pts(&[(40.0, 0.20), (80.0, 0.31)]), pts(&[(10.0, 0.30), (20.0, 0.305)]));
         // MRT never reaches GRPO's peak 0.31, but both reach 0.305: GRPO at
         // 40 + 0.105 / 0.11 · 40 = 78.18 tokens, MRT at 20.
@@ -195,13 +211,22 @@ mod tests {
     }
 
     fn vote(a: Option<&str>, correct: bool, tokens: usize) -> Vote {
-        Vote { answer: a.map(String::from), correct, tokens }
+        Vote {
+            answer: a.map(String::from),
+            correct,
+            tokens,
+        }
     }
 
     #[test]
     fn maj_at_k_by_hand() {
         // Answers A (right), B, A, none with 10, 20, 30, 40 tokens.
-        let p = vec![vote(Some("A"), true, 10), vote(Some("B"), false, 20), vote(Some("A"), true, 30), vote(None, false, 40)];
+        let p = vec![
+            vote(Some("A"), true, 10),
+            vote(Some("B"), false, 20),
+            vote(Some("A"), true, 30),
+            vote(None, false, 40),
+        ];
         // k = 1: 2 of 4 samples right; mean tokens 25.
         assert_eq!(maj_at_k(std::slice::from_ref(&p), 1), (0.5, 25.0));
         // k = 2: pairs {AB: tie → first seen A ✓, AA ✓, A- ✓, BA: tie → B ✗, B- ✗, A- ✓} = 4/6.
@@ -215,8 +240,30 @@ mod tests {
 
     #[test]
     fn token_efficiency_interpolates_exactly() {
-        let grpo = [CostPoint { tokens: 10.0, accuracy: 0.5 }, CostPoint { tokens: 20.0, accuracy: 0.7 }, CostPoint { tokens: 40.0, accuracy: 0.8 }];
-        let mrt = [CostPoint { tokens: 8.0, accuracy: 0.6 }, CostPoint { tokens: 16.0, accuracy: 0.9 }];
+        let grpo = [
+            CostPoint {
+                tokens: 10.0,
+                accuracy: 0.5,
+            },
+            CostPoint {
+                tokens: 20.0,
+                accuracy: 0.7,
+            },
+            CostPoint {
+                tokens: 40.0,
+                accuracy: 0.8,
+            },
+        ];
+        let mrt = [
+            CostPoint {
+                tokens: 8.0,
+                accuracy: 0.6,
+            },
+            CostPoint {
+                tokens: 16.0,
+                accuracy: 0.9,
+            },
+        ];
         // GRPO reaches 0.8 at 40 tokens; MRT at 8 + (0.2 / 0.3) · 8 = 13.333…
         assert_eq!(tokens_to_reach(&grpo, 0.8), Some(40.0));
         let t = tokens_to_reach(&mrt, 0.8).unwrap();

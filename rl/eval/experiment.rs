@@ -14,15 +14,15 @@ use burn::tensor::backend::AutodiffBackend;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::compare::{by_algo, learns, table, verdicts, versus, RunEval, TrainPoint, Versus};
+use super::compare::{by_algo, interval, learns, table, verdicts, versus, RunEval, TrainPoint, Versus};
 use super::figures::plots;
 use super::jobs::{cost_rank, run_when_ready, Job};
-use super::warm::{warm_start, warm_start_list};
-pub use super::warm::warm_starts;
 use super::regime::Regime;
 use super::report::{evaluate_report, EvalReport, ReportOptions};
 use super::stats::{Interval, Verdict};
 use super::summary::{eval_problems, scripted_pass1};
+pub use super::warm::warm_starts;
+use super::warm::{warm_start, warm_start_list};
 use crate::data::Split;
 use crate::error::{Error, Result};
 use crate::fsutil::{read_json, write_atomic, write_json};
@@ -78,7 +78,12 @@ fn say(opts: &ExperimentOptions, msg: String) {
 }
 
 /// Evaluates one checkpoint of a run directory on its config's evaluation split.
-pub fn evaluate_checkpoint<B: AutodiffBackend>(run: &RunDir, path: &Path, opts: &ReportOptions, device: &B::Device) -> Result<EvalReport> {
+pub fn evaluate_checkpoint<B: AutodiffBackend>(
+    run: &RunDir,
+    path: &Path,
+    opts: &ReportOptions,
+    device: &B::Device,
+) -> Result<EvalReport> {
     let (config, tokens) = run.open()?;
     let task = config.task.build()?;
     let protocol = tokens.protocol(task.as_ref(), &config.task)?;
@@ -91,11 +96,22 @@ pub fn training_curve(run: &RunDir) -> Vec<TrainPoint> {
     let records = read_metrics(&run.metrics_path()).unwrap_or_default();
     let (mut tokens, mut seconds) = (0.0, 0.0);
     let mut curve = Vec::new();
-    for r in records.iter().filter(|r| r.get("phase").and_then(Value::as_str) == Some("rl")) {
+    for r in records
+        .iter()
+        .filter(|r| r.get("phase").and_then(Value::as_str) == Some("rl"))
+    {
         tokens += r.get("perf/sampled_tokens").and_then(Value::as_f64).unwrap_or(0.0);
         seconds += r.get("perf/step_s").and_then(Value::as_f64).unwrap_or(0.0);
-        if let (Some(step), Some(pass1)) = (r.get("step").and_then(Value::as_f64), r.get("eval/pass@1").and_then(Value::as_f64)) {
-            curve.push(TrainPoint { step, pass1, sampled_tokens: tokens, seconds });
+        if let (Some(step), Some(pass1)) = (
+            r.get("step").and_then(Value::as_f64),
+            r.get("eval/pass@1").and_then(Value::as_f64),
+        ) {
+            curve.push(TrainPoint {
+                step,
+                pass1,
+                sampled_tokens: tokens,
+                seconds,
+            });
         }
     }
     curve
@@ -103,7 +119,13 @@ pub fn training_curve(run: &RunDir) -> Vec<TrainPoint> {
 
 /// Evaluates a finished run (its warm start and final checkpoint), writes `eval.json` and its
 /// plots into the run directory. A given `base` report (a shared warm start's) is reused.
-pub fn evaluate_run<B: AutodiffBackend>(run_dir: &Path, opts: &ReportOptions, base: Option<&EvalReport>, warm_start: u64, device: &B::Device) -> Result<RunEval> {
+pub fn evaluate_run<B: AutodiffBackend>(
+    run_dir: &Path,
+    opts: &ReportOptions,
+    base: Option<&EvalReport>,
+    warm_start: u64,
+    device: &B::Device,
+) -> Result<RunEval> {
     let run = RunDir::new(run_dir);
     let (config, _) = run.open()?;
     let final_ckpt = run.checkpoint("final");
@@ -120,7 +142,10 @@ pub fn evaluate_run<B: AutodiffBackend>(run_dir: &Path, opts: &ReportOptions, ba
     };
     let fine_tuned = evaluate_checkpoint::<B>(&run, &final_ckpt, opts, device)?;
     let eval = RunEval {
-        run: run_dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+        run: run_dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
         algo: config.rl.algo.name().to_string(),
         seed: config.seed,
         warm_start,
@@ -135,7 +160,12 @@ pub fn evaluate_run<B: AutodiffBackend>(run_dir: &Path, opts: &ReportOptions, ba
 
 /// Runs the pipeline into `dir` unless it has finished there already (an interrupted run is
 /// resumed).
-pub(super) fn ensure_run<B: AutodiffBackend>(config: RunConfig, dir: &Path, init: Option<PathBuf>, device: &B::Device) -> Result<()> {
+pub(super) fn ensure_run<B: AutodiffBackend>(
+    config: RunConfig,
+    dir: &Path,
+    init: Option<PathBuf>,
+    device: &B::Device,
+) -> Result<()> {
     let resume = dir.join("config.json").exists();
     if resume {
         // Reuse only what this very config made: a regime edited since must not be mixed
@@ -153,22 +183,45 @@ pub(super) fn ensure_run<B: AutodiffBackend>(config: RunConfig, dir: &Path, init
             return Err(Error::config(
                 "experiment output",
                 dir.display(),
-                "holds a run made with a different configuration (the regime changed?): remove it or pass another --out",
+                "holds a run made with a different configuration (the regime changed?): remove it or pass another \
+                    --out",
             ));
         }
     }
-    let done = if config.rl.steps == 0 { RunDir::new(dir).checkpoint("warm_start") } else { RunDir::new(dir).checkpoint("final") };
+    let done = if config.rl.steps == 0 {
+        RunDir::new(dir).checkpoint("warm_start")
+    } else {
+        RunDir::new(dir).checkpoint("final")
+    };
     if done.exists() {
         return Ok(());
     }
     // Runs go side by side: their progress bars would garble each other, so the experiment
     // prints one line per finished run instead.
-    run_pipeline::<B>(&PipelineOptions { config, run_dir: dir.to_path_buf(), resume, init, quiet: true, interrupt_after: None, final_eval: false }, device)?;
+    run_pipeline::<B>(
+        &PipelineOptions {
+            config,
+            run_dir: dir.to_path_buf(),
+            resume,
+            init,
+            quiet: true,
+            interrupt_after: None,
+            final_eval: false,
+        },
+        device,
+    )?;
     Ok(())
 }
 
 pub(super) fn report_options(r: &Regime) -> ReportOptions {
-    ReportOptions { problems: r.report.problems, samples: r.report.samples, extended_samples: r.report.extended_samples, seed: EVAL_SEED, samples_file: None, progress: false }
+    ReportOptions {
+        problems: r.report.problems,
+        samples: r.report.samples,
+        extended_samples: r.report.extended_samples,
+        seed: EVAL_SEED,
+        samples_file: None,
+        progress: false,
+    }
 }
 
 /// Runs the headline experiment of every regime given and writes each regime's `REPORT.md` and
@@ -177,12 +230,19 @@ pub(super) fn report_options(r: &Regime) -> ReportOptions {
 /// RL run waiting only for its own warm start. So a worker that finds no warm start left to
 /// take trains RL runs of a regime whose warm start is done instead of idling until the last
 /// warm start ends (≈ 3.5 min of one worker on the 2-core CPU when they were two phases).
-pub fn run_regimes<B: AutodiffBackend>(list: &[ExperimentOptions], workers: usize, device: &B::Device) -> Result<Vec<RegimeSummary>> {
+pub fn run_regimes<B: AutodiffBackend>(
+    list: &[ExperimentOptions],
+    workers: usize,
+    device: &B::Device,
+) -> Result<Vec<RegimeSummary>> {
     let t0 = Instant::now();
 
     // 1. Warm starts and their evaluations, filled in by their jobs for the RL jobs to read;
     // `warm_job[r][i]`: the job of regime r's i-th warm start.
-    let bases: Vec<Vec<OnceLock<(PathBuf, EvalReport)>>> = list.iter().map(|o| o.regime.warm_start_seeds.iter().map(|_| OnceLock::new()).collect()).collect();
+    let bases: Vec<Vec<OnceLock<(PathBuf, EvalReport)>>> = list
+        .iter()
+        .map(|o| o.regime.warm_start_seeds.iter().map(|_| OnceLock::new()).collect())
+        .collect();
     let mut warm = warm_start_list(list)?;
     warm.sort_by_key(|&(cost, ..)| std::cmp::Reverse(cost));
     let mut jobs: Vec<(Vec<usize>, Job<Option<RunEval>>)> = Vec::new();
@@ -193,14 +253,23 @@ pub fn run_regimes<B: AutodiffBackend>(list: &[ExperimentOptions], workers: usiz
         jobs.push((
             Vec::new(),
             Box::new(move || {
-                let _ = cell.set(warm_start::<B>(opts, w, &report_options(&opts.regime), Split::HeldOut, device)?);
+                let _ = cell.set(warm_start::<B>(
+                    opts,
+                    w,
+                    &report_options(&opts.regime),
+                    Split::HeldOut,
+                    device,
+                )?);
                 Ok(None)
             }),
         ));
     }
 
     // 2. Every algorithm × seed, each evaluated as soon as it has trained.
-    let total: usize = list.iter().map(|o| o.regime.rl_seeds as usize * o.regime.algos.len()).sum();
+    let total: usize = list
+        .iter()
+        .map(|o| o.regime.rl_seeds as usize * o.regime.algos.len())
+        .sum();
     let done = std::sync::atomic::AtomicUsize::new(0);
     let mut order = Vec::new();
     for (r, opts) in list.iter().enumerate() {
@@ -233,13 +302,26 @@ pub fn run_regimes<B: AutodiffBackend>(list: &[ExperimentOptions], workers: usiz
                     Err(_) => evaluate_run::<B>(&dir, &report, Some(base), w, device)?,
                 };
                 let n = done.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
-                say(opts, format!("[{n}/{total}] {} {}-s{seed}: pass@1 {:.3} → {:.3} ({:.0} s)", regime.name, spec.algo, eval.base.natural.pass1, eval.fine_tuned.natural.pass1, t.elapsed().as_secs_f64()));
+                say(
+                    opts,
+                    format!(
+                        "[{n}/{total}] {} {}-s{seed}: pass@1 {:.3} → {:.3} ({:.0} s)",
+                        regime.name,
+                        spec.algo,
+                        eval.base.natural.pass1,
+                        eval.fine_tuned.natural.pass1,
+                        t.elapsed().as_secs_f64()
+                    ),
+                );
                 Ok(Some(eval))
             }),
         ));
     }
     let results = run_when_ready(jobs, workers)?;
-    let rl = results.into_iter().skip(first_rl).map(|e| e.expect("an RL job's evaluation"));
+    let rl = results
+        .into_iter()
+        .skip(first_rl)
+        .map(|e| e.expect("an RL job's evaluation"));
     let mut finished: Vec<_> = order.iter().map(|o| (o.1, o.2, o.3)).zip(rl).collect();
     finished.sort_by_key(|f| f.0);
     let mut evals = finished.into_iter().map(|f| f.1);
@@ -249,7 +331,10 @@ pub fn run_regimes<B: AutodiffBackend>(list: &[ExperimentOptions], workers: usiz
     let mut summaries = Vec::new();
     for opts in list {
         let regime = &opts.regime;
-        let runs: Vec<RunEval> = evals.by_ref().take(regime.rl_seeds as usize * regime.algos.len()).collect();
+        let runs: Vec<RunEval> = evals
+            .by_ref()
+            .take(regime.rl_seeds as usize * regime.algos.len())
+            .collect();
         let files = plots(&opts.out, &runs, &format!(" — {}", regime.name))?;
         write_json(&opts.out.join("evals.json"), &runs)?;
         let summary = summarize(regime, &runs, minutes);
@@ -266,24 +351,33 @@ fn summarize(regime: &Regime, evals: &[RunEval], minutes: f64) -> RegimeSummary 
     let mut algos = Vec::new();
     for spec in &regime.algos {
         let Some(rs) = groups.get(&spec.algo) else { continue };
-        let st: Vec<usize> = rs.iter().map(|r| regime.warm_start_seeds.iter().position(|&w| w == r.warm_start).unwrap_or(0)).collect();
-        let col = |f: fn(&RunEval) -> f64| rs.iter().map(|r| f(r)).collect::<Vec<f64>>();
         let (gain, verdict) = learns(rs);
         algos.push(AlgoSummary {
             algo: spec.algo.clone(),
             seeds: rs.len(),
             base_pass1: rs.iter().map(|r| r.base.natural.pass1).sum::<f64>() / rs.len() as f64,
-            pass1: super::stats::mean_interval(&col(super::compare::pass1), &st, 7),
+            pass1: interval(rs, &super::compare::pass1),
             gain,
-            regret: super::stats::mean_interval(&col(super::compare::regret_at_budget), &st, 7),
+            regret: interval(rs, &super::compare::regret_at_budget),
             learns: verdict,
         });
     }
     let versus_all = match groups.get("grpo") {
-        Some(grpo) => regime.algos.iter().filter(|a| a.algo != "grpo").filter_map(|a| groups.get(&a.algo).map(|rs| versus(grpo, rs, &a.algo))).collect(),
+        Some(grpo) => regime
+            .algos
+            .iter()
+            .filter(|a| a.algo != "grpo")
+            .filter_map(|a| groups.get(&a.algo).map(|rs| versus(grpo, rs, &a.algo)))
+            .collect(),
         None => Vec::new(),
     };
-    RegimeSummary { regime: regime.name.clone(), about: regime.about.clone(), algos, versus: versus_all, minutes }
+    RegimeSummary {
+        regime: regime.name.clone(),
+        about: regime.about.clone(),
+        algos,
+        versus: versus_all,
+        minutes,
+    }
 }
 
 /// Mean of a metric over the RL steps of every run of an algorithm.
@@ -291,7 +385,12 @@ fn metric_mean(out: &Path, evals: &[&RunEval], key: &str) -> f64 {
     let mut v = Vec::new();
     for e in evals {
         let records = read_metrics(&RunDir::new(out.join(&e.run)).metrics_path()).unwrap_or_default();
-        v.extend(records.iter().filter(|r| r.get("phase").and_then(Value::as_str) == Some("rl")).filter_map(|r| r.get(key)?.as_f64()));
+        v.extend(
+            records
+                .iter()
+                .filter(|r| r.get("phase").and_then(Value::as_str) == Some("rl"))
+                .filter_map(|r| r.get(key)?.as_f64()),
+        );
     }
     if v.is_empty() {
         f64::NAN
@@ -304,15 +403,35 @@ fn render_report(opts: &ExperimentOptions, evals: &[RunEval], summary: &RegimeSu
     let regime = &opts.regime;
     let mut s = String::new();
     let _ = writeln!(s, "# MRT vs GRPO — regime `{}`\n\n{}\n", regime.name, regime.about);
-    let _ = writeln!(s, "Produced by `{}` on {} (git commit {}).\n", opts.command, opts.device_label, git_commit());
+    let _ = writeln!(
+        s,
+        "Produced by `{}` on {} (git commit {}).\n",
+        opts.command,
+        opts.device_label,
+        git_commit()
+    );
     let _ = writeln!(s, "## Setup\n");
     if let Ok(c) = regime.run_config(&regime.algos[0], 0) {
         let _ = writeln!(s, "- Task: `{}`", serde_json::to_string(&c.task).unwrap_or_default());
-        let _ = writeln!(s, "- Model: preset `{}`, {} parameters (d_model {}, {} layers, {} heads, vocab {}).", c.preset, c.model.num_params(), c.model.d_model, c.model.n_layers, c.model.n_heads, c.model.vocab_size);
-        let _ = writeln!(s, "- Warm starts: seeds {:?}, {} steps × {} scripted traces each.", regime.warm_start_seeds, c.warm_start.steps, c.warm_start.batch_size);
         let _ = writeln!(
             s,
-            "- RL: seeds 0…{} (seed s from warm start s mod {}), {} steps × {} problems × {} samples, lr {}, episode budget B = {}, token budget {}.",
+            "- Model: preset `{}`, {} parameters (d_model {}, {} layers, {} heads, vocab {}).",
+            c.preset,
+            c.model.num_params(),
+            c.model.d_model,
+            c.model.n_layers,
+            c.model.n_heads,
+            c.model.vocab_size
+        );
+        let _ = writeln!(
+            s,
+            "- Warm starts: seeds {:?}, {} steps × {} scripted traces each.",
+            regime.warm_start_seeds, c.warm_start.steps, c.warm_start.batch_size
+        );
+        let _ = writeln!(
+            s,
+            "- RL: seeds 0…{} (seed s from warm start s mod {}), {} steps × {} problems × {} samples, lr {}, \
+                episode budget B = {}, token budget {}.",
             regime.rl_seeds - 1,
             regime.warm_start_seeds.len(),
             c.rl.steps,
@@ -324,51 +443,104 @@ fn render_report(opts: &ExperimentOptions, evals: &[RunEval], summary: &RegimeSu
         );
         for spec in &regime.algos {
             if let Ok(a) = regime.run_config(spec, 0) {
-                let alpha = if a.rl.algo.needs_prover() { format!("α = {}, meta-prover `{:?}`", a.rl.alpha, a.rl.prover.mode) } else { "outcome reward only".into() };
+                let alpha = if a.rl.algo.needs_prover() {
+                    format!("α = {}, meta-prover `{:?}`", a.rl.alpha, a.rl.prover.mode)
+                } else {
+                    "outcome reward only".into()
+                };
                 let _ = writeln!(s, "  - `{}`: {alpha}.", spec.algo);
             }
         }
         let _ = writeln!(
             s,
-            "- Evaluation: {} held-out problems (no prompt of them is trained on) × {} samples at the budget B, and × {} at 2B (free to stop, and with budget forcing); the same problems and sampling seed for every checkpoint.",
+            "- Evaluation: {} held-out problems (no prompt of them is trained on) × {} samples at the budget B, and \
+                × {} at 2B (free to stop, and with budget forcing); the same problems and sampling seed for every \
+                    checkpoint.",
             regime.report.problems, regime.report.samples, regime.report.extended_samples
         );
         if let Ok(task) = c.task.build() {
             let problems = eval_problems(task.as_ref(), regime.report.problems, Split::HeldOut).unwrap_or_default();
-            let scripted: Vec<String> = task.strategies().iter().map(|st| format!("`{st}` {:.3}", scripted_pass1(task.as_ref(), &problems, st, regime.report.samples, 7))).collect();
-            let _ = writeln!(s, "- Reference points, pass@1 within B on the same problems: scripted strategies of the warm-start data {}.", scripted.join(", "));
+            let scripted: Vec<String> = task
+                .strategies()
+                .iter()
+                .map(|st| {
+                    format!(
+                        "`{st}` {:.3}",
+                        scripted_pass1(task.as_ref(), &problems, st, regime.report.samples, 7)
+                    )
+                })
+                .collect();
+            let _ = writeln!(
+                s,
+                "- Reference points, pass@1 within B on the same problems: scripted strategies of \
+                the warm-start data {}.",
+                scripted.join(", ")
+            );
         }
         if let Some(opt) = evals.first().and_then(|e| e.fine_tuned.natural.optimal.as_ref()) {
-            let _ = writeln!(s, "- The Bayes-optimal policy (bisection) solves {:.3} within B.", opt.last().copied().unwrap_or(f64::NAN));
+            let _ = writeln!(
+                s,
+                "- The Bayes-optimal policy (bisection) solves {:.3} within B.",
+                opt.last().copied().unwrap_or(f64::NAN)
+            );
         }
     }
-    let _ = writeln!(s, "\nIntervals are 95 % stratified bootstrap intervals over RL seeds (strata: warm starts); differences are paired by (warm start, seed). Regrets are normalised cumulative regrets (J* = 1), lower is better.\n");
-    let _ = writeln!(s, "## Verdicts (criteria fixed before running, computed from the numbers below)\n");
+    let _ = writeln!(
+        s,
+        "\nIntervals are 95 % two-level bootstrap intervals: each resample draws the RL seeds (within their warm \
+        starts) and, independently, the {} held-out problems, so an interval covers another seed *and* another \
+        draw of problems from the task, not only these problems. Differences are paired by (warm start, seed) and \
+        by problem (one draw of problems for both algorithms). Regrets are normalised cumulative regrets (J* = 1), \
+        lower is better.\n",
+        opts.regime.report.problems
+    );
+    let _ = writeln!(
+        s,
+        "## Verdicts (criteria fixed before running, computed from the numbers below)\n"
+    );
     s.push_str(&verdicts(evals));
     let _ = writeln!(s, "\n## Results per algorithm\n");
     s.push_str(&table(evals));
     let _ = writeln!(s, "\n## Why: what drove the updates (means over RL steps and seeds)\n");
-    let _ = writeln!(s, "| algorithm | outcome term \\|A\\| | progress term \\|A\\| | all-equal groups | trained tokens / step | unproductive episodes (eval) |\n|---|---|---|---|---|---|");
+    let _ = writeln!(
+        s,
+        "| algorithm | outcome term \\|A\\| | progress term \\|A\\| | outcome term's share of the update | \
+        all-equal groups | trained tokens / step | unproductive episodes (eval) |\n|---|---|---|---|---|---|---|"
+    );
     let groups = by_algo(evals);
     for (algo, rs) in &groups {
         let unproductive = rs.iter().map(|r| r.fine_tuned.unproductive_episodes).sum::<f64>() / rs.len() as f64;
         let _ = writeln!(
             s,
-            "| {algo} | {:.3} | {:.3} | {:.2} | {:.0} | {unproductive:.2} |",
+            "| {algo} | {:.3} | {:.3} | {:.2} | {:.2} | {:.0} | {unproductive:.2} |",
             metric_mean(&opts.out, rs, "adv/outcome_abs"),
             metric_mean(&opts.out, rs, "adv/progress_abs"),
+            metric_mean(&opts.out, rs, "update/outcome_share"),
             metric_mean(&opts.out, rs, "rollout/all_equal_frac"),
             metric_mean(&opts.out, rs, "train/trained_tokens")
         );
     }
-    let _ = writeln!(s, "\n## Cost\n\n| algorithm | s per RL step | tokens sampled per step | × GRPO's step time |\n|---|---|---|---|");
+    let _ = writeln!(
+        s,
+        "\n## Cost\n\n| algorithm | s per RL step | tokens sampled per step | × GRPO's step time |\n|---|---|---|---|"
+    );
     let grpo_step = groups.get("grpo").map(|rs| metric_mean(&opts.out, rs, "perf/step_s"));
     for (algo, rs) in &groups {
         let step = metric_mean(&opts.out, rs, "perf/step_s");
-        let ratio = grpo_step.map(|g| format!("{:.2}", step / g)).unwrap_or_else(|| "n/a".into());
-        let _ = writeln!(s, "| {algo} | {step:.3} | {:.0} | {ratio} |", metric_mean(&opts.out, rs, "perf/sampled_tokens"));
+        let ratio = grpo_step
+            .map(|g| format!("{:.2}", step / g))
+            .unwrap_or_else(|| "n/a".into());
+        let _ = writeln!(
+            s,
+            "| {algo} | {step:.3} | {:.0} | {ratio} |",
+            metric_mean(&opts.out, rs, "perf/sampled_tokens")
+        );
     }
-    let _ = writeln!(s, "\nThis invocation took {:.1} minutes.\n\n## Plots\n", summary.minutes);
+    let _ = writeln!(
+        s,
+        "\nThis invocation took {:.1} minutes.\n\n## Plots\n",
+        summary.minutes
+    );
     for f in files {
         let _ = writeln!(s, "![{f}]({f})\n");
     }
@@ -378,15 +550,38 @@ fn render_report(opts: &ExperimentOptions, evals: &[RunEval], summary: &RegimeSu
 /// One line per regime and algorithm: the headline table of `--regime all`.
 pub fn render_overview(summaries: &[RegimeSummary], command: &str, device: &str, minutes: f64) -> String {
     let mut s = String::new();
-    let _ = writeln!(s, "# MRT vs GRPO: all regimes\n\nProduced by `{command}` on {device} (git commit {}) in {minutes:.1} minutes.\n", git_commit());
-    let _ = writeln!(s, "| regime | algorithm | seeds | warm start pass@1 | fine-tuned pass@1 | gain | regret at B | learns |\n|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(
+        s,
+        "# MRT vs GRPO: all regimes\n\nProduced by `{command}` on {device} (git commit {}) in {minutes:.1} minutes.\n",
+        git_commit()
+    );
+    let _ = writeln!(
+        s,
+        "| regime | algorithm | seeds | warm start pass@1 | fine-tuned pass@1 | gain | regret at B \
+        | learns |\n|---|---|---|---|---|---|---|---|"
+    );
     let show = |i: &Option<Interval>| i.map(|i| i.show(3)).unwrap_or_else(|| "n/a".into());
     for r in summaries {
         for a in &r.algos {
-            let _ = writeln!(s, "| {} | {} | {} | {:.3} | {} | {} | {} | {} |", r.regime, a.algo, a.seeds, a.base_pass1, show(&a.pass1), show(&a.gain), show(&a.regret), a.learns.word());
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {:.3} | {} | {} | {} | {} |",
+                r.regime,
+                a.algo,
+                a.seeds,
+                a.base_pass1,
+                show(&a.pass1),
+                show(&a.gain),
+                show(&a.regret),
+                a.learns.word()
+            );
         }
     }
-    let _ = writeln!(s, "\n| regime | variant | lower regret at every budget (free / forced) | relative gain ≥ 2× | token efficiency ≥ 1.5× |\n|---|---|---|---|---|");
+    let _ = writeln!(
+        s,
+        "\n| regime | variant | lower regret at every budget (free / forced) | relative gain ≥ 2× | \
+        token efficiency ≥ 1.5× |\n|---|---|---|---|---|"
+    );
     for r in summaries {
         for v in &r.versus {
             let _ = writeln!(

@@ -4,13 +4,15 @@
 //! - `report`: everything measured on one checkpoint, at the training budget and past it;
 //! - `pretrained`: the same for a Hugging Face model directory as it is (`eval --model`);
 //! - `samples`: completions as text (`samples.jsonl`), to see what a model wrote;
-//! - `stats`: paired bootstrap intervals over seeds and the verdicts built on them;
+//! - `by_problem`: those measures per held-out problem, for intervals over the problems;
+//! - `stats`: paired bootstrap intervals over seeds and problems, and the verdicts built on them;
 //! - `compare`, `figures`, `plots`: runs side by side, in tables and SVG plots;
 //! - `regime`, `experiment`, `warm`, `sweep`, `jobs`: the named experiment regimes, the
 //!   MRT-vs-GRPO experiment, its shared warm starts, its α sweep on validation, runs side by
 //!   side on one-thread pools.
 
 pub mod analysis;
+pub mod by_problem;
 pub mod compare;
 pub mod experiment;
 pub mod figures;

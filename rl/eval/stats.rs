@@ -7,6 +7,11 @@
 //! percentiles of the statistic over the resamples (strata are pooled when one holds a single
 //! unit). Everything is seeded: the same numbers give the same interval. With fewer than two
 //! units there is no interval and no verdict.
+//!
+//! Runs are evaluated on one fixed held-out set, so an interval over seeds alone says how
+//! another seed would do on *these* problems. [`bootstrap2`] also resamples the problems (the
+//! same draw for every run of a resample, so differences stay paired by problem): its
+//! intervals cover another seed on another draw of problems from the task.
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -40,15 +45,47 @@ impl Interval {
 }
 
 /// Stratified percentile bootstrap of `stat`, a function of the indices of the units in a
-/// (re)sample that returns `None` where it is undefined. `strata[i]` is unit i's stratum. `None`
-/// with fewer than two units or when the statistic is undefined on the full sample.
+/// (re)sample that returns `None` (or a non-finite value) where it is undefined. `strata[i]` is
+/// unit i's stratum. `None` with fewer than two units or when the statistic is undefined on the
+/// full sample.
 pub fn bootstrap(strata: &[usize], stat: &dyn Fn(&[usize]) -> Option<f64>, seed: u64) -> Option<Interval> {
+    bootstrap2(strata, 0, &|units, _| stat(units), seed)
+}
+
+/// Two-level bootstrap: each resample draws the units (RL seeds, stratified as in
+/// [`bootstrap`]) and, independently, `problems` held-out problems with replacement; `stat`
+/// gets both index lists. The problems drawn are the same for every unit of a resample, so a
+/// difference between runs evaluated on the same problems stays paired by problem. With
+/// `problems` ≤ 1 only the units are resampled (the second list is then `0..problems`).
+pub fn bootstrap2(
+    strata: &[usize],
+    problems: usize,
+    stat: &dyn Fn(&[usize], &[usize]) -> Option<f64>,
+    seed: u64,
+) -> Option<Interval> {
+    bootstrap_curve(strata, problems, 1, &|units, probs| vec![stat(units, probs)], seed)
+        .pop()
+        .flatten()
+}
+
+/// [`bootstrap2`] of a statistic with `len` components (a curve, e.g. regret at every budget)
+/// from one set of resamples: component j's interval is over the resamples where it is
+/// defined.
+pub fn bootstrap_curve(
+    strata: &[usize],
+    problems: usize,
+    len: usize,
+    stat: &dyn Fn(&[usize], &[usize]) -> Vec<Option<f64>>,
+    seed: u64,
+) -> Vec<Option<Interval>> {
     let n = strata.len();
     if n < 2 {
-        return None;
+        return vec![None; len];
     }
     let all: Vec<usize> = (0..n).collect();
-    let point = stat(&all)?;
+    let all_problems: Vec<usize> = (0..problems).collect();
+    let point = stat(&all, &all_problems);
+    assert_eq!(point.len(), len, "the statistic has {len} components");
     let mut groups: Vec<Vec<usize>> = Vec::new();
     for (i, &s) in strata.iter().enumerate() {
         if groups.len() <= s {
@@ -63,23 +100,44 @@ pub fn bootstrap(strata: &[usize], stat: &dyn Fn(&[usize]) -> Option<f64>, seed:
         groups = vec![all.clone()];
     }
     let mut rng = StdRng::seed_from_u64(seed);
-    let mut values = Vec::with_capacity(RESAMPLES);
+    let mut values = vec![Vec::with_capacity(RESAMPLES); len];
     let mut sample = Vec::with_capacity(n);
+    let mut drawn = all_problems.clone();
     for _ in 0..RESAMPLES {
         sample.clear();
         for g in &groups {
             sample.extend((0..g.len()).map(|_| g[rng.random_range(0..g.len())]));
         }
-        if let Some(v) = stat(&sample).filter(|v| v.is_finite()) {
-            values.push(v);
+        if problems > 1 {
+            for p in drawn.iter_mut() {
+                *p = rng.random_range(0..problems);
+            }
+        }
+        for (j, v) in stat(&sample, &drawn).into_iter().enumerate() {
+            if let Some(v) = v.filter(|v| v.is_finite()) {
+                values[j].push(v);
+            }
         }
     }
-    if values.is_empty() {
-        return None;
-    }
-    values.sort_by(f64::total_cmp);
-    let q = |p: f64| values[((p * (values.len() - 1) as f64).round() as usize).min(values.len() - 1)];
-    Some(Interval { point, lo: q(0.025), hi: q(0.975), n, undefined: 1.0 - values.len() as f64 / RESAMPLES as f64 })
+    point
+        .into_iter()
+        .zip(values)
+        .map(|(point, mut values)| {
+            let point = point.filter(|p| p.is_finite())?;
+            if values.is_empty() {
+                return None;
+            }
+            values.sort_by(f64::total_cmp);
+            let q = |p: f64| values[((p * (values.len() - 1) as f64).round() as usize).min(values.len() - 1)];
+            Some(Interval {
+                point,
+                lo: q(0.025),
+                hi: q(0.975),
+                n,
+                undefined: 1.0 - values.len() as f64 / RESAMPLES as f64,
+            })
+        })
+        .collect()
 }
 
 /// Mean of `x` over the units `idx`.
@@ -161,6 +219,72 @@ mod tests {
     }
 
     #[test]
+    fn two_level_intervals_cover_the_problems_and_stay_paired() {
+        // 4 runs (2 warm starts) × 6 problems; every run has the same per-problem spread.
+        let problem = [0.0, 1.0, 0.2, 0.9, 0.1, 0.8];
+        let runs: Vec<Vec<f64>> = (0..4)
+            .map(|r| problem.iter().map(|p| p + 0.01 * r as f64).collect())
+            .collect();
+        let strata = [0, 0, 1, 1];
+        let mean = |units: &[usize], probs: &[usize]| {
+            Some(units.iter().map(|&u| mean_of(&runs[u], probs)).sum::<f64>() / units.len() as f64)
+        };
+        let seeds_only = bootstrap2(&strata, 0, &|u, _| mean(u, &(0..6).collect::<Vec<_>>()), 9).unwrap();
+        let both = bootstrap2(&strata, 6, &mean, 9).unwrap();
+        assert!((both.point - seeds_only.point).abs() < 1e-12 && (both.point - 0.5150).abs() < 1e-12);
+        // Seeds barely differ; problems do: only the two-level interval is wide.
+        assert!(seeds_only.hi - seeds_only.lo < 0.03, "{seeds_only:?}");
+        assert!(both.hi - both.lo > 0.3 && both.lo < 0.35 && both.hi > 0.65, "{both:?}");
+        // A difference between two algorithms that is the same on every problem stays exact:
+        // the problems are drawn once per resample for both, so the problem spread cancels.
+        let shifted: Vec<Vec<f64>> = runs.iter().map(|r| r.iter().map(|v| v + 0.05).collect()).collect();
+        let diff = bootstrap2(
+            &strata,
+            6,
+            &|u, p| {
+                let d = u.iter().map(|&i| mean_of(&shifted[i], p) - mean_of(&runs[i], p));
+                Some(d.sum::<f64>() / u.len() as f64)
+            },
+            9,
+        )
+        .unwrap();
+        assert!(
+            (diff.lo - 0.05).abs() < 1e-12 && (diff.hi - 0.05).abs() < 1e-12,
+            "{diff:?}"
+        );
+        // With problems ≤ 1 it is the one-level bootstrap, draw for draw.
+        let x = [0.1, 0.3, 0.2, 0.6];
+        assert_eq!(
+            bootstrap2(&strata, 1, &|u, _| Some(mean_of(&x, u)), 4),
+            mean_interval(&x, &strata, 4)
+        );
+    }
+
+    #[test]
+    fn curves_get_one_interval_per_component() {
+        let x = [[0.1, 1.0], [0.2, 2.0], [0.3, 3.0], [0.4, f64::NAN]];
+        let c = bootstrap_curve(
+            &[0, 0, 0, 0],
+            0,
+            2,
+            &|u, _| {
+                (0..2)
+                    .map(|j| Some(u.iter().map(|&i| x[i][j]).sum::<f64>() / u.len() as f64))
+                    .collect()
+            },
+            5,
+        );
+        let a = c[0].unwrap();
+        assert!((a.point - 0.25).abs() < 1e-12 && a.undefined == 0.0);
+        // The second component is undefined on the full sample: no interval.
+        assert_eq!(c[1], None);
+        assert_eq!(
+            bootstrap_curve(&[0], 3, 2, &|_, _| vec![Some(1.0); 2], 5),
+            vec![None, None]
+        );
+    }
+
+    #[test]
     fn one_unit_has_no_interval() {
         assert_eq!(mean_interval(&[0.5], &[0], 1), None);
         assert_eq!(paired_difference(&[0.976], &[0.974], &[0], 1), None);
@@ -171,7 +295,10 @@ mod tests {
         let a = [0.5, 0.6, 0.7, 0.8];
         let b = [0.6, 0.7, 0.8, 0.8];
         let d = paired_difference(&a, &b, &[0, 0, 0, 0], 3).unwrap();
-        assert!((d.point - 0.075).abs() < 1e-12 && d.lo >= 0.0 && d.hi <= 0.1 + 1e-12, "{d:?}");
+        assert!(
+            (d.point - 0.075).abs() < 1e-12 && d.lo >= 0.0 && d.hi <= 0.1 + 1e-12,
+            "{d:?}"
+        );
         assert_eq!(probability_of_improvement(&a, &b, true), 0.875);
         assert_eq!(probability_of_improvement(&a, &b, false), 0.125);
     }

@@ -14,13 +14,14 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
-use crate::rl::config::EvalConfig;
-use crate::rl::protocol::Protocol;
-use crate::rl::rollout::{Engine, Finish, Rollout, RolloutConfig};
+use super::by_problem::mean_by_problem;
 use crate::data::split::fnv1a;
 use crate::data::{sample_problem, Problem, Split, Task};
 use crate::error::Result;
 use crate::model::{SamplerConfig, Transformer};
+use crate::rl::config::EvalConfig;
+use crate::rl::protocol::Protocol;
+use crate::rl::rollout::{Engine, Finish, Rollout, RolloutConfig};
 
 /// The fixed evaluation set of a task configuration on one split (`HeldOut` for reported
 /// numbers, `Validation` for choosing hyper-parameters): up to `n` distinct problems drawn with
@@ -62,29 +63,40 @@ pub struct EvalSummary {
     pub problems: usize,
     pub rollouts: usize,
     /// Mean outcome reward within the episode budget.
+    #[serde(deserialize_with = "crate::fsutil::nan")]
     pub pass1: f64,
     /// Fraction of rollouts that answered on their own (not forced).
+    #[serde(deserialize_with = "crate::fsutil::nan")]
     pub answered: f64,
+    #[serde(deserialize_with = "crate::fsutil::nan")]
     pub mean_episodes: f64,
     /// Mean policy tokens per rollout.
+    #[serde(deserialize_with = "crate::fsutil::nan")]
     pub mean_tokens: f64,
     /// Mean policy tokens of the solved rollouts.
+    #[serde(deserialize_with = "crate::fsutil::nan")]
     pub tokens_to_solve: f64,
     /// Mean episodes of the solved rollouts.
+    #[serde(deserialize_with = "crate::fsutil::nan")]
     pub episodes_to_solve: f64,
     /// Mean anytime accuracy after 0 … B episodes.
+    #[serde(deserialize_with = "crate::fsutil::nan")]
     pub anytime: Vec<f64>,
     /// Bayes-optimal anytime accuracy on the same problems, when computable.
+    #[serde(deserialize_with = "crate::fsutil::nan")]
     pub optimal: Option<Vec<f64>>,
     /// Normalised cumulative regret against J* = 1 over B episodes.
+    #[serde(deserialize_with = "crate::fsutil::nan")]
     pub regret: f64,
     /// Normalised cumulative regret against the Bayes-optimal curve.
     pub regret_vs_optimal: Option<f64>,
     /// Mean well-formedness of forced answers over all episode boundaries.
+    #[serde(deserialize_with = "crate::fsutil::nan")]
     pub forced_well_formed: f64,
     /// pass@1 of each problem (its samples' mean reward), in the problems' order: what an
     /// interval over the problems is drawn from.
     #[serde(default)]
+    #[serde(deserialize_with = "crate::fsutil::nan")]
     pub pass1_by_problem: Vec<f64>,
 }
 
@@ -97,27 +109,21 @@ fn mean(x: impl Iterator<Item = f64>) -> f64 {
     }
 }
 
-/// Mean reward of each problem's rollouts, in one pass (NaN for a problem without any).
-fn pass1_by_problem(problems: usize, rollouts: &[Rollout]) -> Vec<f64> {
-    let mut sum = vec![(0.0f64, 0usize); problems];
-    for r in rollouts {
-        let s = &mut sum[r.problem];
-        *s = (s.0 + r.reward as f64, s.1 + 1);
-    }
-    sum.into_iter().map(|(s, n)| if n == 0 { f64::NAN } else { s / n as f64 }).collect()
-}
-
 /// Summarises rollouts of `problems` at an episode budget `budget`.
 pub fn summarize(task: &dyn Task, problems: &[Problem], rollouts: &[Rollout], budget: usize) -> EvalSummary {
     let solved: Vec<&Rollout> = rollouts.iter().filter(|r| r.reward > 0.0).collect();
-    let anytime_curve: Vec<f64> = (0..=budget).map(|b| mean(rollouts.iter().map(|r| anytime(r, b) as f64))).collect();
+    let anytime_curve: Vec<f64> = (0..=budget)
+        .map(|b| mean(rollouts.iter().map(|r| anytime(r, b) as f64)))
+        .collect();
     let optimal: Option<Vec<f64>> = problems
         .iter()
         .map(|p| task.optimal_curve(p, budget))
         .collect::<Option<Vec<_>>>()
         .map(|curves| (0..=budget).map(|b| mean(curves.iter().map(|c| c[b]))).collect());
     let regret = mean(anytime_curve[1..].iter().map(|a| 1.0 - a));
-    let regret_vs_optimal = optimal.as_ref().map(|o| mean(o[1..].iter().zip(&anytime_curve[1..]).map(|(o, a)| o - a)));
+    let regret_vs_optimal = optimal
+        .as_ref()
+        .map(|o| mean(o[1..].iter().zip(&anytime_curve[1..]).map(|(o, a)| o - a)));
     EvalSummary {
         problems: problems.len(),
         rollouts: rollouts.len(),
@@ -131,8 +137,13 @@ pub fn summarize(task: &dyn Task, problems: &[Problem], rollouts: &[Rollout], bu
         optimal,
         regret,
         regret_vs_optimal,
-        forced_well_formed: mean(rollouts.iter().flat_map(|r| r.j_well_formed.iter().map(|&w| w as f64)).filter(|w| !w.is_nan())),
-        pass1_by_problem: pass1_by_problem(problems.len(), rollouts),
+        forced_well_formed: mean(
+            rollouts
+                .iter()
+                .flat_map(|r| r.j_well_formed.iter().map(|&w| w as f64))
+                .filter(|w| !w.is_nan()),
+        ),
+        pass1_by_problem: mean_by_problem(problems.len(), rollouts, |r| r.reward as f64),
     }
 }
 
@@ -161,7 +172,16 @@ pub fn evaluate<B: Backend>(
     budget_forcing: bool,
     seed: u64,
 ) -> Result<(EvalSummary, Vec<Rollout>)> {
-    evaluate_shown(model, task, protocol, problems, config, budget_forcing, seed, &ProgressBar::hidden())
+    evaluate_shown(
+        model,
+        task,
+        protocol,
+        problems,
+        config,
+        budget_forcing,
+        seed,
+        &ProgressBar::hidden(),
+    )
 }
 
 /// [`evaluate`], counting finished problems on `bar`.
