@@ -148,6 +148,7 @@ pub fn run_pipeline<B: AutodiffBackend>(opts: &PipelineOptions, device: &B::Devi
         eval_problems: eval_problems(task.as_ref(), config.eval.problems, config.eval.split)?,
         quiet: opts.quiet,
         interrupt_after: opts.interrupt_after,
+        latest_evals: Vec::new(),
     };
     let pretrained = config.pretrained.is_some();
     let incomplete = |ctx: &Ctx| Outcome {
@@ -215,12 +216,18 @@ pub fn run_pipeline<B: AutodiffBackend>(opts: &PipelineOptions, device: &B::Devi
             fine_tuned: None,
         });
     }
-    let base_model = match reference {
-        Some(m) => m,
-        None => load_base()?,
-    };
-    let base = ctx.evaluate(&base_model, "base", 0)?;
-    let fine_tuned = ctx.evaluate(&model.valid(), "final", config.rl.steps)?;
+    // The warm start's and RL's last evaluations, when this process made them, were of these
+    // very models.
+    let base = ctx.evaluate_or_reuse(
+        || match reference {
+            Some(m) => Ok(m),
+            None => load_base(),
+        },
+        "base",
+        0,
+        ("warm-start", config.warm_start.steps),
+    )?;
+    let fine_tuned = ctx.evaluate_or_reuse(|| Ok(model.valid()), "final", config.rl.steps, ("rl", config.rl.steps))?;
     let outcome = Outcome {
         run_dir: run.root.clone(),
         completed: true,

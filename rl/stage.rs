@@ -32,6 +32,8 @@ pub struct Ctx<'a> {
     pub quiet: bool,
     /// Stop after this many steps of a stage in this call (simulates a kill, for resume tests).
     pub interrupt_after: Option<usize>,
+    /// The latest evaluation of each stage in this process: (stage, step, summary, seconds).
+    pub latest_evals: Vec<(String, usize, EvalSummary, f64)>,
 }
 
 impl Ctx<'_> {
@@ -78,6 +80,41 @@ impl Ctx<'_> {
             false,
             seed,
         )?;
+        let seconds = t0.elapsed().as_secs_f64();
+        self.log_eval(stage, step, &summary, seconds, false)?;
+        self.latest_evals.retain(|e| e.0 != stage);
+        self.latest_evals
+            .push((stage.to_string(), step, summary.clone(), seconds));
+        Ok(summary)
+    }
+
+    /// [`Ctx::evaluate`] of the model `load` gives, unless this process already evaluated that
+    /// same model: stage `from.0` at step `from.1` (the last step of the stage that produced it).
+    /// The evaluation's seed and problems depend on the run alone, so it would give the same
+    /// numbers again, at the cost of a whole evaluation (minutes on a pretrained model); the
+    /// record is written under `stage` with `eval/reused` = 1.
+    pub fn evaluate_or_reuse<B: Backend>(
+        &mut self,
+        load: impl FnOnce() -> Result<Transformer<B>>,
+        stage: &str,
+        step: usize,
+        from: (&str, usize),
+    ) -> Result<EvalSummary> {
+        let found = self
+            .latest_evals
+            .iter()
+            .find(|e| e.0 == from.0 && e.1 == from.1)
+            .map(|e| (e.2.clone(), e.3));
+        match found {
+            Some((summary, seconds)) => {
+                self.log_eval(stage, step, &summary, seconds, true)?;
+                Ok(summary)
+            }
+            None => self.evaluate(&load()?, stage, step),
+        }
+    }
+
+    fn log_eval(&mut self, stage: &str, step: usize, summary: &EvalSummary, seconds: f64, reused: bool) -> Result<()> {
         let mut rec = Record::new(stage, step);
         rec.set("eval/pass@1", summary.pass1)
             .set("eval/answered", summary.answered)
@@ -87,15 +124,17 @@ impl Ctx<'_> {
             .set("eval/episodes_to_solve", summary.episodes_to_solve)
             .set("eval/regret", summary.regret)
             .set("eval/forced_well_formed", summary.forced_well_formed)
-            .set("eval/seconds", t0.elapsed().as_secs_f64());
+            .set("eval/seconds", seconds);
+        if reused {
+            rec.set("eval/reused", 1.0);
+        }
         if let Some(r) = summary.regret_vs_optimal {
             rec.set("eval/regret_vs_optimal", r);
         }
         for (j, a) in summary.anytime.iter().enumerate() {
             rec.set(&format!("eval/anytime@{j}"), *a);
         }
-        self.metrics.write(&rec)?;
-        Ok(summary)
+        self.metrics.write(&rec)
     }
 }
 

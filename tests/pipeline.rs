@@ -55,7 +55,7 @@ fn metrics_without_timing(run: &std::path::Path) -> Vec<serde_json::Map<String, 
         .unwrap()
         .into_iter()
         .map(|mut r| {
-            r.retain(|k, _| !k.starts_with("perf/") && k != "eval/seconds");
+            r.retain(|k, _| !k.starts_with("perf/") && k != "eval/seconds" && k != "eval/reused");
             r
         })
         .collect()
@@ -107,6 +107,30 @@ fn killed_and_resumed_run_matches_uninterrupted_run() {
     assert_eq!(metrics_without_timing(&a), metrics_without_timing(&b));
     // 12 warm-start steps, 8 RL steps, evaluations at warm-start 6, 12 and RL 4, 8, base, final.
     assert_eq!(metrics_without_timing(&a).len(), 12 + 8 + 6);
+    // In one uninterrupted process, "base" and "final" are the warm start's and RL's last
+    // evaluations of the same models, reused rather than run again; the resumed run, whose
+    // warm start ran in an earlier process, evaluated its base afresh and got the same numbers
+    // (the metrics above are equal).
+    let raw = |run: &std::path::Path| read_metrics(&run.join("metrics.jsonl")).unwrap();
+    let reused = |run: &std::path::Path, phase: &str| {
+        raw(run)
+            .iter()
+            .any(|r| r["phase"] == phase && r.get("eval/reused").is_some())
+    };
+    assert!(reused(&a, "base") && reused(&a, "final"));
+    assert!(!reused(&b, "base") && reused(&b, "final"));
+    let evals = metrics_without_timing(&a);
+    let find = |phase: &str, step: u64| {
+        let mut r = evals
+            .iter()
+            .find(|r| r["phase"] == phase && r["step"] == step && r.contains_key("eval/pass@1"))
+            .unwrap()
+            .clone();
+        r.retain(|k, _| k.starts_with("eval/"));
+        r
+    };
+    assert_eq!(find("final", 8), find("rl", 8));
+    assert_eq!(find("base", 0), find("warm-start", 12));
 }
 
 #[test]
