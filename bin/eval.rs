@@ -151,7 +151,7 @@ fn run(args: Args) -> Result<()> {
         let (b, f) = (&e.base.natural, &e.fine_tuned.natural);
         println!(
             "{}: {} seed {} | pass@1 {:.3} → {:.3} | regret {:.3} → {:.3} | tokens to solve {:.1} → {:.1} | \
-                eval.json and plots written",
+                eval.json, eval_samples.jsonl and plots written",
             dir.display(),
             e.algo,
             e.seed,

@@ -72,6 +72,12 @@ fn quick_regime_runs_pairs_reports_and_resumes() {
     ] {
         assert!(report.contains(needle), "REPORT.md lacks {needle}");
     }
+    // What each fine-tuned model wrote: one line per held-out problem × sample.
+    let lines = std::fs::read_to_string(out.join("grpo-s0/eval_samples.jsonl")).unwrap();
+    assert_eq!(lines.lines().count(), 6 * 2);
+    let first: serde_json::Value = serde_json::from_str(lines.lines().next().unwrap()).unwrap();
+    assert!(first.get("reward").is_some() && first.get("text").is_some(), "{first}");
+
     // The per-problem breakdown gives back every aggregate on the full set of problems, so the
     // two-level intervals are about the numbers the tables print.
     let evals: Vec<RunEval> = serde_json::from_str(&std::fs::read_to_string(out.join("evals.json")).unwrap()).unwrap();

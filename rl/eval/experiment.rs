@@ -117,8 +117,10 @@ pub fn training_curve(run: &RunDir) -> Vec<TrainPoint> {
     curve
 }
 
-/// Evaluates a finished run (its warm start and final checkpoint), writes `eval.json` and its
-/// plots into the run directory. A given `base` report (a shared warm start's) is reused.
+/// Evaluates a finished run (its warm start and final checkpoint), writes `eval.json`, the
+/// fine-tuned model's completions (`eval_samples.jsonl`: what it wrote, episode by episode, with
+/// J and the reward) and the plots into the run directory. A given `base` report (a shared warm
+/// start's) is reused.
 pub fn evaluate_run<B: AutodiffBackend>(
     run_dir: &Path,
     opts: &ReportOptions,
@@ -140,7 +142,11 @@ pub fn evaluate_run<B: AutodiffBackend>(
         Some(b) => b.clone(),
         None => evaluate_checkpoint::<B>(&run, &run.checkpoint("warm_start"), opts, device)?,
     };
-    let fine_tuned = evaluate_checkpoint::<B>(&run, &final_ckpt, opts, device)?;
+    let with_samples = ReportOptions {
+        samples_file: Some(run.root.join("eval_samples.jsonl")),
+        ..opts.clone()
+    };
+    let fine_tuned = evaluate_checkpoint::<B>(&run, &final_ckpt, &with_samples, device)?;
     let eval = RunEval {
         run: run_dir
             .file_name()
