@@ -13,13 +13,11 @@ use super::analysis::{maj_at_k, regret_curve, token_anytime, CostPoint, Vote};
 use super::stats::mean_of;
 use crate::rl::rollout::Rollout;
 
-/// Per-problem values of one checkpoint's evaluation, in the held-out problems' order. Curves
-/// are stored `[point][problem]`, so a point's resampled mean reads one row.
+/// Per-problem values of one checkpoint's evaluation, in the held-out problems' order (pass@1
+/// per problem is the natural summary's `pass1_by_problem`). Curves are stored
+/// `[point][problem]`, so a point's resampled mean reads one row.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ByProblem {
-    /// Mean reward of each problem's samples at the training budget.
-    #[serde(deserialize_with = "crate::fsutil::nan")]
-    pub pass1: Vec<f64>,
     /// Anytime accuracy after b = 0 … B episodes (the natural evaluation).
     #[serde(deserialize_with = "crate::fsutil::nan")]
     pub anytime: Vec<Vec<f64>>,
@@ -93,19 +91,13 @@ impl ByProblem {
                     .unwrap_or(f64::NAN)
             })
             .collect();
-        let solved_tokens = groups
+        let (solved_tokens, solved) = groups
             .iter()
             .map(|g| {
-                g.iter()
-                    .filter(|r| r.reward > 0.0)
-                    .map(|r| r.policy_tokens() as f64)
-                    .sum()
+                let solved = g.iter().filter(|r| r.reward > 0.0);
+                solved.fold((0.0, 0.0), |(t, n), r| (t + r.policy_tokens() as f64, n + 1.0))
             })
-            .collect();
-        let solved = groups
-            .iter()
-            .map(|g| g.iter().filter(|r| r.reward > 0.0).count() as f64)
-            .collect();
+            .unzip();
         let samples = votes.iter().map(Vec::len).min().unwrap_or(0).min(16);
         let (mut maj_accuracy, mut maj_tokens) = (Vec::new(), Vec::new());
         for k in 1..=samples {
@@ -121,7 +113,6 @@ impl ByProblem {
             None => (Vec::new(), Vec::new()),
         };
         ByProblem {
-            pass1: mean_by_problem(problems, natural, |r| r.reward as f64),
             anytime: anytime_rows(problems, natural, budget),
             extended_anytime,
             forced_anytime,
@@ -133,13 +124,9 @@ impl ByProblem {
         }
     }
 
-    /// Number of problems.
+    /// Number of problems (the anytime curve's row before any episode has one per problem).
     pub fn problems(&self) -> usize {
-        self.pass1.len()
-    }
-
-    pub fn pass1(&self, p: &[usize]) -> f64 {
-        mean_of(&self.pass1, p)
+        self.anytime.first().map_or(0, Vec::len)
     }
 
     /// Regret R(b) for b = 1 … of a stored anytime curve, on the problems `p`.

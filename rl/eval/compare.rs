@@ -89,10 +89,10 @@ fn last(v: &[f64]) -> f64 {
 }
 
 pub fn pass1(r: &RunEval, p: &[usize]) -> f64 {
-    r.fine_tuned.by_problem.pass1(p)
+    mean_of(&r.fine_tuned.natural.pass1_by_problem, p)
 }
 pub fn gain(r: &RunEval, p: &[usize]) -> f64 {
-    r.fine_tuned.by_problem.pass1(p) - r.base.by_problem.pass1(p)
+    pass1(r, p) - mean_of(&r.base.natural.pass1_by_problem, p)
 }
 pub fn regret_at_budget(r: &RunEval, p: &[usize]) -> f64 {
     last(&ByProblem::regret(&r.fine_tuned.by_problem.anytime, p))
@@ -135,8 +135,13 @@ pub const MEASURES: [(&str, bool, Measure); 8] = [
 pub fn problem_count(runs: &[&RunEval]) -> usize {
     let n = runs.first().map_or(0, |r| r.fine_tuned.by_problem.problems());
     for r in runs {
+        let sizes = [
+            r.base.by_problem.problems(),
+            r.base.natural.pass1_by_problem.len(),
+            r.fine_tuned.natural.pass1_by_problem.len(),
+        ];
         assert!(
-            r.fine_tuned.by_problem.problems() == n && r.base.by_problem.problems() == n,
+            r.fine_tuned.by_problem.problems() == n && sizes.iter().all(|&s| s == n),
             "run {} was evaluated on another held-out set ({} / {} problems, not {n})",
             r.run,
             r.base.by_problem.problems(),

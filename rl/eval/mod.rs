@@ -7,6 +7,7 @@
 //! - `by_problem`: those measures per held-out problem, for intervals over the problems;
 //! - `stats`: paired bootstrap intervals over seeds and problems, and the verdicts built on them;
 //! - `compare`, `figures`, `plots`: runs side by side, in tables and SVG plots;
+//! - `render`: the experiment's reports as Markdown;
 //! - `regime`, `experiment`, `warm`, `sweep`, `jobs`: the named experiment regimes, the
 //!   MRT-vs-GRPO experiment, its shared warm starts, its α sweep on validation, runs side by
 //!   side on one-thread pools.
@@ -20,6 +21,7 @@ pub mod jobs;
 pub mod plots;
 pub mod pretrained;
 pub mod regime;
+pub mod render;
 pub mod report;
 pub mod samples;
 pub mod stats;
