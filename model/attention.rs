@@ -9,6 +9,7 @@ use burn::tensor::ops::AttentionModuleOptions;
 use super::cache::LayerKv;
 use super::flex::{masked_attention, swap_middle};
 use super::init::HostInit;
+use super::lowmem::causal_attention;
 use super::rope::Rope;
 
 /// Shapes: B batch, W new tokens, Tk keys attended (cache slots + W), H query heads,
@@ -85,6 +86,10 @@ impl<B: Backend> Attention<B> {
             Some((kv, slot)) => kv.write(slot, k, v),
             None => (k, v),
         };
+        // The full-sequence (training) pass: blocked, in memory linear in T (model/lowmem).
+        if causal && mask.is_none() && k.dims()[2] == w {
+            return self.output(causal_attention(q, k, v, None), b, w);
+        }
         if let Some(y) = mask
             .as_ref()
             .filter(|_| !causal)

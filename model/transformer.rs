@@ -75,13 +75,18 @@ impl<B: Backend> Transformer<B> {
     /// `tokens`: `[B, T]` → `[B, T, C]`
     pub fn forward_hidden(&self, tokens: Tensor<B, 2, Int>) -> Tensor<B, 3> {
         let [b, t] = tokens.dims();
-        let positions = Tensor::<B, 1, Int>::arange(0..t as i64, &tokens.device()).reshape([1, t]);
-        let rope = self.rope(positions, b);
+        let rope = self.sequence_rope(b, t);
         let mut x = self.embed.forward(tokens).reshape([b * t, self.config.d_model]);
         for block in &self.blocks {
             x = block.forward(x, &rope, b, None, true, None);
         }
         self.norm.forward(x).reshape([b, t, self.config.d_model])
+    }
+
+    /// Rotary tables for `batch` rows at positions 0..t (the full-sequence pass).
+    pub(crate) fn sequence_rope(&self, batch: usize, t: usize) -> Rope<B> {
+        let positions = Tensor::<B, 1, Int>::arange(0..t as i64, &self.device()).reshape([1, t]);
+        self.rope(positions, batch)
     }
 
     fn rope(&self, positions: Tensor<B, 2, Int>, batch: usize) -> Rope<B> {
@@ -169,6 +174,18 @@ impl<B: Backend> Transformer<B> {
             None => linear(h, self.embed.weight.val().transpose(), None),
         };
         logits.reshape([b, t, self.config.vocab_size])
+    }
+
+    /// The output head's weight `[C, V]` (the embedding's, transposed, when tied); the head
+    /// has no bias (HF import refuses one).
+    pub fn head_weight(&self) -> Tensor<B, 2> {
+        match &self.head {
+            Some(head) => {
+                debug_assert!(head.bias.is_none(), "the output head has no bias");
+                head.weight.val()
+            }
+            None => self.embed.weight.val().transpose(),
+        }
     }
 
     /// An empty KV cache sized for this model.

@@ -8,6 +8,7 @@ use super::prover::{ProverConfig, ProverMode};
 use super::rollout::{AnswerLimit, RolloutConfig};
 use crate::data::{Split, TaskConfig};
 use crate::error::{Error, Result};
+use crate::model::lowmem::Checkpointing;
 use crate::model::{SamplerConfig, TransformerConfig};
 
 /// Which objective forms the advantages.
@@ -113,6 +114,11 @@ pub struct RlConfig {
     /// vocabulary × 4 bytes per token); the update is the same.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub micro_batch: usize,
+    /// Recompute each transformer block in the backward pass instead of keeping its
+    /// activations: "auto" (rows of 1,024 tokens or more), "on" or "off". The gradient is the
+    /// same (up to float summation order) for about one more forward pass of compute.
+    #[serde(default, skip_serializing_if = "is_auto")]
+    pub activation_checkpointing: Checkpointing,
     /// Completions of each step appended as text to the run's `samples.jsonl` (0: none).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub samples_per_step: usize,
@@ -120,6 +126,10 @@ pub struct RlConfig {
 
 fn is_zero(n: &usize) -> bool {
     *n == 0
+}
+
+fn is_auto(c: &Checkpointing) -> bool {
+    *c == Checkpointing::Auto
 }
 
 /// Evaluation during and after training.
@@ -371,6 +381,7 @@ impl RunConfig {
                 eval_every: 50 * scale,
                 checkpoint_every: 50 * scale,
                 micro_batch: 0,
+                activation_checkpointing: Checkpointing::Auto,
                 samples_per_step: 0,
             },
             eval: EvalConfig {

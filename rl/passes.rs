@@ -12,7 +12,8 @@ use burn::tensor::backend::AutodiffBackend;
 
 use super::batch::RolloutBatch;
 use super::loss::{policy_loss, sft_loss, PgBatch};
-use crate::model::{token_logprobs, Transformer};
+use crate::model::lowmem::{hidden_gradients, Checkpointing};
+use crate::model::{logprobs_of_hidden, token_logprobs, Transformer};
 
 /// Row ranges of the training passes: `micro_batch` rows each (0: one pass over all).
 pub fn row_chunks(rows: usize, micro_batch: usize) -> Vec<Range<usize>> {
@@ -35,6 +36,8 @@ pub struct LossSpec {
     pub kl_beta: f64,
     /// Compute the policy's entropy (the first PPO epoch logs it).
     pub entropy: bool,
+    /// Recompute each block in the backward pass instead of keeping its activations.
+    pub checkpointing: Checkpointing,
 }
 
 /// The summed loss and token-mean diagnostics of one gradient computation.
@@ -110,45 +113,51 @@ pub fn batch_gradients<B: AutodiffBackend>(
         } else {
             mask.clone().sum().into_scalar().elem::<f64>() / batch.trained_tokens as f64
         };
-        let lp = token_logprobs(
-            model,
-            rows_of_int(&batch.tokens, rows),
-            Some(mask.clone()),
-            spec.entropy,
-            spec.temperature,
-        );
-        if let Some(e) = &lp.entropy {
-            st.entropy += ((e.clone() * mask.clone()).sum() / trained).into_scalar().elem::<f64>();
-        }
-        let loss = if spec.supervised {
-            // A mean over the whole batch's trained tokens, summed over the passes.
-            if single {
-                sft_loss(lp.logprobs, &mask)
-            } else {
-                -(lp.logprobs * mask.clone()).sum() / trained
-            }
-        } else {
-            let old = old_logp
-                .map(|o| rows_of(o, rows))
-                .unwrap_or_else(|| lp.logprobs.clone().detach());
-            let out = policy_loss(
-                PgBatch {
-                    logp: lp.logprobs,
-                    old_logp: old,
-                    ref_logp: ref_logp.map(|q| rows_of(q, rows)),
-                    coef: rows_of(&batch.coef, rows),
-                    mask,
-                },
-                spec.clip_eps,
-                spec.kl_beta,
+        let tokens = rows_of_int(&batch.tokens, rows);
+        let checkpoint = spec.checkpointing.applies(tokens.dims()[1]);
+        let pass = hidden_gradients(model, tokens.clone(), checkpoint, |hidden| {
+            let lp = logprobs_of_hidden(
+                model,
+                hidden,
+                tokens,
+                Some(mask.clone()),
+                spec.entropy,
+                spec.temperature,
             );
-            st.approx_kl += share * out.approx_kl.into_scalar().elem::<f64>();
-            st.clip_frac += share * out.clip_fraction.into_scalar().elem::<f64>();
-            st.ref_kl += share * out.ref_kl.into_scalar().elem::<f64>();
-            out.loss
-        };
-        st.loss += loss.clone().into_scalar().elem::<f64>();
-        grads.accumulate(model, GradientsParams::from_grads(loss.backward(), model));
+            if let Some(e) = &lp.entropy {
+                st.entropy += ((e.clone() * mask.clone()).sum() / trained).into_scalar().elem::<f64>();
+            }
+            let loss = if spec.supervised {
+                // A mean over the whole batch's trained tokens, summed over the passes.
+                if single {
+                    sft_loss(lp.logprobs, &mask)
+                } else {
+                    -(lp.logprobs * mask.clone()).sum() / trained
+                }
+            } else {
+                let old = old_logp
+                    .map(|o| rows_of(o, rows))
+                    .unwrap_or_else(|| lp.logprobs.clone().detach());
+                let out = policy_loss(
+                    PgBatch {
+                        logp: lp.logprobs,
+                        old_logp: old,
+                        ref_logp: ref_logp.map(|q| rows_of(q, rows)),
+                        coef: rows_of(&batch.coef, rows),
+                        mask,
+                    },
+                    spec.clip_eps,
+                    spec.kl_beta,
+                );
+                st.approx_kl += share * out.approx_kl.into_scalar().elem::<f64>();
+                st.clip_frac += share * out.clip_fraction.into_scalar().elem::<f64>();
+                st.ref_kl += share * out.ref_kl.into_scalar().elem::<f64>();
+                out.loss
+            };
+            st.loss += loss.clone().into_scalar().elem::<f64>();
+            loss
+        });
+        grads.accumulate(model, pass);
     }
     (grads.grads(), st)
 }

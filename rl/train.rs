@@ -167,6 +167,7 @@ fn update<B: AutodiffBackend>(
             clip_eps: cfg.clip_eps,
             kl_beta: cfg.kl_beta,
             entropy: epoch == 0,
+            checkpointing: cfg.activation_checkpointing,
         };
         let (grads, st) = batch_gradients(&model, batch, &chunks, old_logp.as_ref(), ref_logp.as_ref(), spec);
         if !st.loss.is_finite() {

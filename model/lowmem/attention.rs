@@ -1,0 +1,204 @@
+//! Causal grouped-query attention blocked over query rows, with its own backward pass.
+//!
+//! Forward, per block of n query rows s..e (grouped so that the H / KVH query heads sharing a
+//! key/value head form one `[rep·n, D]` matrix, with no expanded copy of K and V):
+//! S = Q_b K_{0..e}ᵀ / √D, masked above the diagonal; m = rowmax S; P = exp(S − m);
+//! O_b = P V / ΣP; lse_b = m + log ΣP. Saved: Q, K, V, O and lse (all linear in T).
+//! Backward (FlashAttention's, with the same blocks): Δ = rowsum(dO ⊙ O);
+//! P = exp(S − lse); dV += Pᵀ dO; dP = dO Vᵀ; dS = P ⊙ (dP − Δ); dQ_b = dS K / √D;
+//! dK += dSᵀ Q_b / √D. Summing over the grouped rows adds the query heads' contributions to
+//! their shared key/value head.
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::prelude::*;
+use burn::tensor::ops::FloatTensor;
+
+use super::{apply, primitive, tensor, CustomOp, Tracked, BLOCK_ELEMENTS};
+
+/// Stands in for −∞ above the diagonal: exp(MASKED − m) is exactly 0 in f32 for any finite
+/// row maximum m, and, unlike −∞, it cannot make a NaN in a fused kernel.
+const MASKED: f32 = -1.0e30;
+
+/// Query rows per block so that one block's scores `[B, H, n, T]` stay within
+/// [`BLOCK_ELEMENTS`] (at least 16 rows, at most T).
+pub fn attention_block_rows(batch: usize, heads: usize, t: usize) -> usize {
+    (BLOCK_ELEMENTS / (batch * heads * t).max(1)).clamp(16, t.max(1))
+}
+
+/// softmax(Q Kᵀ / √D, causal) V in memory linear in T, forward and backward.
+///
+/// Rows are right-padded: under causal attention a real token never sees the padding after
+/// it, so no mask is needed (padding rows' outputs are meaningless, as with any causal pass).
+///
+/// # Shapes
+/// - `q`: `[B, H, T, D]`; `k`, `v`: `[B, KVH, T, D]`, KVH dividing H (query head h reads
+///   key/value head h / (H / KVH))
+/// - `block_rows`: query rows per block; `None` for [`attention_block_rows`]
+/// - returns `[B, H, T, D]`
+pub fn causal_attention<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    block_rows: Option<usize>,
+) -> Tensor<B, 4> {
+    let [b, h, t, _] = q.dims();
+    let kvh = k.dims()[1];
+    assert!(kvh > 0 && h % kvh == 0, "{h} query heads for {kvh} key/value heads");
+    let rows = block_rows.unwrap_or_else(|| attention_block_rows(b, h, t)).max(1);
+    let out = apply::<B, 3, _>(CausalAttention { rows }, [primitive(q), primitive(k), primitive(v)]);
+    tensor(out.into_iter().next().expect("one output"))
+}
+
+struct CausalAttention {
+    rows: usize,
+}
+
+impl<B: Backend> CustomOp<B, 3> for CausalAttention {
+    fn tracked<I: Backend>(self, [q, k, v]: [Tracked<I>; 3]) -> Vec<Tracked<I>> {
+        let (out, lse) = forward::<I>(
+            tensor(q.primitive.clone()),
+            tensor(k.primitive.clone()),
+            tensor(v.primitive.clone()),
+            self.rows,
+        );
+        let out = primitive(out);
+        let backward = AttentionBackward { rows: self.rows };
+        let node = match backward
+            .prepare::<NoCheckpointing>([q.node.clone(), k.node.clone(), v.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish(
+                (q.primitive, k.primitive, v.primitive, out.clone(), primitive(lse)),
+                out,
+            ),
+            OpsKind::UnTracked(prep) => prep.finish(out),
+        };
+        vec![node]
+    }
+
+    fn plain(self, [q, k, v]: [FloatTensor<B>; 3]) -> Vec<FloatTensor<B>> {
+        vec![primitive(forward::<B>(tensor(q), tensor(k), tensor(v), self.rows).0)]
+    }
+}
+
+#[derive(Debug)]
+struct AttentionBackward {
+    rows: usize,
+}
+
+impl<I: Backend> Backward<I, 3> for AttentionBackward {
+    /// Q, K, V, the output and the per-row log-sum-exp `[B, H, T, 1]`.
+    type State = (
+        FloatTensor<I>,
+        FloatTensor<I>,
+        FloatTensor<I>,
+        FloatTensor<I>,
+        FloatTensor<I>,
+    );
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (q, k, v, out, lse) = ops.state;
+        let dout = grads.consume::<I>(&ops.node);
+        let (dq, dk, dv) = backward::<I>(
+            [tensor(q), tensor(k), tensor(v), tensor(out), tensor(dout)],
+            tensor(lse),
+            self.rows,
+        );
+        for (parent, grad) in ops.parents.into_iter().zip([dq, dk, dv]) {
+            if let Some(node) = parent {
+                grads.register::<I>(node.id, primitive(grad));
+            }
+        }
+    }
+}
+
+/// The blocks' (first row, rows).
+fn blocks(t: usize, rows: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..t).step_by(rows).map(move |s| (s, rows.min(t - s)))
+}
+
+/// `[B, H, n, X]` → `[B, KVH, rep·n, X]`: the query heads of one key/value head stacked.
+fn group<X: Backend>(t: Tensor<X, 4>, kvh: usize) -> Tensor<X, 4> {
+    let [b, h, n, x] = t.dims();
+    t.reshape([b, kvh, h / kvh * n, x])
+}
+
+/// The inverse of [`group`].
+fn ungroup<X: Backend>(t: Tensor<X, 4>, h: usize) -> Tensor<X, 4> {
+    let [b, kvh, rn, x] = t.dims();
+    t.reshape([b, h, rn * kvh / h, x])
+}
+
+/// Scaled scores of grouped queries (block rows s..s+n) against keys 0..e, e = s + n, with
+/// the keys after each row's position masked: `[B, KVH, rep·n, e]`.
+fn masked_scores<X: Backend>(qg: Tensor<X, 4>, kb: Tensor<X, 4>, s: usize, n: usize, scale: f64) -> Tensor<X, 4> {
+    let scores = qg.matmul(kb.transpose()) * scale;
+    let [b, kvh, rn, e] = scores.dims();
+    // Row i (position s + i) sees keys j ≤ s + i: mask j − i > s.
+    let mask = Tensor::<X, 2, Bool>::tril_mask([n, e], s as i64, &scores.device())
+        .reshape([1, 1, 1, n, e])
+        .expand([b, kvh, rn / n, n, e]);
+    scores
+        .reshape([b, kvh, rn / n, n, e])
+        .mask_fill(mask, MASKED)
+        .reshape([b, kvh, rn, e])
+}
+
+/// The blocked forward: (output `[B, H, T, D]`, log-sum-exp `[B, H, T, 1]`).
+fn forward<X: Backend>(q: Tensor<X, 4>, k: Tensor<X, 4>, v: Tensor<X, 4>, rows: usize) -> (Tensor<X, 4>, Tensor<X, 4>) {
+    let [_, h, t, d] = q.dims();
+    let kvh = k.dims()[1];
+    let scale = 1.0 / (d as f64).sqrt();
+    let (mut outs, mut lses) = (Vec::new(), Vec::new());
+    for (s, n) in blocks(t, rows) {
+        let qg = group(q.clone().narrow(2, s, n), kvh);
+        let (kb, vb) = (k.clone().narrow(2, 0, s + n), v.clone().narrow(2, 0, s + n));
+        let scores = masked_scores(qg, kb, s, n, scale);
+        let m = scores.clone().max_dim(3);
+        let p = (scores - m.clone()).exp();
+        let l = p.clone().sum_dim(3);
+        outs.push(ungroup(p.matmul(vb) / l.clone(), h));
+        lses.push(ungroup(m + l.log(), h));
+    }
+    (Tensor::cat(outs, 2), Tensor::cat(lses, 2))
+}
+
+/// The blocked backward: (dQ, dK, dV) from [Q, K, V, O, dO] and the forward's log-sum-exp.
+fn backward<X: Backend>(
+    [q, k, v, out, dout]: [Tensor<X, 4>; 5],
+    lse: Tensor<X, 4>,
+    rows: usize,
+) -> (Tensor<X, 4>, Tensor<X, 4>, Tensor<X, 4>) {
+    let [_, h, t, d] = q.dims();
+    let kvh = k.dims()[1];
+    let scale = 1.0 / (d as f64).sqrt();
+    let delta = (dout.clone() * out).sum_dim(3);
+    let (mut dk, mut dv) = (k.zeros_like(), v.zeros_like());
+    let mut dqs = Vec::new();
+    for (s, n) in blocks(t, rows) {
+        let e = s + n;
+        let rows_of = |x: &Tensor<X, 4>| group(x.clone().narrow(2, s, n), kvh);
+        let (qg, dog) = (rows_of(&q), rows_of(&dout));
+        let (kb, vb) = (k.clone().narrow(2, 0, e), v.clone().narrow(2, 0, e));
+        let p = (masked_scores(qg.clone(), kb.clone(), s, n, scale) - rows_of(&lse)).exp();
+        dv = add_prefix(dv, p.clone().transpose().matmul(dog.clone()));
+        let ds = p * (dog.matmul(vb.transpose()) - rows_of(&delta));
+        dqs.push(ungroup(ds.clone().matmul(kb) * scale, h));
+        dk = add_prefix(dk, ds.transpose().matmul(qg) * scale);
+    }
+    (Tensor::cat(dqs, 2), dk, dv)
+}
+
+/// `acc` with `x` added to its first `x.dims()[2]` rows.
+fn add_prefix<X: Backend>(acc: Tensor<X, 4>, x: Tensor<X, 4>) -> Tensor<X, 4> {
+    let [b, kvh, e, d] = x.dims();
+    if e == acc.dims()[2] {
+        return acc + x;
+    }
+    let head = acc.clone().narrow(2, 0, e) + x;
+    acc.slice_assign([0..b, 0..kvh, 0..e, 0..d], head)
+}
