@@ -80,7 +80,7 @@ pub fn logprobs_of_hidden<B: Backend>(
                 None,
             );
             let spread = |x: Tensor<B, 1>| Tensor::zeros([n], &device).select_assign(0, idx.clone(), x, Add);
-            (spread(lp), entropy.map(|e| spread(e)))
+            (spread(lp), entropy.map(spread))
         }
     };
     let mut logprobs = logprobs.reshape([b, t - 1]);

@@ -189,7 +189,7 @@ fn token_logprobs_match_the_materialised_pass() {
         let mask: Vec<f32> = (0..b * (t - 1))
             .map(|i| {
                 let (row, pos) = (i / (t - 1), i % (t - 1));
-                f32::from(pos >= 3 && pos < t - 1 - 3 * row)
+                f32::from((3..t - 1 - 3 * row).contains(&pos))
             })
             .collect();
         let mask = Tensor::<AD, 2>::from_data(TensorData::new(mask, [b, t - 1]), &dev);

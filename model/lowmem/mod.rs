@@ -91,6 +91,8 @@ pub fn tracked_ops() -> usize {
 }
 
 /// `op` as a tracked node of `Autodiff<I>` when that is what `B` is; else `op` and the inputs back.
+// The `Err` side is the caller's own input handed back by value, not an error to propagate.
+#[allow(clippy::result_large_err)]
 fn on<B: Backend, I: Backend, const N: usize, Op: CustomOp<B, N>>(
     op: Op,
     inputs: [FloatTensor<B>; N],
