@@ -23,9 +23,9 @@ use super::{apply, primitive, tensor, CustomOp, Tracked, BLOCK_ELEMENTS};
 const MASKED: f32 = -1.0e30;
 
 /// Query rows per block so that one block's scores `[B, H, n, T]` stay within
-/// [`BLOCK_ELEMENTS`] (at least 16 rows, at most T).
+/// [`BLOCK_ELEMENTS`] (at least 16 rows, at most T: rows shorter than 16 tokens are one block).
 pub fn attention_block_rows(batch: usize, heads: usize, t: usize) -> usize {
-    (BLOCK_ELEMENTS / (batch * heads * t).max(1)).clamp(16, t.max(1))
+    (BLOCK_ELEMENTS / (batch * heads * t).max(1)).max(16).min(t.max(1))
 }
 
 /// softmax(Q Kᵀ / √D, causal) V in memory linear in T, forward and backward.
