@@ -2,13 +2,12 @@
 //! replace: values and gradients of blocked causal attention (GQA, odd lengths, block sizes
 //! that do not divide T) and of chunked head log-probs and entropies, within 1e-5 relative.
 
+mod common;
+
 use burn::backend::{Autodiff, Flex};
-use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
 use burn::prelude::*;
 use burn::tensor::activation::{log_softmax, softmax};
-use burn::tensor::module::attention;
-use burn::tensor::ops::AttentionModuleOptions;
 use mrt::model::lowmem::{causal_attention, head_logprobs, tracked_ops};
 use mrt::model::{token_logprobs, Transformer, TransformerConfig};
 use rand::rngs::StdRng;
@@ -32,23 +31,6 @@ fn random<const D: usize>(shape: [usize; D], seed: u64) -> Tensor<B, D> {
         .map(|_| rng.sample(StandardNormal))
         .collect();
     Tensor::from_data(TensorData::new(values, shape), &Default::default())
-}
-
-/// Burn's materialised attention with K and V expanded to every query head.
-fn reference_attention(q: Tensor<AD, 4>, k: Tensor<AD, 4>, v: Tensor<AD, 4>) -> Tensor<AD, 4> {
-    let [b, h, t, d] = q.dims();
-    let kvh = k.dims()[1];
-    let expand = |x: Tensor<AD, 4>| {
-        x.unsqueeze_dim::<5>(2)
-            .expand([b, kvh, h / kvh, t, d])
-            .reshape([b, h, t, d])
-    };
-    let options = AttentionModuleOptions {
-        scale: None,
-        softcap: None,
-        is_causal: true,
-    };
-    attention(q, expand(k), expand(v), None, None, options)
 }
 
 /// (output, dq, dk, dv) of `f` with a random linear read-out of the output as the loss.
@@ -78,7 +60,7 @@ fn blocked_attention_matches_materialised_values_and_gradients() {
         ([1, 6, 1, 23, 4], vec![1, 7]),
         ([3, 2, 2, 9, 16], vec![2, 4]),
     ] {
-        let reference = attention_and_grads(reference_attention, shape);
+        let reference = attention_and_grads(common::materialised_attention, shape);
         for rows in blocks {
             let before = tracked_ops();
             let ours = attention_and_grads(|q, k, v| causal_attention(q, k, v, Some(rows)), shape);
@@ -213,7 +195,10 @@ fn token_logprobs_match_the_materialised_pass() {
         assert!(rel_err(ours.entropy.unwrap().inner(), entropy.inner()) < 1e-5);
         let ours_grads = GradientsParams::from_grads(ours.logprobs.sum().backward(), &model);
         let ref_grads = GradientsParams::from_grads(reference.sum().backward(), &model);
-        let (ours_grads, ref_grads) = (param_grads(&model, &ours_grads), param_grads(&model, &ref_grads));
+        let (ours_grads, ref_grads) = (
+            common::param_grads(&model, &ours_grads),
+            common::param_grads(&model, &ref_grads),
+        );
         assert_eq!(ours_grads.len(), 2 + 9 * 2 + usize::from(!tie));
         for (i, (a, b)) in ours_grads.into_iter().zip(ref_grads).enumerate() {
             let scale = b.iter().fold(0f32, |m, x| m.max(x.abs()));
@@ -224,19 +209,4 @@ fn token_logprobs_match_the_materialised_pass() {
             );
         }
     }
-}
-
-/// Every parameter's gradient, in the model's order.
-fn param_grads(model: &Transformer<AD>, grads: &GradientsParams) -> Vec<Vec<f32>> {
-    struct Collect<'a>(&'a GradientsParams, Vec<Vec<f32>>);
-    impl ModuleVisitor<AD> for Collect<'_> {
-        fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<AD, D>>) {
-            if let Some(g) = self.0.get::<B, D>(p.id) {
-                self.1.push(g.into_data().to_vec().unwrap());
-            }
-        }
-    }
-    let mut c = Collect(grads, Vec::new());
-    model.visit(&mut c);
-    c.1
 }

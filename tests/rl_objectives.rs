@@ -3,7 +3,7 @@
 
 mod common;
 
-use burn::module::{AutodiffModule, Module, ModuleVisitor, Param};
+use burn::module::{AutodiffModule, Module, Param};
 use burn::optim::GradientsParams;
 use burn::prelude::*;
 use common::{exact, problems, rollouts_with_j, search_policy, AD, B};
@@ -74,17 +74,7 @@ fn loss_and_grads(algo: Algo, alpha: f64) -> (f32, Vec<Vec<f32>>) {
     loss_and_grads_of(batch_of(&s.rollouts, &s.signals))
 }
 fn collect_grads(model: &Transformer<AD>, grads: &GradientsParams) -> Vec<Vec<f32>> {
-    struct Collect<'a>(&'a GradientsParams, Vec<Vec<f32>>);
-    impl ModuleVisitor<AD> for Collect<'_> {
-        fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<AD, D>>) {
-            if let Some(g) = self.0.get::<B, D>(p.id) {
-                self.1.push(g.into_data().to_vec().unwrap());
-            }
-        }
-    }
-    let mut c = Collect(grads, Vec::new());
-    model.visit(&mut c);
-    c.1
+    common::param_grads(model, grads)
 }
 
 #[test]

@@ -462,8 +462,6 @@ fn a_cpu_checkpoint_loads_on_wgpu_with_the_same_logits() {
 /// grouped heads, an odd length and blocks that do not divide it.
 #[test]
 fn blocked_attention_matches_the_materialised_one_on_wgpu() {
-    use burn::tensor::module::attention;
-    use burn::tensor::ops::AttentionModuleOptions;
     use mrt::model::lowmem::causal_attention;
     use rand::Rng;
     type G = Autodiff<Gpu>;
@@ -484,17 +482,7 @@ fn blocked_attention_matches_the_materialised_one_on_wgpu() {
         let y = if blocked {
             causal_attention(q.clone(), k.clone(), v.clone(), Some(rows))
         } else {
-            let expand = |x: Tensor<G, 4>| {
-                x.unsqueeze_dim::<5>(2)
-                    .expand([b, kvh, h / kvh, t, d])
-                    .reshape([b, h, t, d])
-            };
-            let options = AttentionModuleOptions {
-                scale: None,
-                softcap: None,
-                is_causal: true,
-            };
-            attention(q.clone(), expand(k.clone()), expand(v.clone()), None, None, options)
+            common::materialised_attention(q.clone(), k.clone(), v.clone())
         };
         let grads = (y.clone() * w.clone()).sum().backward();
         vec![

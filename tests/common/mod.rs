@@ -146,3 +146,42 @@ pub fn full_forward_last_logits(model: &Transformer<B>, tokens: &[u32]) -> Vec<f
     let v = model.config.vocab_size;
     logits.slice([0..1, n - 1..n, 0..v]).into_data().to_vec().unwrap()
 }
+
+/// Every float parameter's gradient in `grads`, in the model's visiting order.
+pub fn param_grads<A: burn::tensor::backend::AutodiffBackend>(
+    model: &Transformer<A>,
+    grads: &burn::optim::GradientsParams,
+) -> Vec<Vec<f32>> {
+    struct Collect<'a>(&'a burn::optim::GradientsParams, Vec<Vec<f32>>);
+    impl<A: burn::tensor::backend::AutodiffBackend> burn::module::ModuleVisitor<A> for Collect<'_> {
+        fn visit_float<const D: usize>(&mut self, p: &burn::module::Param<Tensor<A, D>>) {
+            if let Some(g) = self.0.get::<A::InnerBackend, D>(p.id) {
+                self.1.push(g.into_data().to_vec().unwrap());
+            }
+        }
+    }
+    let mut c = Collect(grads, Vec::new());
+    burn::module::Module::visit(model, &mut c);
+    c.1
+}
+
+/// Burn's materialised causal attention, K and V expanded to every query head: the reference
+/// for the blocked attention of model/lowmem.
+///
+/// # Shapes
+/// `q`: `[B, H, T, D]`, `k`, `v`: `[B, KVH, T, D]` → `[B, H, T, D]`
+pub fn materialised_attention<A: Backend>(q: Tensor<A, 4>, k: Tensor<A, 4>, v: Tensor<A, 4>) -> Tensor<A, 4> {
+    let [b, h, t, d] = q.dims();
+    let kvh = k.dims()[1];
+    let expand = |x: Tensor<A, 4>| {
+        x.unsqueeze_dim::<5>(2)
+            .expand([b, kvh, h / kvh, t, d])
+            .reshape([b, h, t, d])
+    };
+    let options = burn::tensor::ops::AttentionModuleOptions {
+        scale: None,
+        softcap: None,
+        is_causal: true,
+    };
+    burn::tensor::module::attention(q, expand(k), expand(v), None, None, options)
+}
