@@ -4,6 +4,9 @@
 //!
 //!     export --checkpoint runs/search-mrt-dense-s0/checkpoints/final.ckpt --out my-model
 //!     export --model path/to/hf-model --out copy      # import and write back (a round trip)
+//!     export --checkpoint RUN/checkpoints/final.ckpt --adapters --out peft-dir   # LoRA, PEFT layout
+//!
+//! A checkpoint of LoRA adapters is exported with the adapters merged into its base's weights.
 //!
 //! Runs on the CPU: exporting is copying tensors, no GPU helps.
 
@@ -33,6 +36,10 @@ struct Args {
     /// New directory to write.
     #[arg(long)]
     out: PathBuf,
+    /// For a checkpoint of LoRA adapters: write the adapters alone in PEFT's layout
+    /// (`adapter_config.json`, `adapter_model.safetensors`) instead of the merged model.
+    #[arg(long, requires = "checkpoint")]
+    adapters: bool,
 }
 
 fn run(args: Args) -> Result<()> {
@@ -41,6 +48,9 @@ fn run(args: Args) -> Result<()> {
         match (&args.checkpoint, &args.model) {
             (Some(ckpt), _) => {
                 let model = checkpoint::load(ckpt, None)?.model::<Flex>(&device)?;
+                if args.adapters {
+                    return export_adapters(&model, ckpt, &args.out);
+                }
                 let run = run_dir_of(ckpt);
                 let tokenizer = run.join("tokenizer.json");
                 if !tokenizer.is_file() {
@@ -127,10 +137,15 @@ fn run(args: Args) -> Result<()> {
         };
     hf::save(&model, &args.out, bos, eos, &files).with_context(|| format!("exporting to {}", args.out.display()))?;
     println!(
-        "{}: {} parameters as {}, with {}",
+        "{}: {} parameters as {}{}, with {}",
         args.out.display(),
         model.config.num_params(),
         arch(&model),
+        if model.has_lora() {
+            " (LoRA adapters merged)"
+        } else {
+            ""
+        },
         if files.is_empty() {
             "no tokenizer files".to_string()
         } else {
@@ -140,6 +155,35 @@ fn run(args: Args) -> Result<()> {
                 .collect::<Vec<_>>()
                 .join(", ")
         }
+    );
+    Ok(())
+}
+
+/// `export --adapters`: a LoRA checkpoint's adapters in PEFT's layout, naming their base.
+fn export_adapters(model: &Transformer<Flex>, ckpt: &Path, out: &Path) -> Result<()> {
+    let (Some(config), Some(base)) = (model.lora_config(), &model.lora_base) else {
+        bail!(
+            "--adapters: {} holds no LoRA adapters over a named base",
+            ckpt.display()
+        );
+    };
+    let base_name = std::fs::canonicalize(&base.path)
+        .unwrap_or_else(|_| base.path.clone())
+        .display()
+        .to_string();
+    hf::save_peft(model, out, &base_name).with_context(|| format!("exporting to {}", out.display()))?;
+    println!(
+        "{}: LoRA adapters (rank {}, alpha {}, {} layers × {}) in PEFT's layout, base {base_name}",
+        out.display(),
+        config.rank,
+        config.alpha(),
+        model.blocks.len(),
+        config
+            .targets
+            .iter()
+            .map(|t| t.hf_name())
+            .collect::<Vec<_>>()
+            .join(", ")
     );
     Ok(())
 }

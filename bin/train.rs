@@ -3,7 +3,8 @@
 //!
 //! With no arguments: the `search` task, the `cpu-tiny` model, MRT (dense progress bonus), on
 //! the best device found. With `--model DIR --task math --data FILE`: a pretrained Hugging Face
-//! model fine-tuned on a JSONL file of problems (no warm start).
+//! model fine-tuned on a JSONL file of problems (no warm start). With `--lora-rank R`, RL trains
+//! LoRA adapters on the frozen model instead of all of its weights.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -12,6 +13,7 @@ use anyhow::{bail, Context, Result};
 use burn::tensor::backend::AutodiffBackend;
 use clap::Parser;
 use mrt::backend::{dispatch, exit_code, tune_allocator, BackendTask, DeviceChoice};
+use mrt::model::lora::{LoraConfig, Target};
 use mrt::rl::config::{merge_json, Algo, RunConfig};
 use mrt::rl::eval::stats::paired_difference;
 use mrt::rl::eval::EvalSummary;
@@ -74,6 +76,16 @@ struct Args {
     /// Skip the warm start: begin RL from this checkpoint (e.g. RUN/checkpoints/warm_start.ckpt).
     #[arg(long, value_name = "CKPT")]
     init: Option<PathBuf>,
+    /// Train rank-R LoRA adapters on a frozen base instead of every weight in RL (the base:
+    /// --model, --init, or the run's own warm start). Checkpoints then hold the adapters.
+    #[arg(long, value_name = "R")]
+    lora_rank: Option<usize>,
+    /// LoRA scaling α: the update is (α / R)·A·B (default 2·R).
+    #[arg(long, requires = "lora_rank")]
+    lora_alpha: Option<f64>,
+    /// Projections that get adapters, comma-separated (default all: q,k,v,o,gate,up,down).
+    #[arg(long, requires = "lora_rank", value_delimiter = ',')]
+    lora_targets: Vec<String>,
     /// No progress bars.
     #[arg(long)]
     quiet: bool,
@@ -118,6 +130,18 @@ fn build_config(args: &Args) -> Result<RunConfig> {
     }
     if let Some(n) = args.rl_steps {
         config.rl.steps = n;
+    }
+    if let Some(rank) = args.lora_rank {
+        let mut lora = LoraConfig::new(rank);
+        lora.alpha = args.lora_alpha;
+        if !args.lora_targets.is_empty() {
+            lora.targets = args
+                .lora_targets
+                .iter()
+                .map(|t| Target::parse(t.trim()))
+                .collect::<mrt::Result<_>>()?;
+        }
+        config.rl.lora = Some(lora);
     }
     config.validate()?;
     Ok(config)

@@ -1,7 +1,6 @@
 //! Causal self-attention with grouped-query heads (KVH ≤ H key/value heads shared by H / KVH
 //! query heads each) and an optional KV cache.
 
-use burn::nn::Linear;
 use burn::prelude::*;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
@@ -10,6 +9,7 @@ use super::cache::LayerKv;
 use super::flex::{masked_attention, swap_middle};
 use super::init::HostInit;
 use super::lowmem::causal_attention;
+use super::projection::Projection;
 use super::rope::Rope;
 
 /// Shapes: B batch, W new tokens, Tk keys attended (cache slots + W), H query heads,
@@ -17,13 +17,13 @@ use super::rope::Rope;
 #[derive(Module, Debug)]
 pub struct Attention<B: Backend> {
     /// `[C, H·D]`
-    pub q: Linear<B>,
+    pub q: Projection<B>,
     /// `[C, KVH·D]`
-    pub k: Linear<B>,
+    pub k: Projection<B>,
     /// `[C, KVH·D]`
-    pub v: Linear<B>,
+    pub v: Projection<B>,
     /// `[H·D, C]`
-    pub o: Linear<B>,
+    pub o: Projection<B>,
     pub n_heads: usize,
     pub n_kv_heads: usize,
     pub head_dim: usize,
@@ -43,16 +43,16 @@ impl<B: Backend> Attention<B> {
         let mut proj = |width: usize| {
             let layer = init.linear(d_model, width, init.std);
             if qkv_bias {
-                init.with_bias(layer)
+                init.with_bias(layer).into()
             } else {
-                layer
+                layer.into()
             }
         };
         Self {
             q: proj(n_heads * head_dim),
             k: proj(n_kv_heads * head_dim),
             v: proj(n_kv_heads * head_dim),
-            o: init.linear(n_heads * head_dim, d_model, out_std),
+            o: init.linear(n_heads * head_dim, d_model, out_std).into(),
             n_heads,
             n_kv_heads,
             head_dim,

@@ -1,6 +1,6 @@
 //! One pre-norm transformer block: x + Attn(RMSNorm(x)), then x + SwiGLU(RMSNorm(x)).
 
-use burn::nn::{Linear, RmsNorm, RmsNormConfig};
+use burn::nn::{RmsNorm, RmsNormConfig};
 use burn::prelude::*;
 
 use super::attention::Attention;
@@ -8,17 +8,18 @@ use super::cache::LayerKv;
 use super::config::TransformerConfig;
 use super::flex::swiglu;
 use super::init::HostInit;
+use super::projection::Projection;
 use super::rope::Rope;
 
 /// SwiGLU MLP: down(silu(gate(x)) ⊙ up(x)).
 #[derive(Module, Debug)]
 pub struct Mlp<B: Backend> {
     /// `[C, F]`
-    pub gate: Linear<B>,
+    pub gate: Projection<B>,
     /// `[C, F]`
-    pub up: Linear<B>,
+    pub up: Projection<B>,
     /// `[F, C]`
-    pub down: Linear<B>,
+    pub down: Projection<B>,
 }
 
 impl<B: Backend> Mlp<B> {
@@ -51,9 +52,9 @@ impl<B: Backend> Block<B> {
             attn: Attention::init(d, config.n_heads, config.n_kv_heads, config.qkv_bias, out_std, init),
             mlp_norm: norm(),
             mlp: Mlp {
-                gate: init.linear(d, config.d_ff, init.std),
-                up: init.linear(d, config.d_ff, init.std),
-                down: init.linear(config.d_ff, d, out_std),
+                gate: init.linear(d, config.d_ff, init.std).into(),
+                up: init.linear(d, config.d_ff, init.std).into(),
+                down: init.linear(config.d_ff, d, out_std).into(),
             },
         }
     }

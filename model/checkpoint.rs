@@ -3,6 +3,9 @@
 //!
 //! Layout: `b"MRTCKPT1"`, header length (u64 LE), header JSON (padded with spaces: it is
 //! written last, into room reserved for it), then the sections back to back.
+//! A model with LoRA adapters over a named base (model/lora.rs) stores only its adapters (an
+//! `adapters` section instead of `model`) and the base's path and fingerprint in the header;
+//! reading it loads the base from there and refuses a base whose weights changed.
 //! Files are written to a temporary sibling, flushed, and renamed into place, so a crash never
 //! leaves a half-written checkpoint under the real name; a truncated or corrupted file is caught
 //! by the lengths and checksums before anything is deserialised.
@@ -18,6 +21,7 @@ use burn::record::{BurnRecord, FullPrecisionSettings, NamedMpkBytesRecorder, Rec
 use serde::{Deserialize, Serialize};
 
 use super::config::TransformerConfig;
+use super::lora::{lora_params, Adapters, BaseRef, LoraConfig};
 use super::transformer::Transformer;
 use crate::error::{Error, Result};
 use crate::fsutil::write_atomic_with;
@@ -27,6 +31,17 @@ const FORMAT_VERSION: u32 = 1;
 
 /// Name of the section holding the model's weights.
 pub const MODEL_SECTION: &str = "model";
+/// Name of the section holding a LoRA model's adapters (its base is named in the header).
+pub const ADAPTERS_SECTION: &str = "adapters";
+
+/// The adapters of a checkpoint's model and, when they are stored without their base, where
+/// the base is (a path relative to the checkpoint's directory, or absolute).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoraHeader {
+    pub config: LoraConfig,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<BaseRef>,
+}
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct SectionInfo {
@@ -42,6 +57,8 @@ struct Header {
     sections: Vec<SectionInfo>,
     /// Free-form metadata of the caller (step, run name, RNG state, …).
     meta: serde_json::Value,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    lora: Option<LoraHeader>,
 }
 
 /// A checkpoint read back from disk, sections verified.
@@ -50,6 +67,8 @@ pub struct Checkpoint {
     pub path: PathBuf,
     pub config: TransformerConfig,
     pub meta: serde_json::Value,
+    /// The model's adapters, when it has some.
+    pub lora: Option<LoraHeader>,
     /// The whole file, memory-mapped; sections are ranges of it. A pretrained model's run
     /// state is gigabytes: mapped pages are the kernel's page cache, read on demand and never
     /// a second copy in the process's own memory.
@@ -67,13 +86,25 @@ impl Checkpoint {
             .ok_or_else(|| Error::checkpoint(&self.path, format!("has no `{name}` section")))
     }
 
-    /// Rebuilds the model stored in this checkpoint on `device`.
+    /// Rebuilds the model stored in this checkpoint on `device`: for adapters stored without
+    /// their base, the base is loaded from where the header names it.
     pub fn model<B: Backend>(&self, device: &B::Device) -> Result<Transformer<B>> {
+        let lora = match &self.lora {
+            Some(LoraHeader { base: Some(base), .. }) => {
+                let path = self.base_path(base);
+                return self.adapters_onto(load_base(&path, &self.config, device)?, &path);
+            }
+            Some(h) => Some(&h.config),
+            None => None,
+        };
         let record = decode_record::<B, _>(&self.path, self.section(MODEL_SECTION)?, device)?;
-        let model = Transformer::<B>::new(&self.config, 0, device)
-            .map_err(|e| Error::checkpoint(&self.path, format!("stored config is invalid: {e}")))?
-            .load_record(record);
-        let expected = self.config.num_params();
+        let mut model = Transformer::<B>::new(&self.config, 0, device)
+            .map_err(|e| Error::checkpoint(&self.path, format!("stored config is invalid: {e}")))?;
+        if let Some(config) = lora {
+            model = model.with_lora(config, 0, None);
+        }
+        let model = model.load_record(record);
+        let expected = self.config.num_params() + lora.map_or(0, |c| lora_params(&self.config, c));
         if model.num_params() != expected {
             return Err(Error::checkpoint(
                 &self.path,
@@ -85,6 +116,87 @@ impl Checkpoint {
         }
         Ok(model)
     }
+
+    /// `base` (a model without adapters, loaded from `base_path`) with this checkpoint's
+    /// adapters, which must have been trained on it: its fingerprint is checked. The base's
+    /// tensors are used as they are, so a base already in memory is not copied.
+    pub fn adapters_onto<B: Backend>(&self, base: Transformer<B>, base_path: &Path) -> Result<Transformer<B>> {
+        let Some(LoraHeader {
+            config,
+            base: Some(stored),
+        }) = &self.lora
+        else {
+            return Err(Error::checkpoint(&self.path, "holds no adapters over a named base"));
+        };
+        let found = base.fingerprint();
+        if found != stored.fingerprint {
+            return Err(Error::checkpoint(
+                &self.path,
+                format!(
+                    "its adapters were trained on a base with fingerprint {}, but {} has {found} \
+                     (a different model, or its weights changed)",
+                    stored.fingerprint,
+                    base_path.display()
+                ),
+            ));
+        }
+        let reference = BaseRef {
+            path: base_path.to_path_buf(),
+            fingerprint: found,
+        };
+        let model = base.with_lora(config, 0, Some(reference));
+        let record = decode_record::<B, _>(&self.path, self.section(ADAPTERS_SECTION)?, &model.device())?;
+        let adapters: Adapters<B> = model.adapters().load_record(record);
+        Ok(model.with_adapters(adapters))
+    }
+
+    /// Where the base of stored adapters is: relative paths are relative to this checkpoint's
+    /// directory.
+    pub fn base_path(&self, base: &BaseRef) -> PathBuf {
+        match self.path.parent() {
+            Some(dir) if base.path.is_relative() => dir.join(&base.path),
+            _ => base.path.clone(),
+        }
+    }
+}
+
+/// A model without adapters to put adapters on: a checkpoint of this project or a pretrained
+/// model (directory or GGUF), which must have `config`'s shapes (the context length is
+/// `config`'s).
+pub fn load_base<B: Backend>(path: &Path, config: &TransformerConfig, device: &B::Device) -> Result<Transformer<B>> {
+    if !path.exists() {
+        return Err(Error::checkpoint(
+            path,
+            "not found: the base model of LoRA adapters must stay where it was when they were trained",
+        ));
+    }
+    let model = if is_checkpoint(path) {
+        let ck = load(path, Some(config))?;
+        if ck.lora.is_some() {
+            return Err(Error::checkpoint(
+                path,
+                "has adapters itself; a LoRA base must be a plain model (export merges adapters)",
+            ));
+        }
+        ck.model::<B>(device)?
+    } else {
+        super::hf::load_with_context::<B>(path, Some(config.max_seq_len), device)?
+    };
+    let diff = config_diff(config, &model.config);
+    if !diff.is_empty() {
+        return Err(Error::checkpoint(
+            path,
+            format!("is not the expected base model ({diff})"),
+        ));
+    }
+    Ok(model)
+}
+
+/// Whether `path` is a file that starts like a checkpoint of this project.
+pub fn is_checkpoint(path: &Path) -> bool {
+    use std::io::Read;
+    let mut magic = [0u8; 8];
+    fs::File::open(path).and_then(|mut f| f.read_exact(&mut magic)).is_ok() && &magic == MAGIC
 }
 
 /// The record format: Burn's named MessagePack at full precision, as its
@@ -178,7 +290,19 @@ pub fn save<B: Backend>(
     extra_sections: Vec<Section>,
     meta: serde_json::Value,
 ) -> Result<()> {
-    let mut sections = vec![Section::record::<B, _>(MODEL_SECTION, model.clone().into_record())];
+    let lora = model.lora_config().map(|config| LoraHeader {
+        config,
+        base: model.lora_base.as_ref().map(|b| BaseRef {
+            path: stored_base_path(&b.path, path),
+            fingerprint: b.fingerprint.clone(),
+        }),
+    });
+    let mut sections = vec![match &lora {
+        Some(LoraHeader { base: Some(_), .. }) => {
+            Section::record::<B, _>(ADAPTERS_SECTION, model.adapters().into_record())
+        }
+        _ => Section::record::<B, _>(MODEL_SECTION, model.clone().into_record()),
+    }];
     sections.extend(extra_sections);
     let mut header = Header {
         format_version: FORMAT_VERSION,
@@ -192,6 +316,7 @@ pub fn save<B: Backend>(
             })
             .collect(),
         meta,
+        lora,
     };
     let json = |h: &Header| serde_json::to_vec(h).map_err(|e| Error::checkpoint(path, e.to_string()));
     let room = json(&header)?.len();
@@ -296,9 +421,24 @@ pub fn load(path: &Path, expected: Option<&TransformerConfig>) -> Result<Checkpo
         path: path.to_path_buf(),
         config: header.config,
         meta: header.meta,
+        lora: header.lora,
         bytes,
         sections,
     })
+}
+
+/// The base's path as a checkpoint at `ckpt` records it: its file name when it lies in the
+/// same directory (a run's own warm start: the run directory can then move), else absolute.
+fn stored_base_path(base: &Path, ckpt: &Path) -> PathBuf {
+    let base = fs::canonicalize(base).unwrap_or_else(|_| base.to_path_buf());
+    let dir = ckpt
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    match (fs::canonicalize(dir), base.parent(), base.file_name()) {
+        (Ok(dir), Some(parent), Some(name)) if dir == parent => PathBuf::from(name),
+        _ => base,
+    }
 }
 
 /// `field: expected → found` for every field that differs.

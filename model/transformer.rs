@@ -13,6 +13,7 @@ use super::block::Block;
 use super::cache::KvCache;
 use super::config::TransformerConfig;
 use super::init::HostInit;
+use super::lora::BaseRef;
 use super::rope::Rope;
 use crate::error::{Error, Result};
 
@@ -29,6 +30,10 @@ pub struct Transformer<B: Backend> {
     pub head: Option<Linear<B>>,
     #[module(skip)]
     pub config: TransformerConfig,
+    /// Where the frozen base of this model's LoRA adapters comes from (model/lora.rs): a
+    /// checkpoint then stores the adapters and names the base instead of copying it.
+    #[module(skip)]
+    pub lora_base: Option<BaseRef>,
 }
 
 impl<B: Backend> Transformer<B> {
@@ -52,6 +57,7 @@ impl<B: Backend> Transformer<B> {
                 .init(device),
             head,
             config: config.clone(),
+            lora_base: None,
         })
     }
 

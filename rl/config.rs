@@ -8,6 +8,7 @@ use super::prover::{ProverConfig, ProverMode};
 use super::rollout::{AnswerLimit, RolloutConfig};
 use crate::data::{Split, TaskConfig};
 use crate::error::{Error, Result};
+use crate::model::lora::LoraConfig;
 use crate::model::lowmem::Checkpointing;
 use crate::model::{SamplerConfig, TransformerConfig};
 
@@ -122,6 +123,12 @@ pub struct RlConfig {
     /// Completions of each step appended as text to the run's `samples.jsonl` (0: none).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub samples_per_step: usize,
+    /// Train LoRA adapters on a frozen base instead of every weight: `{"rank": 16, "alpha":
+    /// 32, "targets": ["q", "k", "v", "o", "gate", "up", "down"]}` (alpha and targets
+    /// optional). The base is the pretrained model, the `--init` checkpoint, or the run's own
+    /// warm start; checkpoints then hold the adapters and name the base.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora: Option<LoraConfig>,
 }
 
 fn is_zero(n: &usize) -> bool {
@@ -382,6 +389,7 @@ impl RunConfig {
                 checkpoint_every: 50 * scale,
                 micro_batch: 0,
                 activation_checkpointing: Checkpointing::Auto,
+                lora: None,
                 samples_per_step: 0,
             },
             eval: EvalConfig {

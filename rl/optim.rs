@@ -160,14 +160,20 @@ pub fn step_grads<B: AutodiffBackend>(
     (optim.step(lr, model, grads), norm)
 }
 
-/// Moves every parameter of a model loaded on the autodiff backend back to trainable (loading
-/// a record or moving a module across backends does not mark parameters as requiring grad).
+/// Marks the parameters to train as requiring gradients: all of them, or, for a model with
+/// LoRA adapters, the adapters alone (the base is frozen: no gradient, no optimizer state).
+/// Loading a record or moving a module across backends does not mark parameters, so every
+/// model that is about to be trained goes through here.
 pub fn require_grad<B: AutodiffBackend>(model: Transformer<B>) -> Transformer<B> {
-    struct Mark;
+    struct Mark(bool);
     impl<B: AutodiffBackend> ModuleMapper<B> for Mark {
         fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
-            param.set_require_grad(true)
+            param.set_require_grad(self.0)
         }
     }
-    model.map(&mut Mark)
+    if !model.has_lora() {
+        return model.map(&mut Mark(true));
+    }
+    let adapters = model.adapters().map(&mut Mark(true));
+    model.map(&mut Mark(false)).with_adapters(adapters)
 }

@@ -2,9 +2,10 @@
 //! RL fine-tuning, with evaluation, checkpoints and resume. `bin/train.rs` only parses
 //! arguments and picks the backend.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use burn::module::AutodiffModule;
+use burn::prelude::Backend;
 use burn::tensor::backend::AutodiffBackend;
 use serde::Serialize;
 
@@ -20,6 +21,8 @@ use super::train::train_rl;
 use crate::data::{TextTokenizer, Vocab};
 use crate::error::{Error, Result};
 use crate::fsutil::write_json;
+use crate::model::checkpoint::LoraHeader;
+use crate::model::lora::BaseRef;
 use crate::model::{checkpoint, hf, Transformer};
 
 /// What to run.
@@ -87,9 +90,10 @@ pub fn run_pipeline<B: AutodiffBackend>(opts: &PipelineOptions, device: &B::Devi
         let stage = saved_stage(&latest)?;
         load_state::<B>(&latest, &config, optim_for(stage), device)?
     } else if opts.resume && run.checkpoint("warm_start").exists() {
-        let ck = checkpoint::load(&run.checkpoint("warm_start"), Some(&config.model))?;
+        let path = run.checkpoint("warm_start");
+        let ck = checkpoint::load(&path, Some(&config.model))?;
         (
-            require_grad(ck.model::<B>(device)?),
+            with_adapters(require_grad(ck.model::<B>(device)?), &config, &path)?,
             optim_for(Stage::Rl),
             Progress {
                 stage: Stage::Rl,
@@ -99,7 +103,7 @@ pub fn run_pipeline<B: AutodiffBackend>(opts: &PipelineOptions, device: &B::Devi
     } else if let Some(init) = &opts.init {
         let ck = checkpoint::load(init, Some(&config.model))?;
         (
-            require_grad(ck.model::<B>(device)?),
+            with_adapters(require_grad(ck.model::<B>(device)?), &config, init)?,
             optim_for(Stage::Rl),
             Progress {
                 stage: Stage::Rl,
@@ -119,7 +123,7 @@ pub fn run_pipeline<B: AutodiffBackend>(opts: &PipelineOptions, device: &B::Devi
             ));
         }
         (
-            require_grad(model),
+            with_adapters(require_grad(model), &config, dir)?,
             optim_for(Stage::Rl),
             Progress {
                 stage: Stage::Rl,
@@ -171,8 +175,9 @@ pub fn run_pipeline<B: AutodiffBackend>(opts: &PipelineOptions, device: &B::Devi
             vec![],
             serde_json::json!({ "stage": "warm-start" }),
         )?;
-        // RL starts with fresh optimizer state and its own schedule.
-        model = m;
+        // RL starts with fresh optimizer state and its own schedule (and, with LoRA, with
+        // adapters over the warm start just saved).
+        model = with_adapters(m, &config, &run.checkpoint("warm_start"))?;
         drop(o);
         optim = optim_for(Stage::Rl);
         rl_start = 0;
@@ -187,9 +192,11 @@ pub fn run_pipeline<B: AutodiffBackend>(opts: &PipelineOptions, device: &B::Devi
     }
 
     // The frozen start policy: the KL reference and the "base" of the comparison. Loaded
-    // only when needed: for a pretrained model it is a second copy of the weights.
+    // only when needed: for a pretrained model it is a second copy of the weights, unless the
+    // policy is LoRA over the same base, whose tensors it then shares.
+    let shared_base = model.lora_base.clone().map(|b| (b, model.valid().without_lora()));
     let load_base =
-        || checkpoint::load(&run.checkpoint("warm_start"), Some(&config.model))?.model::<B::InnerBackend>(device);
+        || start_policy::<B::InnerBackend>(&run.checkpoint("warm_start"), &config, shared_base.clone(), device);
     let reference = if config.rl.kl_beta > 0.0 {
         Some(load_base()?)
     } else {
@@ -237,6 +244,59 @@ pub fn run_pipeline<B: AutodiffBackend>(opts: &PipelineOptions, device: &B::Devi
     };
     write_json(&run.root.join("summary.json"), &outcome)?;
     Ok(outcome)
+}
+
+/// With `rl.lora`, `model` (loaded from `base`) with fresh adapters over its weights, which
+/// are then frozen; a model that has adapters already keeps them, if they are the configured
+/// ones.
+fn with_adapters<B: AutodiffBackend>(model: Transformer<B>, config: &RunConfig, base: &Path) -> Result<Transformer<B>> {
+    let Some(lora) = &config.rl.lora else {
+        return Ok(model);
+    };
+    match model.lora_config() {
+        None => {
+            let fingerprint = model.fingerprint();
+            let base = BaseRef {
+                path: base.to_path_buf(),
+                fingerprint,
+            };
+            Ok(require_grad(model.with_lora(lora, config.seed, Some(base))))
+        }
+        Some(found) if found.rank == lora.rank && found.alpha() == lora.alpha() && found.targets == lora.targets => {
+            Ok(model)
+        }
+        Some(found) => Err(Error::config(
+            "rl.lora",
+            serde_json::to_string(lora).unwrap_or_default(),
+            format!(
+                "{} already has adapters {}",
+                base.display(),
+                serde_json::to_string(&found).unwrap_or_default()
+            ),
+        )),
+    }
+}
+
+/// The run's start policy (its `warm_start.ckpt`). With `shared` (the base of a LoRA policy,
+/// loaded from `shared.0`) a checkpoint of adapters over that base, or that base itself, is
+/// built on the tensors already in memory.
+fn start_policy<B: Backend>(
+    path: &Path,
+    config: &RunConfig,
+    shared: Option<(BaseRef, Transformer<B>)>,
+    device: &B::Device,
+) -> Result<Transformer<B>> {
+    let ck = checkpoint::load(path, Some(&config.model))?;
+    let same = |a: &Path, b: &Path| std::fs::canonicalize(a).ok() == std::fs::canonicalize(b).ok();
+    match (&ck.lora, shared) {
+        (Some(LoraHeader { base: Some(b), .. }), Some((policy_base, base)))
+            if same(&ck.base_path(b), &policy_base.path) =>
+        {
+            ck.adapters_onto(base, &policy_base.path)
+        }
+        (None, Some((policy_base, base))) if same(path, &policy_base.path) => Ok(base),
+        _ => ck.model::<B>(device),
+    }
 }
 
 /// On resume, drops metric records written after the checkpoint we resume from, so the file

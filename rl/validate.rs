@@ -46,6 +46,9 @@ impl RunConfig {
                 "a pretrained model has no scripted warm start: use 0",
             ));
         }
+        if let Some(lora) = &self.rl.lora {
+            lora.validate()?;
+        }
         self.warm_start.optim.validate("warm_start.optim")?;
         self.rl.optim.validate("rl.optim")?;
         self.rl.rollout.sampler.validate()?;

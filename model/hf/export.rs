@@ -6,7 +6,7 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use burn::nn::Linear;
+use burn::module::Param;
 use burn::prelude::*;
 use safetensors::tensor::{Dtype, TensorView};
 
@@ -14,9 +14,11 @@ use super::config::HfConfig;
 use super::import::transpose;
 use crate::error::{Error, Result};
 use crate::fsutil::{write_atomic, write_json};
+use crate::model::lora::Target;
 use crate::model::Transformer;
 
-/// Writes `model` to the new directory `dir` (which must not exist yet): `config.json` with
+/// Writes `model` to the new directory `dir` (which must not exist yet), LoRA adapters merged
+/// into the weights they adapt: `config.json` with
 /// the given special token ids, `model.safetensors`, and a copy of each of `extra_files` (for
 /// example `tokenizer.json`). Everything is written into a temporary sibling first and renamed
 /// into place at the end, so a failure never leaves a half-written model under `dir`.
@@ -55,18 +57,17 @@ fn write_all<B: Backend>(
     extra_files: &[PathBuf],
 ) -> Result<()> {
     fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let merged;
+    let model = if model.has_lora() {
+        merged = model.clone().merged();
+        &merged
+    } else {
+        model
+    };
     let mut config = serde_json::to_value(HfConfig::from_native(&model.config, bos, eos)).expect("a config serialises");
     config["torch_dtype"] = "float32".into();
     write_json(&dir.join("config.json"), &config)?;
-    let tensors = named_tensors(model);
-    let views = tensors
-        .iter()
-        .map(|(name, shape, bytes)| TensorView::new(Dtype::F32, shape.clone(), bytes).map(|v| (name.clone(), v)))
-        .collect::<std::result::Result<Vec<_>, _>>()
-        .map_err(|e| Error::pretrained(dir, format!("cannot lay out tensors: {e}")))?;
-    let bytes = safetensors::serialize(views, None)
-        .map_err(|e| Error::pretrained(dir, format!("cannot serialise tensors: {e}")))?;
-    write_atomic(&dir.join(super::weights::SINGLE), &bytes)?;
+    write_safetensors(&dir.join(super::weights::SINGLE), &named_tensors(model).0)?;
     for file in extra_files {
         let name = file
             .file_name()
@@ -76,47 +77,62 @@ fn write_all<B: Backend>(
     Ok(())
 }
 
+/// Writes (name, shape, little-endian f32 bytes) tensors as one safetensors file.
+pub(super) fn write_safetensors(path: &Path, tensors: &[(String, Vec<usize>, Vec<u8>)]) -> Result<()> {
+    let views = tensors
+        .iter()
+        .map(|(name, shape, bytes)| TensorView::new(Dtype::F32, shape.clone(), bytes).map(|v| (name.clone(), v)))
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| Error::pretrained(path, format!("cannot lay out tensors: {e}")))?;
+    let bytes = safetensors::serialize(views, None)
+        .map_err(|e| Error::pretrained(path, format!("cannot serialise tensors: {e}")))?;
+    write_atomic(path, &bytes)
+}
+
 /// Every parameter under its `transformers` name, as (name, shape, little-endian f32 bytes).
-fn named_tensors<B: Backend>(model: &Transformer<B>) -> Vec<(String, Vec<usize>, Vec<u8>)> {
+fn named_tensors<B: Backend>(model: &Transformer<B>) -> Tensors {
     let mut out = Tensors(Vec::new());
     out.push("model.embed_tokens.weight".into(), model.embed.weight.val());
     for (i, block) in model.blocks.iter().enumerate() {
         let p = format!("model.layers.{i}");
         out.push(format!("{p}.input_layernorm.weight"), block.attn_norm.gamma.val());
-        out.linear(format!("{p}.self_attn.q_proj"), &block.attn.q);
-        out.linear(format!("{p}.self_attn.k_proj"), &block.attn.k);
-        out.linear(format!("{p}.self_attn.v_proj"), &block.attn.v);
-        out.linear(format!("{p}.self_attn.o_proj"), &block.attn.o);
         out.push(
             format!("{p}.post_attention_layernorm.weight"),
             block.mlp_norm.gamma.val(),
         );
-        out.linear(format!("{p}.mlp.gate_proj"), &block.mlp.gate);
-        out.linear(format!("{p}.mlp.up_proj"), &block.mlp.up);
-        out.linear(format!("{p}.mlp.down_proj"), &block.mlp.down);
+        for t in Target::ALL {
+            let proj = t.of(block);
+            out.linear(format!("{p}.{}", t.hf_path()), &proj.weight, proj.bias.as_ref());
+        }
     }
     out.push("model.norm.weight".into(), model.norm.gamma.val());
     if let Some(head) = &model.head {
-        out.linear("lm_head".into(), head);
+        out.linear("lm_head".into(), &head.weight, head.bias.as_ref());
     }
-    out.0
+    out
 }
 
-struct Tensors(Vec<(String, Vec<usize>, Vec<u8>)>);
+/// Tensors to write: (name, shape, little-endian f32 bytes).
+pub(super) struct Tensors(pub Vec<(String, Vec<usize>, Vec<u8>)>);
 
 impl Tensors {
-    fn push<B: Backend, const D: usize>(&mut self, name: String, t: Tensor<B, D>) {
+    pub fn push<B: Backend, const D: usize>(&mut self, name: String, t: Tensor<B, D>) {
         let dims = t.dims().to_vec();
         self.0.push((name, dims, le_bytes(&host(t))));
     }
 
     /// Burn's `[in, out]` weight back to PyTorch's `[out, in]`, and the bias if any.
-    fn linear<B: Backend>(&mut self, prefix: String, l: &Linear<B>) {
-        let [d_in, d_out] = l.weight.dims();
-        let weight = transpose(&host(l.weight.val()), d_in, d_out);
+    pub fn linear<B: Backend>(
+        &mut self,
+        prefix: String,
+        weight: &Param<Tensor<B, 2>>,
+        bias: Option<&Param<Tensor<B, 1>>>,
+    ) {
+        let [d_in, d_out] = weight.dims();
+        let weight = transpose(&host(weight.val()), d_in, d_out);
         self.0
             .push((format!("{prefix}.weight"), vec![d_out, d_in], le_bytes(&weight)));
-        if let Some(b) = &l.bias {
+        if let Some(b) = bias {
             self.push(format!("{prefix}.bias"), b.val());
         }
     }

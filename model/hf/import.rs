@@ -150,19 +150,23 @@ impl<B: Backend> Reader<'_, B> {
             blocks.push(Block {
                 attn_norm: self.norm(&format!("{p}.input_layernorm.weight"), d, c.norm_eps)?,
                 attn: Attention {
-                    q: self.linear(&format!("{p}.self_attn.q_proj"), d, hd, c.qkv_bias)?,
-                    k: self.linear(&format!("{p}.self_attn.k_proj"), d, kvd, c.qkv_bias)?,
-                    v: self.linear(&format!("{p}.self_attn.v_proj"), d, kvd, c.qkv_bias)?,
-                    o: self.linear(&format!("{p}.self_attn.o_proj"), hd, d, false)?,
+                    q: self.linear(&format!("{p}.self_attn.q_proj"), d, hd, c.qkv_bias)?.into(),
+                    k: self
+                        .linear(&format!("{p}.self_attn.k_proj"), d, kvd, c.qkv_bias)?
+                        .into(),
+                    v: self
+                        .linear(&format!("{p}.self_attn.v_proj"), d, kvd, c.qkv_bias)?
+                        .into(),
+                    o: self.linear(&format!("{p}.self_attn.o_proj"), hd, d, false)?.into(),
                     n_heads: c.n_heads,
                     n_kv_heads: c.n_kv_heads,
                     head_dim: c.head_dim(),
                 },
                 mlp_norm: self.norm(&format!("{p}.post_attention_layernorm.weight"), d, c.norm_eps)?,
                 mlp: Mlp {
-                    gate: self.linear(&format!("{p}.mlp.gate_proj"), d, c.d_ff, false)?,
-                    up: self.linear(&format!("{p}.mlp.up_proj"), d, c.d_ff, false)?,
-                    down: self.linear(&format!("{p}.mlp.down_proj"), c.d_ff, d, false)?,
+                    gate: self.linear(&format!("{p}.mlp.gate_proj"), d, c.d_ff, false)?.into(),
+                    up: self.linear(&format!("{p}.mlp.up_proj"), d, c.d_ff, false)?.into(),
+                    down: self.linear(&format!("{p}.mlp.down_proj"), c.d_ff, d, false)?.into(),
                 },
             });
         }
@@ -178,6 +182,7 @@ impl<B: Backend> Reader<'_, B> {
             norm,
             head,
             config: c.clone(),
+            lora_base: None,
         })
     }
 }

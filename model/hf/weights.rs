@@ -87,6 +87,11 @@ impl Safetensors {
         } else {
             return Err(Error::pretrained(dir, format!("has neither `{SINGLE}` nor `{INDEX}`")));
         };
+        Self::open_files(files)
+    }
+
+    /// Opens the given safetensors files as one set of tensors (no name in two of them).
+    pub fn open_files(files: Vec<PathBuf>) -> Result<Self> {
         let mut shards = Vec::with_capacity(files.len());
         let mut by_name = HashMap::new();
         for path in files {

@@ -93,7 +93,11 @@ pub fn hidden_gradients<B: AutodiffBackend>(
         dx = x.grad(&grads).expect("a block's output depends on its input");
         acc.accumulate(model, GradientsParams::from_module(&mut grads, block));
     }
-    // The embedding (tied heads add to the gradient the head's segment gave it).
+    // The embedding (tied heads add to the gradient the head's segment gave it); frozen
+    // under LoRA, when there is nothing to differentiate.
+    if !model.embed.weight.val().is_require_grad() {
+        return acc.grads();
+    }
     let e = model.embed.forward(tokens).reshape([b * t, c]);
     let mut grads = (e * Tensor::from_inner(dx)).sum().backward();
     acc.accumulate(model, GradientsParams::from_module(&mut grads, &model.embed));
