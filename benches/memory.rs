@@ -3,11 +3,13 @@
 //!
 //! ```text
 //! cargo bench --bench memory -- --shape qwen2.5-0.5b --tokens 2048 [--layers 4] [--steps 2]
+//! cargo bench --bench memory -- --shape r1-distill-qwen-1.5b --tokens 8192 --lora-rank 16 --layers 4
 //! ```
 //! One step is what the RL loop does per pass: the full-sequence forward, the token
 //! log-probs of every position but the first through the output head, a policy-gradient loss
 //! with random per-token coefficients, the backward pass (blocks recomputed when
-//! `--checkpointing` says so) and an AdamW update. The optimizer's moments exist from the
+//! `--checkpointing` says so) and an AdamW update; with `--lora-rank`, of rank-r adapters on
+//! every projection of a frozen base. The optimizer's moments exist from the
 //! first update on, so the peak of a run of two or more steps is the steady state. Peak
 //! resident memory is the process's high-water mark (`VmHWM`), with the allocator set as the
 //! binaries set it (`backend::tune_allocator`). CPU backend (flex) only.
@@ -17,9 +19,10 @@ use std::time::Instant;
 use burn::backend::{Autodiff, Flex};
 use burn::prelude::*;
 use clap::Parser;
+use mrt::model::lora::LoraConfig;
 use mrt::model::lowmem::{hidden_gradients, Checkpointing};
 use mrt::model::{logprobs_of_hidden, Transformer, TransformerConfig};
-use mrt::rl::optim::{adamw, step_grads, OptimConfig};
+use mrt::rl::optim::{adamw, require_grad, step_grads, OptimConfig};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -47,6 +50,9 @@ struct Args {
     /// auto, on or off.
     #[arg(long, default_value = "auto")]
     checkpointing: String,
+    /// Train rank-r LoRA adapters (α = 2r, all seven projections) on a frozen base.
+    #[arg(long)]
+    lora_rank: Option<usize>,
     /// Passed by `cargo bench`; ignored.
     #[arg(long, hide = true)]
     bench: bool,
@@ -111,6 +117,10 @@ fn main() {
     let device = Default::default();
     let t0 = Instant::now();
     let mut model = Transformer::<AD>::new(&cfg, 0, &device).expect("a valid shape");
+    if let Some(rank) = args.lora_rank {
+        model = require_grad(model.with_lora(&LoraConfig::new(rank), 0, None));
+    }
+    let trainable = model.num_params() - if args.lora_rank.is_some() { cfg.num_params() } else { 0 };
     let init_s = t0.elapsed().as_secs_f64();
     let after_init = peak_rss();
     let optim_config = OptimConfig {
@@ -144,6 +154,8 @@ fn main() {
         "shape": args.shape,
         "layers": cfg.n_layers,
         "params": cfg.num_params(),
+        "lora_rank": args.lora_rank,
+        "trainable_params": trainable,
         "rows": rows,
         "tokens": t,
         "checkpointing": checkpoint,

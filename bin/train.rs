@@ -116,6 +116,21 @@ fn build_config(args: &Args) -> Result<RunConfig> {
             serde_json::json!({ "task": { "name": "math", "data": data } }),
         );
     }
+    if let Some(rank) = args.lora_rank {
+        let mut lora = LoraConfig::new(rank);
+        lora.alpha = args.lora_alpha;
+        if !args.lora_targets.is_empty() {
+            lora.targets = args
+                .lora_targets
+                .iter()
+                .map(|t| Target::parse(t.trim()))
+                .collect::<mrt::Result<_>>()?;
+        }
+        merge_json(
+            patch.get_or_insert_with(|| serde_json::json!({})),
+            serde_json::json!({ "rl": { "lora": lora } }),
+        );
+    }
     let mut config = match &args.model {
         Some(dir) => {
             if !dir.is_dir() && !mrt::gguf::is_gguf(dir) {
@@ -131,18 +146,7 @@ fn build_config(args: &Args) -> Result<RunConfig> {
     if let Some(n) = args.rl_steps {
         config.rl.steps = n;
     }
-    if let Some(rank) = args.lora_rank {
-        let mut lora = LoraConfig::new(rank);
-        lora.alpha = args.lora_alpha;
-        if !args.lora_targets.is_empty() {
-            lora.targets = args
-                .lora_targets
-                .iter()
-                .map(|t| Target::parse(t.trim()))
-                .collect::<mrt::Result<_>>()?;
-        }
-        config.rl.lora = Some(lora);
-    }
+
     config.validate()?;
     Ok(config)
 }

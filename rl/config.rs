@@ -170,6 +170,9 @@ fn held_out() -> Split {
 /// prompt, 1024 thinking tokens, forced suffix and answer fit with room to spare.
 pub const PRETRAINED_CONTEXT: usize = 4096;
 
+/// How much larger RL's default learning rate is when only LoRA adapters are trained.
+pub const LORA_LR_FACTOR: f64 = 10.0;
+
 /// Everything that defines a run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -237,9 +240,15 @@ impl RunConfig {
         }
         let mut config = defaults(task_cfg)?;
         if let Some(patch) = patch {
+            // Adapters learn best at about ten times a full fine-tune's rate (Schulman et al.
+            // 2025, "LoRA Without Regret"): the default rate follows unless one is given.
+            let lora_rate = patch.pointer("/rl/lora").is_some() && patch.pointer("/rl/optim/lr").is_none();
             let mut value = serde_json::to_value(&config).map_err(bad)?;
             merge_json(&mut value, patch);
             config = serde_json::from_value(value).map_err(bad)?;
+            if lora_rate {
+                config.rl.optim.lr *= LORA_LR_FACTOR;
+            }
         }
         Ok(config)
     }

@@ -102,3 +102,34 @@ fn split_fractions_must_leave_training_problems() {
     assert!(err.contains("eval.split"), "{err}");
     assert!(patched(Algo::Grpo, "search", json!({"eval": {"split": "validation"}})).is_ok());
 }
+
+#[test]
+fn lora_is_configured_validated_and_trains_at_ten_times_the_rate() {
+    let full = patched(Algo::Grpo, "search", serde_json::json!({})).unwrap();
+    assert!(full.rl.lora.is_none());
+    let lora = patched(Algo::Grpo, "search", serde_json::json!({"rl": {"lora": {"rank": 8}}})).unwrap();
+    let adapters = lora.rl.lora.clone().unwrap();
+    assert_eq!((adapters.rank, adapters.alpha(), adapters.targets.len()), (8, 16.0, 7));
+    assert_eq!(lora.rl.optim.lr, full.rl.optim.lr * 10.0);
+    // A rate that is given is kept; targets take PEFT's names too.
+    let given = patched(
+        Algo::Grpo,
+        "search",
+        serde_json::json!({"rl": {"optim": {"lr": 1e-4}, "lora": {"rank": 4, "alpha": 4, "targets": ["q_proj", "v"]}}}),
+    )
+    .unwrap();
+    assert_eq!(given.rl.optim.lr, 1e-4);
+    let adapters = given.rl.lora.unwrap();
+    assert_eq!(
+        (adapters.alpha(), adapters.targets),
+        (4.0, vec![mrt::model::lora::Target::Q, mrt::model::lora::Target::V])
+    );
+    for (bad, field) in [
+        (serde_json::json!({"rank": 0}), "lora.rank"),
+        (serde_json::json!({"rank": 4, "targets": []}), "lora.targets"),
+        (serde_json::json!({"rank": 4, "targets": ["qkv"]}), "qkv"),
+    ] {
+        let e = patched(Algo::Grpo, "search", serde_json::json!({"rl": {"lora": bad}})).unwrap_err();
+        assert!(e.contains(field), "{e}");
+    }
+}
