@@ -11,7 +11,7 @@ use burn::prelude::*;
 use mrt::data::math::MathProblem;
 use mrt::data::math_task::TextFormat;
 use mrt::data::{Problem, Role, TextTokenizer};
-use mrt::model::{hf, SamplerConfig, Transformer, TransformerConfig};
+use mrt::model::{checkpoint, hf, SamplerConfig, Transformer, TransformerConfig};
 use mrt::rl::config::{Algo, RunConfig};
 use mrt::rl::metrics::read_metrics;
 use mrt::rl::pipeline::{run_pipeline, PipelineOptions};
@@ -571,4 +571,54 @@ fn a_pretrained_model_fine_tunes_on_the_sample_file_end_to_end() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("--model"), "{err}");
+}
+
+/// The same run with LoRA (`train --model DIR --lora-rank 2`): every checkpoint holds the
+/// adapters alone and names the model directory as their base, which stays as it was.
+#[test]
+fn a_pretrained_model_fine_tunes_its_lora_adapters_end_to_end() {
+    let model_dir = root().join("tests/fixtures/hf/llama");
+    let patch = serde_json::json!({
+        "task": {"data": root().join("data/samples/math.jsonl"), "max_episodes": 2},
+        "model": {"max_seq_len": 512},
+        "rl": {"steps": 2, "problems_per_step": 2, "group_size": 2, "eval_every": 0, "checkpoint_every": 1,
+               "rollout": {"max_tokens": 24, "max_answer_tokens": 6}, "prover": {"samples": 2, "max_answer_tokens": 6},
+               "lora": {"rank": 2, "targets": ["q", "v", "down"]}},
+        "eval": {"problems": 2, "samples": 1, "max_tokens": 24, "prover": {"samples": 2, "max_answer_tokens": 6}}
+    });
+    let config = RunConfig::pretrained_with_patch("math", &model_dir, Algo::Grpo, 0, Some(patch)).unwrap();
+    let run_dir = scratch("lora-run");
+    let opts = PipelineOptions {
+        config,
+        run_dir: run_dir.clone(),
+        resume: false,
+        init: None,
+        quiet: true,
+        interrupt_after: None,
+        final_eval: true,
+    };
+    let out = run_pipeline::<Autodiff<Flex>>(&opts, &Default::default()).unwrap();
+    assert!(out.completed && out.base.is_some() && out.fine_tuned.is_some());
+    let base = hf::load_with_context::<B>(&model_dir, Some(512), &Default::default()).unwrap();
+    let model_bytes = fs::metadata(model_dir.join("model.safetensors")).unwrap().len();
+    for name in ["warm_start", "latest", "final"] {
+        let path = run_dir.join(format!("checkpoints/{name}.ckpt"));
+        let ck = checkpoint::load(&path, None).unwrap();
+        let lora = ck.lora.clone().unwrap_or_else(|| panic!("{name}: no adapters"));
+        assert_eq!(lora.base.unwrap().path, fs::canonicalize(&model_dir).unwrap(), "{name}");
+        assert!(
+            fs::metadata(&path).unwrap().len() * 4 < model_bytes,
+            "{name}: the base was copied"
+        );
+        let model = ck.model::<B>(&Default::default()).unwrap();
+        assert_eq!(model.lora_config().unwrap().targets.len(), 3);
+        let w = |m: &Transformer<B>| m.blocks[1].mlp.down.weight.val().into_data().to_vec::<f32>().unwrap();
+        assert_eq!(w(&model), w(&base), "{name}: the base moved");
+    }
+    let rl = read_metrics(&run_dir.join("metrics.jsonl")).unwrap();
+    let steps = rl
+        .iter()
+        .filter(|r| r["phase"] == "rl" && r.get("rollout/reward").is_some())
+        .count();
+    assert_eq!(steps, 2);
 }
