@@ -198,13 +198,9 @@ fn run(args: Args) -> Result<()> {
             let saved: SavedConfig = mrt::fsutil::read_json(&RunDir::new(dir).config_path())
                 .with_context(|| format!("--resume {}: not a run directory", dir.display()))?;
             PipelineOptions {
-                config: saved.config,
-                run_dir: dir.clone(),
                 resume: true,
-                init: None,
                 quiet: args.quiet,
-                interrupt_after: None,
-                final_eval: true,
+                ..PipelineOptions::new(saved.config, dir)
             }
         }
         None => {
@@ -231,13 +227,9 @@ fn run(args: Args) -> Result<()> {
             }
             eprintln!("config: {}", serde_json::to_string(&config)?);
             PipelineOptions {
-                config,
-                run_dir: dir,
-                resume: false,
                 init: args.init.clone(),
                 quiet: args.quiet,
-                interrupt_after: None,
-                final_eval: true,
+                ..PipelineOptions::new(config, dir)
             }
         }
     };

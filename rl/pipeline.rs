@@ -42,6 +42,22 @@ pub struct PipelineOptions {
     pub final_eval: bool,
 }
 
+impl PipelineOptions {
+    /// A new run of `config` in `run_dir` with progress bars and the final evaluation; the
+    /// other fields are set with struct update syntax where they differ.
+    pub fn new(config: RunConfig, run_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            config,
+            run_dir: run_dir.into(),
+            resume: false,
+            init: None,
+            quiet: false,
+            interrupt_after: None,
+            final_eval: true,
+        }
+    }
+}
+
 /// What a finished (or interrupted) run reports.
 #[derive(Debug, Clone, Serialize)]
 pub struct Outcome {

@@ -302,13 +302,10 @@ fn small_lora_config(algo: Algo) -> RunConfig {
 /// tensors the policy shares) and its fine-tuned adapters.
 fn options(config: RunConfig, run_dir: PathBuf, resume: bool, interrupt_after: Option<usize>) -> PipelineOptions {
     PipelineOptions {
-        config,
-        run_dir,
         resume,
-        init: None,
         quiet: true,
         interrupt_after,
-        final_eval: true,
+        ..PipelineOptions::new(config, run_dir)
     }
 }
 

@@ -514,31 +514,34 @@ fn mrt_cuts_free_text_streams_at_their_episode_boundaries() {
     assert!(cut_inside > 0, "some stream is cut after an episode");
 }
 
-/// `train --model <fixture> --task math --data <sample>` in miniature: a couple of RL steps of
-/// a random Llama on the sample file write the usual run directory.
-#[test]
-fn a_pretrained_model_fine_tunes_on_the_sample_file_end_to_end() {
+/// `train --model <fixture> --task math --data <sample>` in miniature, with `rl` fields added
+/// to the small run's: a couple of RL steps of a random Llama on the sample file.
+fn fixture_run(algo: Algo, rl: serde_json::Value, name: &str) -> (PathBuf, mrt::rl::pipeline::Outcome) {
     let model_dir = root().join("tests/fixtures/hf/llama");
-    let patch = serde_json::json!({
+    let mut patch = serde_json::json!({
         "task": {"data": root().join("data/samples/math.jsonl"), "max_episodes": 2},
         "model": {"max_seq_len": 512},
         "rl": {"steps": 2, "problems_per_step": 2, "group_size": 2, "eval_every": 0, "checkpoint_every": 1,
                "rollout": {"max_tokens": 24, "max_answer_tokens": 6}, "prover": {"samples": 2, "max_answer_tokens": 6}},
         "eval": {"problems": 2, "samples": 1, "max_tokens": 24, "prover": {"samples": 2, "max_answer_tokens": 6}}
     });
-    let config = RunConfig::pretrained_with_patch("math", &model_dir, Algo::MrtDense, 0, Some(patch)).unwrap();
+    mrt::rl::config::merge_json(&mut patch, serde_json::json!({ "rl": rl }));
+    let config = RunConfig::pretrained_with_patch("math", &model_dir, algo, 0, Some(patch)).unwrap();
     assert_eq!(config.warm_start.steps, 0);
-    let run_dir = scratch("run");
+    let run_dir = scratch(name);
     let opts = PipelineOptions {
-        config,
-        run_dir: run_dir.clone(),
-        resume: false,
-        init: None,
         quiet: true,
-        interrupt_after: None,
-        final_eval: true,
+        ..PipelineOptions::new(config, &run_dir)
     };
     let out = run_pipeline::<Autodiff<Flex>>(&opts, &Default::default()).unwrap();
+    (run_dir, out)
+}
+
+/// The sample run writes the usual run directory.
+#[test]
+fn a_pretrained_model_fine_tunes_on_the_sample_file_end_to_end() {
+    let model_dir = root().join("tests/fixtures/hf/llama");
+    let (run_dir, out) = fixture_run(Algo::MrtDense, serde_json::json!({}), "run");
     assert!(out.completed && out.pretrained);
     for file in [
         "config.json",
@@ -578,26 +581,8 @@ fn a_pretrained_model_fine_tunes_on_the_sample_file_end_to_end() {
 #[test]
 fn a_pretrained_model_fine_tunes_its_lora_adapters_end_to_end() {
     let model_dir = root().join("tests/fixtures/hf/llama");
-    let patch = serde_json::json!({
-        "task": {"data": root().join("data/samples/math.jsonl"), "max_episodes": 2},
-        "model": {"max_seq_len": 512},
-        "rl": {"steps": 2, "problems_per_step": 2, "group_size": 2, "eval_every": 0, "checkpoint_every": 1,
-               "rollout": {"max_tokens": 24, "max_answer_tokens": 6}, "prover": {"samples": 2, "max_answer_tokens": 6},
-               "lora": {"rank": 2, "targets": ["q", "v", "down"]}},
-        "eval": {"problems": 2, "samples": 1, "max_tokens": 24, "prover": {"samples": 2, "max_answer_tokens": 6}}
-    });
-    let config = RunConfig::pretrained_with_patch("math", &model_dir, Algo::Grpo, 0, Some(patch)).unwrap();
-    let run_dir = scratch("lora-run");
-    let opts = PipelineOptions {
-        config,
-        run_dir: run_dir.clone(),
-        resume: false,
-        init: None,
-        quiet: true,
-        interrupt_after: None,
-        final_eval: true,
-    };
-    let out = run_pipeline::<Autodiff<Flex>>(&opts, &Default::default()).unwrap();
+    let lora = serde_json::json!({"lora": {"rank": 2, "targets": ["q", "v", "down"]}});
+    let (run_dir, out) = fixture_run(Algo::Grpo, lora, "lora-run");
     assert!(out.completed && out.base.is_some() && out.fine_tuned.is_some());
     let base = hf::load_with_context::<B>(&model_dir, Some(512), &Default::default()).unwrap();
     let model_bytes = fs::metadata(model_dir.join("model.safetensors")).unwrap().len();

@@ -39,13 +39,10 @@ fn small_config() -> RunConfig {
 
 fn options(run_dir: PathBuf, resume: bool, interrupt_after: Option<usize>) -> PipelineOptions {
     PipelineOptions {
-        config: small_config(),
-        run_dir,
         resume,
-        init: None,
         quiet: true,
         interrupt_after,
-        final_eval: true,
+        ..PipelineOptions::new(small_config(), run_dir)
     }
 }
 

@@ -376,13 +376,10 @@ fn pipeline_loss(
     device: &WgpuDevice,
 ) -> f64 {
     let opts = PipelineOptions {
-        config,
-        run_dir: dir.to_path_buf(),
-        resume: false,
         init,
         quiet: true,
-        interrupt_after: None,
         final_eval: false,
+        ..PipelineOptions::new(config, dir)
     };
     assert!(run_pipeline::<Autodiff<Gpu>>(&opts, device).unwrap().completed);
     let losses: Vec<f64> = read_metrics(&dir.join("metrics.jsonl"))

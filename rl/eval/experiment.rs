@@ -206,13 +206,11 @@ pub(super) fn ensure_run<B: AutodiffBackend>(
     // prints one line per finished run instead.
     run_pipeline::<B>(
         &PipelineOptions {
-            config,
-            run_dir: dir.to_path_buf(),
             resume,
             init,
             quiet: true,
-            interrupt_after: None,
             final_eval: false,
+            ..PipelineOptions::new(config, dir)
         },
         device,
     )?;
