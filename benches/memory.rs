@@ -50,6 +50,11 @@ struct Args {
     /// auto, on or off.
     #[arg(long, default_value = "auto")]
     checkpointing: String,
+    /// Leave glibc's allocator as it is (large buffers mapped and unmapped per allocation, so
+    /// the peak is the live memory) instead of the binaries' tuning, which keeps freed memory
+    /// (and any fragmentation of it) in the process.
+    #[arg(long)]
+    untuned_allocator: bool,
     /// Train rank-r LoRA adapters (α = 2r, all seven projections) on a frozen base.
     #[arg(long)]
     lora_rank: Option<usize>,
@@ -94,7 +99,9 @@ fn gib(bytes: Option<u64>) -> f64 {
 
 fn main() {
     let args = Args::parse();
-    mrt::backend::tune_allocator();
+    if !args.untuned_allocator {
+        mrt::backend::tune_allocator();
+    }
     let Some(mut cfg) = shape(&args.shape) else {
         eprintln!("error: unknown --shape {}", args.shape);
         std::process::exit(2);
@@ -155,6 +162,7 @@ fn main() {
         "layers": cfg.n_layers,
         "params": cfg.num_params(),
         "lora_rank": args.lora_rank,
+        "untuned_allocator": args.untuned_allocator,
         "trainable_params": trainable,
         "rows": rows,
         "tokens": t,

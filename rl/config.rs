@@ -249,6 +249,10 @@ impl RunConfig {
             if lora_rate {
                 config.rl.optim.lr *= LORA_LR_FACTOR;
             }
+            // The run's config.json records the α it trains with, not "default".
+            if let Some(lora) = &mut config.rl.lora {
+                lora.alpha = Some(lora.alpha());
+            }
         }
         Ok(config)
     }
