@@ -92,7 +92,7 @@ impl Checkpoint {
         let lora = match &self.lora {
             Some(LoraHeader { base: Some(base), .. }) => {
                 let path = self.base_path(base);
-                return self.adapters_onto(load_base(&path, &self.config, device)?, &path);
+                return self.adapters_onto(super::lora::load_base(&path, &self.config, device)?, &path);
             }
             Some(h) => Some(&h.config),
             None => None,
@@ -158,38 +158,6 @@ impl Checkpoint {
             _ => base.path.clone(),
         }
     }
-}
-
-/// A model without adapters to put adapters on: a checkpoint of this project or a pretrained
-/// model (directory or GGUF), which must have `config`'s shapes (the context length is
-/// `config`'s).
-pub fn load_base<B: Backend>(path: &Path, config: &TransformerConfig, device: &B::Device) -> Result<Transformer<B>> {
-    if !path.exists() {
-        return Err(Error::checkpoint(
-            path,
-            "not found: the base model of LoRA adapters must stay where it was when they were trained",
-        ));
-    }
-    let model = if is_checkpoint(path) {
-        let ck = load(path, Some(config))?;
-        if ck.lora.is_some() {
-            return Err(Error::checkpoint(
-                path,
-                "has adapters itself; a LoRA base must be a plain model (export merges adapters)",
-            ));
-        }
-        ck.model::<B>(device)?
-    } else {
-        super::hf::load_with_context::<B>(path, Some(config.max_seq_len), device)?
-    };
-    let diff = config_diff(config, &model.config);
-    if !diff.is_empty() {
-        return Err(Error::checkpoint(
-            path,
-            format!("is not the expected base model ({diff})"),
-        ));
-    }
-    Ok(model)
 }
 
 /// Whether `path` is a file that starts like a checkpoint of this project.
@@ -442,7 +410,7 @@ fn stored_base_path(base: &Path, ckpt: &Path) -> PathBuf {
 }
 
 /// `field: expected → found` for every field that differs.
-fn config_diff(expected: &TransformerConfig, found: &TransformerConfig) -> String {
+pub(crate) fn config_diff(expected: &TransformerConfig, found: &TransformerConfig) -> String {
     let (a, b) = (
         serde_json::to_value(expected).unwrap_or_default(),
         serde_json::to_value(found).unwrap_or_default(),

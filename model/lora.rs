@@ -7,7 +7,7 @@
 //! keeps moments for the adapters only. Rollouts, the meta-prover and evaluation run the
 //! adapted model as it is (each projection adds its low-rank term); nothing is merged per step.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::prelude::*;
@@ -16,6 +16,8 @@ use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use super::block::Block;
+use super::checkpoint;
+use super::config::TransformerConfig;
 use super::projection::{Lora, Projection};
 use super::transformer::Transformer;
 use crate::error::{Error, Result};
@@ -278,20 +280,11 @@ impl<B: Backend> Transformer<B> {
     /// A plain model whose projections hold `W + (α / r) A B`: what the adapted model computes,
     /// as one weight per projection (for export).
     pub fn merged(mut self) -> Self {
-        self.blocks = self
-            .blocks
-            .into_iter()
-            .map(|mut b| {
-                b.attn.q = b.attn.q.merged();
-                b.attn.k = b.attn.k.merged();
-                b.attn.v = b.attn.v.merged();
-                b.attn.o = b.attn.o.merged();
-                b.mlp.gate = b.mlp.gate.merged();
-                b.mlp.up = b.mlp.up.merged();
-                b.mlp.down = b.mlp.down.merged();
-                b
-            })
-            .collect();
+        for block in &mut self.blocks {
+            for t in Target::ALL {
+                t.of_mut(block).merge();
+            }
+        }
         self.lora_base = None;
         self
     }
@@ -322,7 +315,7 @@ impl<B: Backend> Transformer<B> {
 }
 
 /// Number of adapter parameters `config` adds to a model of `model`'s shapes.
-pub fn lora_params(model: &super::TransformerConfig, config: &LoraConfig) -> usize {
+pub fn lora_params(model: &TransformerConfig, config: &LoraConfig) -> usize {
     let (d, kv, f) = (model.d_model, model.n_kv_heads * model.head_dim(), model.d_ff);
     let per_layer: usize = config
         .targets
@@ -334,4 +327,36 @@ pub fn lora_params(model: &super::TransformerConfig, config: &LoraConfig) -> usi
         })
         .sum();
     per_layer * config.rank * model.n_layers
+}
+
+/// A model without adapters to put adapters on: a checkpoint of this project or a pretrained
+/// model (directory or GGUF), which must have `config`'s shapes (the context length is
+/// `config`'s).
+pub fn load_base<B: Backend>(path: &Path, config: &TransformerConfig, device: &B::Device) -> Result<Transformer<B>> {
+    if !path.exists() {
+        return Err(Error::checkpoint(
+            path,
+            "not found: the base model of LoRA adapters must stay where it was when they were trained",
+        ));
+    }
+    let model = if checkpoint::is_checkpoint(path) {
+        let ck = checkpoint::load(path, Some(config))?;
+        if ck.lora.is_some() {
+            return Err(Error::checkpoint(
+                path,
+                "has adapters itself; a LoRA base must be a plain model (export merges adapters)",
+            ));
+        }
+        ck.model::<B>(device)?
+    } else {
+        super::hf::load_with_context::<B>(path, Some(config.max_seq_len), device)?
+    };
+    let diff = checkpoint::config_diff(config, &model.config);
+    if !diff.is_empty() {
+        return Err(Error::checkpoint(
+            path,
+            format!("is not the expected base model ({diff})"),
+        ));
+    }
+    Ok(model)
 }

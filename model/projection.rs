@@ -72,15 +72,10 @@ impl<B: Backend> Projection<B> {
         }
     }
 
-    /// The plain projection whose weight is `W + (α / r) A B` (no adapter).
-    pub fn merged(self) -> Self {
-        match self.lora {
-            None => self,
-            Some(lora) => Self {
-                weight: Param::from_tensor(self.weight.val() + lora.delta()),
-                bias: self.bias,
-                lora: None,
-            },
+    /// Folds the adapter into the weight: `W + (α / r) A B`, no adapter left.
+    pub fn merge(&mut self) {
+        if let Some(lora) = self.lora.take() {
+            self.weight = Param::from_tensor(self.weight.val() + lora.delta());
         }
     }
 
