@@ -22,6 +22,23 @@ pub type Gpu = burn::backend::Wgpu;
 #[cfg(feature = "cuda")]
 pub type CudaGpu = burn::backend::Cuda;
 
+/// Whether `B` is a CPU backend (flex, or ndarray when built in), with or without autodiff:
+/// what defaults that differ between the CPU and GPUs (a LoRA base's precision) go by.
+pub fn is_cpu<B: burn::tensor::backend::Backend>() -> bool {
+    use std::any::TypeId;
+    let b = TypeId::of::<B>();
+    #[cfg(feature = "ndarray")]
+    if [
+        TypeId::of::<burn::backend::NdArray>(),
+        TypeId::of::<Autodiff<burn::backend::NdArray>>(),
+    ]
+    .contains(&b)
+    {
+        return true;
+    }
+    [TypeId::of::<Cpu>(), TypeId::of::<Autodiff<Cpu>>()].contains(&b)
+}
+
 /// What `--device` asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeviceChoice {

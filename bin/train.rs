@@ -86,6 +86,10 @@ struct Args {
     /// Projections that get adapters, comma-separated (default all: q,k,v,o,gate,up,down).
     #[arg(long, requires = "lora_rank", value_delimiter = ',')]
     lora_targets: Vec<String>,
+    /// What the frozen base's matrices are stored in: auto (bf16 on a GPU, f16 where it lacks
+    /// bf16; f32 on the CPU), f32, bf16 or f16. Adapters and optimizer state stay f32.
+    #[arg(long, requires = "lora_rank", value_name = "TYPE")]
+    lora_base_precision: Option<String>,
     /// No progress bars.
     #[arg(long)]
     quiet: bool,
@@ -125,6 +129,10 @@ fn build_config(args: &Args) -> Result<RunConfig> {
                 .iter()
                 .map(|t| Target::parse(t.trim()))
                 .collect::<mrt::Result<_>>()?;
+        }
+        if let Some(p) = &args.lora_base_precision {
+            lora.base_precision = serde_json::from_value(serde_json::json!(p))
+                .map_err(|_| anyhow::anyhow!("--lora-base-precision {p}: expected auto, f32, bf16 or f16"))?;
         }
         merge_json(
             patch.get_or_insert_with(|| serde_json::json!({})),

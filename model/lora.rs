@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use super::block::Block;
 use super::checkpoint;
 use super::config::TransformerConfig;
+use super::precision::BasePrecision;
 use super::projection::{Lora, Projection};
 use super::transformer::Transformer;
 use crate::error::{Error, Result};
@@ -119,6 +120,11 @@ pub struct LoraConfig {
     pub alpha: Option<f64>,
     #[serde(default = "all_targets")]
     pub targets: Vec<Target>,
+    /// What the frozen base's matrices are stored in during training (model/precision.rs):
+    /// a setting of the run, not a property of the adapters (they load onto an f32 base
+    /// whatever a checkpoint's header says here, and PEFT's files do not carry it).
+    #[serde(default)]
+    pub base_precision: BasePrecision,
 }
 
 impl LoraConfig {
@@ -127,6 +133,7 @@ impl LoraConfig {
             rank,
             alpha: None,
             targets: all_targets(),
+            base_precision: BasePrecision::Auto,
         }
     }
 
@@ -232,6 +239,7 @@ impl<B: Backend> Transformer<B> {
             rank: first.rank(),
             alpha: Some(first.alpha),
             targets,
+            base_precision: BasePrecision::Auto,
         })
     }
 

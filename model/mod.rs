@@ -13,6 +13,7 @@ pub mod init;
 pub mod logprobs;
 pub mod lora;
 pub mod lowmem;
+pub mod precision;
 pub mod projection;
 pub mod rope;
 pub mod sampling;

@@ -9,7 +9,8 @@
 use burn::module::Param;
 use burn::nn::Linear;
 use burn::prelude::*;
-use burn::tensor::module::linear;
+
+use super::precision::{linear, ACTIVATIONS};
 
 /// A rank-r update `(α / r) · A B` of a `[in, out]` weight.
 #[derive(Module, Debug)]
@@ -62,8 +63,9 @@ impl<B: Backend> From<Linear<B>> for Projection<B> {
 }
 
 impl<B: Backend> Projection<B> {
-    /// `[N, in]` → `[N, out]`. Without an adapter this is exactly `Linear::forward`; with one
-    /// whose B is zero, the same values plus exact zeros.
+    /// `[N, in]` → `[N, out]`. Without an adapter this is exactly `Linear::forward` (a weight
+    /// in half precision multiplies in its own type: model/precision.rs); with one whose B is
+    /// zero, the same values plus exact zeros.
     pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
         let bias = self.bias.as_ref().map(|b| b.val());
         match &self.lora {
@@ -72,10 +74,11 @@ impl<B: Backend> Projection<B> {
         }
     }
 
-    /// Folds the adapter into the weight: `W + (α / r) A B`, no adapter left.
+    /// Folds the adapter into the weight: `W + (α / r) A B` in f32 (a half-precision base is
+    /// widened first), no adapter left.
     pub fn merge(&mut self) {
         if let Some(lora) = self.lora.take() {
-            self.weight = Param::from_tensor(self.weight.val() + lora.delta());
+            self.weight = Param::from_tensor(self.weight.val().cast(ACTIVATIONS) + lora.delta());
         }
     }
 

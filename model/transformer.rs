@@ -5,7 +5,6 @@
 
 use burn::nn::{Embedding, Linear, RmsNorm, RmsNormConfig};
 use burn::prelude::*;
-use burn::tensor::module::linear;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
@@ -14,6 +13,7 @@ use super::cache::KvCache;
 use super::config::TransformerConfig;
 use super::init::HostInit;
 use super::lora::BaseRef;
+use super::precision::matmul;
 use super::rope::Rope;
 use crate::error::{Error, Result};
 
@@ -82,7 +82,7 @@ impl<B: Backend> Transformer<B> {
     pub fn forward_hidden(&self, tokens: Tensor<B, 2, Int>) -> Tensor<B, 3> {
         let [b, t] = tokens.dims();
         let rope = self.sequence_rope(b, t);
-        let mut x = self.embed.forward(tokens).reshape([b * t, self.config.d_model]);
+        let mut x = self.embed_tokens(tokens);
         for block in &self.blocks {
             x = block.forward(x, &rope, b, None, true, None);
         }
@@ -161,7 +161,7 @@ impl<B: Backend> Transformer<B> {
     ) -> Tensor<B, 3> {
         let [b, w] = tokens.dims();
         let rope = self.rope(positions, b);
-        let mut x = self.embed.forward(tokens).reshape([b * w, self.config.d_model]);
+        let mut x = self.embed_tokens(tokens);
         for (block, kv) in self.blocks.iter().zip(cache.layers.iter_mut()) {
             x = block.forward(x, &rope, b, Some(mask.clone()), false, Some((kv, slot)));
         }
@@ -174,12 +174,7 @@ impl<B: Backend> Transformer<B> {
     /// `[B, T, C]` → `[B, T, V]`
     pub fn logits(&self, h: Tensor<B, 3>) -> Tensor<B, 3> {
         let [b, t, c] = h.dims();
-        let h = h.reshape([b * t, c]);
-        let logits = match &self.head {
-            Some(head) => head.forward(h),
-            None => linear(h, self.embed.weight.val().transpose(), None),
-        };
-        logits.reshape([b, t, self.config.vocab_size])
+        matmul(h.reshape([b * t, c]), self.head_weight()).reshape([b, t, self.config.vocab_size])
     }
 
     /// The output head's weight `[C, V]` (the embedding's, transposed, when tied); the head

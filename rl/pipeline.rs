@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use burn::module::AutodiffModule;
 use burn::prelude::Backend;
 use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::FloatDType;
 use serde::Serialize;
 
 use super::config::RunConfig;
@@ -157,6 +158,7 @@ pub fn run_pipeline<B: AutodiffBackend>(opts: &PipelineOptions, device: &B::Devi
             },
         )
     };
+    model = frozen_base_precision(model, &config, device, opts.quiet)?;
     truncate_metrics(&run, progress)?;
     let mut ctx = Ctx {
         config: &config,
@@ -194,6 +196,7 @@ pub fn run_pipeline<B: AutodiffBackend>(opts: &PipelineOptions, device: &B::Devi
         // RL starts with fresh optimizer state and its own schedule (and, with LoRA, with
         // adapters over the warm start just saved).
         model = with_adapters(m, &config, &run.checkpoint("warm_start"))?;
+        model = frozen_base_precision(model, &config, device, ctx.quiet)?;
         drop(o);
         optim = optim_for(Stage::Rl);
         rl_start = 0;
@@ -260,6 +263,27 @@ pub fn run_pipeline<B: AutodiffBackend>(opts: &PipelineOptions, device: &B::Devi
     };
     write_json(&run.root.join("summary.json"), &outcome)?;
     Ok(outcome)
+}
+
+/// Under LoRA, `model` with its frozen base's matrices in the type `rl.lora.base_precision`
+/// resolves to on this backend (model/precision.rs); said on stderr when it is not f32. A model
+/// without adapters (the warm start trains every weight) is returned as it is.
+fn frozen_base_precision<B: AutodiffBackend>(
+    model: Transformer<B>,
+    config: &RunConfig,
+    device: &B::Device,
+    quiet: bool,
+) -> Result<Transformer<B>> {
+    let Some(lora) = config.rl.lora.as_ref().filter(|_| model.has_lora()) else {
+        return Ok(model);
+    };
+    let dtype = lora
+        .base_precision
+        .resolve::<B>(device, crate::backend::is_cpu::<B>())?;
+    if dtype != FloatDType::F32 && !quiet {
+        eprintln!("LoRA: frozen base stored in {dtype:?}; adapters and optimizer state in f32");
+    }
+    Ok(model.with_base_dtype(dtype))
 }
 
 /// With `rl.lora`, `model` (loaded from `base`) with fresh adapters over its weights, which

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::prelude::*;
-use common::{param_grads, AD, B};
+use common::{param_grads, qwen2, randomise_b, small_lora_config, AD, B};
 use mrt::model::lora::{LoraConfig, Target};
 use mrt::model::lowmem::hidden_gradients;
 use mrt::model::{checkpoint, hf, logprobs_of_hidden, Transformer};
@@ -16,22 +16,11 @@ use mrt::rl::config::{Algo, RunConfig};
 use mrt::rl::metrics::read_metrics;
 use mrt::rl::optim::{adamw, require_grad, step_grads, OptimConfig};
 use mrt::rl::pipeline::{run_pipeline, PipelineOptions};
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
 
 fn dir(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("mrt-lora-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     d
-}
-
-/// The tiny Qwen2 fixture (GQA, q/k/v biases, tied head) saved by `transformers`.
-fn qwen2_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf/qwen2")
-}
-
-fn qwen2<Bk: Backend>() -> Transformer<Bk> {
-    hf::load::<Bk>(&qwen2_dir(), &Default::default()).unwrap()
 }
 
 fn ids<Bk: Backend>(rows: &[&[i64]]) -> Tensor<Bk, 2, Int> {
@@ -41,33 +30,6 @@ fn ids<Bk: Backend>(rows: &[&[i64]]) -> Tensor<Bk, 2, Int> {
 
 fn values<Bk: Backend, const D: usize>(t: Tensor<Bk, D>) -> Vec<f32> {
     t.into_data().to_vec().unwrap()
-}
-
-/// Every adapter's B replaced by small values drawn from `seed` (fresh adapters have B = 0,
-/// which would make every comparison below trivially true).
-fn randomise_b<Bk: Backend>(model: Transformer<Bk>, seed: u64) -> Transformer<Bk> {
-    let mut rng = StdRng::seed_from_u64(seed);
-    let device = model.device();
-    let mut adapters = model.adapters();
-    for l in &mut adapters.layers {
-        for lora in [
-            &mut l.q,
-            &mut l.k,
-            &mut l.v,
-            &mut l.o,
-            &mut l.gate,
-            &mut l.up,
-            &mut l.down,
-        ]
-        .into_iter()
-        .flatten()
-        {
-            let [r, out] = lora.b.dims();
-            let v: Vec<f32> = (0..r * out).map(|_| rng.random_range(-0.1..0.1)).collect();
-            lora.b = Param::from_tensor(Tensor::from_data(TensorData::new(v, [r, out]), &device));
-        }
-    }
-    model.with_adapters(adapters)
 }
 
 /// Every float parameter's values, in module order.
@@ -190,9 +152,9 @@ fn peft_layout_reads_back_bit_for_bit() {
     let out = dir("peft");
     let targets = vec![Target::Q, Target::V, Target::Down];
     let config = LoraConfig {
-        rank: 4,
         alpha: Some(16.0),
         targets: targets.clone(),
+        ..LoraConfig::new(4)
     };
     let adapted = randomise_b(qwen2::<B>().with_lora(&config, 9, None), 11);
     hf::save_peft(&adapted, &out, "tests/fixtures/hf/qwen2").unwrap();
@@ -275,27 +237,6 @@ fn checkpoints_hold_adapters_and_refuse_another_base() {
         .to_string();
     assert!(e.contains("base.ckpt") && e.contains("not found"), "{e}");
     let _ = std::fs::remove_dir_all(&d);
-}
-
-fn small_lora_config(algo: Algo) -> RunConfig {
-    let mut c = RunConfig::default_for("search", "cpu-tiny", algo, 5, true).unwrap();
-    c.model.d_model = 32;
-    c.model.n_layers = 2;
-    c.model.d_ff = 64;
-    c.warm_start.steps = 6;
-    c.warm_start.batch_size = 8;
-    c.warm_start.checkpoint_every = 3;
-    c.warm_start.eval_every = 0;
-    c.rl.steps = 4;
-    c.rl.problems_per_step = 3;
-    c.rl.group_size = 4;
-    c.rl.checkpoint_every = 2;
-    c.rl.eval_every = 0;
-    c.rl.optim.lr = 1e-2;
-    c.rl.lora = Some(LoraConfig::new(4));
-    c.eval.problems = 4;
-    c.eval.samples = 1;
-    c
 }
 
 /// With `final_eval`, the run ends by evaluating its start policy (the adapters' base, whose

@@ -26,6 +26,7 @@ use burn::backend::{Autodiff, Flex};
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
+use common::gpu::gpu;
 use mrt::model::checkpoint::{self, decode_record, encode_record};
 use mrt::model::{
     generate, last_logits, token_logprobs, GenerateConfig, SamplerConfig, Transformer, TransformerConfig,
@@ -38,35 +39,6 @@ use rand::SeedableRng;
 
 type Cpu = Flex;
 type Gpu = Wgpu;
-
-/// The wgpu device, or `None` (with the reason printed) when this machine has no adapter and
-/// the run does not require one.
-fn gpu() -> Option<WgpuDevice> {
-    static DEVICE: OnceLock<Option<WgpuDevice>> = OnceLock::new();
-    DEVICE
-        .get_or_init(|| {
-            mrt::backend::isolate_kernel_caches_for_tests();
-            match mrt::backend::probe_wgpu() {
-                Some(a) => {
-                    eprintln!(
-                        "wgpu tests on {} ({}{})",
-                        a.name,
-                        a.api,
-                        if a.software { ", software" } else { "" }
-                    );
-                    Some(a.device.clone())
-                }
-                None if std::env::var_os("MRT_REQUIRE_WGPU").is_some() => {
-                    panic!("MRT_REQUIRE_WGPU is set but no wgpu adapter answered (is a Vulkan driver installed?)")
-                }
-                None => {
-                    eprintln!("skipped: no wgpu adapter on this machine (Debian: apt-get install mesa-vulkan-drivers)");
-                    None
-                }
-            }
-        })
-        .clone()
-}
 
 /// The same weights on another backend, through the checkpoint record format.
 fn moved<A: Backend, C: Backend>(model: &Transformer<A>, device: &C::Device) -> Transformer<C> {

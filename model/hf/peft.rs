@@ -130,9 +130,9 @@ pub fn load_peft<B: Backend>(base: Transformer<B>, dir: &Path) -> Result<Transfo
         .map(|m| Target::parse(m))
         .collect::<Result<Vec<_>>>()?;
     let config = LoraConfig {
-        rank: peft.r,
         alpha: peft.lora_alpha.as_f64(),
         targets,
+        ..LoraConfig::new(peft.r)
     };
     config.validate()?;
     let weights = Safetensors::open_files(vec![dir.join(ADAPTER_WEIGHTS)])?;

@@ -5,7 +5,9 @@
 //! With z = h W / τ for one chunk of rows: lse = log Σ_v exp z_v; log π(y) = z_y − lse;
 //! entropy = lse − Σ_v softmax(z)_v z_v. Saved: h, W, the targets and lse. Backward, with g the
 //! incoming gradient of log π(y): dz = g (onehot(y) − softmax(z)) / τ recomputed per chunk;
-//! dh = dz Wᵀ; dW += hᵀ dz.
+//! dh = dz Wᵀ; dW += hᵀ dz, only when W is trained (a frozen head, as under LoRA, skips a
+//! third of the backward's products and the `[C, V]` accumulator). A head stored in half
+//! precision multiplies in its own type (model/precision.rs); the softmax is f32.
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
@@ -16,6 +18,7 @@ use burn::tensor::ops::{FloatTensor, IntTensor};
 use burn::tensor::IndexingUpdateOp;
 
 use super::{apply, cast, primitive, tensor, CustomOp, Tracked, BLOCK_ELEMENTS};
+use crate::model::precision::matmul;
 
 /// Rows per chunk so that one chunk's logits `[n, V]` stay within [`BLOCK_ELEMENTS`] (at
 /// least 16 rows).
@@ -118,18 +121,19 @@ impl<I: Backend> Backward<I, 2> for HeadBackward {
     fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
         let (h, w, targets, lse) = ops.state;
         let g = grads.consume::<I>(&ops.node);
+        let [h_node, w_node] = ops.parents;
         let (dh, dw) = self.0.backward::<I>(
             tensor(h),
             tensor(w),
             Tensor::from_primitive(targets),
             tensor(lse),
             tensor(g),
+            w_node.is_some(),
         );
-        let [h_node, w_node] = ops.parents;
         if let Some(node) = h_node {
             grads.register::<I>(node.id, primitive(dh));
         }
-        if let Some(node) = w_node {
+        if let (Some(node), Some(dw)) = (w_node, dw) {
             grads.register::<I>(node.id, primitive(dw));
         }
     }
@@ -143,7 +147,7 @@ impl Chunks {
 
     /// z = h W / τ for rows s..s+m: `[m, V]`.
     fn logits<X: Backend>(self, h: &Tensor<X, 2>, w: &Tensor<X, 2>, s: usize, m: usize) -> Tensor<X, 2> {
-        let z = h.clone().narrow(0, s, m).matmul(w.clone());
+        let z = matmul(h.clone().narrow(0, s, m), w.clone());
         if self.temperature == 1.0 {
             z
         } else {
@@ -178,7 +182,7 @@ impl Chunks {
         (Tensor::cat(lps, 0).reshape([n]), Tensor::cat(lses, 0), entropy)
     }
 
-    /// (dh `[N, C]`, dW `[C, V]`) for incoming log-prob gradients `g` `[N]`.
+    /// (dh `[N, C]`, dW `[C, V]` when `weight_grad`) for incoming log-prob gradients `g` `[N]`.
     fn backward<X: Backend>(
         self,
         h: Tensor<X, 2>,
@@ -186,9 +190,10 @@ impl Chunks {
         targets: Tensor<X, 1, Int>,
         lse: Tensor<X, 2>,
         g: Tensor<X, 1>,
-    ) -> (Tensor<X, 2>, Tensor<X, 2>) {
+        weight_grad: bool,
+    ) -> (Tensor<X, 2>, Option<Tensor<X, 2>>) {
         let n = h.dims()[0];
-        let mut dw = w.zeros_like();
+        let mut dw = weight_grad.then(|| w.zeros_like());
         let mut dhs = Vec::new();
         for (s, m) in self.ranges(n) {
             let p = (self.logits(&h, &w, s, m) - lse.clone().narrow(0, s, m)).exp();
@@ -198,8 +203,8 @@ impl Chunks {
             if self.temperature != 1.0 {
                 dz = dz / self.temperature;
             }
-            dhs.push(dz.clone().matmul(w.clone().transpose()));
-            dw = dw + h.clone().narrow(0, s, m).transpose().matmul(dz);
+            dhs.push(matmul(dz.clone(), w.clone().transpose()));
+            dw = dw.map(|dw| dw + h.clone().narrow(0, s, m).transpose().matmul(dz));
         }
         (Tensor::cat(dhs, 0), dw)
     }

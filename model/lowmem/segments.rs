@@ -71,7 +71,7 @@ pub fn hidden_gradients<B: AutodiffBackend>(
     // Forward without a graph, keeping each block's input.
     let inner = model.valid();
     let rope = inner.sequence_rope(b, t);
-    let mut x = inner.embed.forward(tokens.clone().inner()).reshape([b * t, c]);
+    let mut x = inner.embed_tokens(tokens.clone().inner());
     let mut inputs = Vec::with_capacity(inner.blocks.len());
     for block in &inner.blocks {
         inputs.push(x.clone());
@@ -98,7 +98,7 @@ pub fn hidden_gradients<B: AutodiffBackend>(
     if !model.embed.weight.val().is_require_grad() {
         return acc.grads();
     }
-    let e = model.embed.forward(tokens).reshape([b * t, c]);
+    let e = model.embed_tokens(tokens);
     let mut grads = (e * Tensor::from_inner(dx)).sum().backward();
     acc.accumulate(model, GradientsParams::from_module(&mut grads, &model.embed));
     acc.grads()

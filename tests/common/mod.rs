@@ -2,14 +2,20 @@
 
 #![allow(dead_code)]
 
+#[cfg(feature = "wgpu")]
+pub mod gpu;
+
+use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use burn::backend::{Autodiff, Flex};
-use burn::module::AutodiffModule;
+use burn::module::{AutodiffModule, Param};
 use burn::prelude::*;
 use mrt::data::batch::collate;
 use mrt::data::{sample_problem, warm_start_trace, Problem, Split, Task, TaskConfig, Tokenized, Vocab};
-use mrt::model::{token_logprobs, SamplerConfig, Transformer, TransformerConfig};
+use mrt::model::lora::LoraConfig;
+use mrt::model::{hf, token_logprobs, SamplerConfig, Transformer, TransformerConfig};
+use mrt::rl::config::{Algo, RunConfig};
 use mrt::rl::loss::sft_loss;
 use mrt::rl::optim::{adamw, step, OptimConfig};
 use mrt::rl::protocol::WordProtocol;
@@ -17,7 +23,7 @@ use mrt::rl::prover::{ProverConfig, ProverMode};
 use mrt::rl::rollout::{Engine, Rollout, RolloutConfig};
 use mrt::rl::run::step_rng;
 use rand::rngs::StdRng;
-use rand::SeedableRng;
+use rand::{Rng, SeedableRng};
 
 pub type B = Flex;
 pub type AD = Autodiff<Flex>;
@@ -184,4 +190,63 @@ pub fn materialised_attention<A: Backend>(q: Tensor<A, 4>, k: Tensor<A, 4>, v: T
         is_causal: true,
     };
     burn::tensor::module::attention(q, expand(k), expand(v), None, None, options)
+}
+
+/// A small `search` run (d 32, 2 layers) with rank-4 adapters over a 6-step warm start: 4 RL
+/// steps, checkpoints every 2 (every 3 in the warm start), no evaluation during training.
+pub fn small_lora_config(algo: Algo) -> RunConfig {
+    let mut c = RunConfig::default_for("search", "cpu-tiny", algo, 5, true).unwrap();
+    c.model.d_model = 32;
+    c.model.n_layers = 2;
+    c.model.d_ff = 64;
+    c.warm_start.steps = 6;
+    c.warm_start.batch_size = 8;
+    c.warm_start.checkpoint_every = 3;
+    c.warm_start.eval_every = 0;
+    c.rl.steps = 4;
+    c.rl.problems_per_step = 3;
+    c.rl.group_size = 4;
+    c.rl.checkpoint_every = 2;
+    c.rl.eval_every = 0;
+    c.rl.optim.lr = 1e-2;
+    c.rl.lora = Some(LoraConfig::new(4));
+    c.eval.problems = 4;
+    c.eval.samples = 1;
+    c
+}
+
+/// The tiny Qwen2 fixture (GQA, q/k/v biases, tied head) saved by `transformers`.
+pub fn qwen2_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf/qwen2")
+}
+
+pub fn qwen2<Bk: Backend>() -> Transformer<Bk> {
+    hf::load::<Bk>(&qwen2_dir(), &Default::default()).unwrap()
+}
+
+/// Every adapter's B replaced by small values drawn from `seed` (fresh adapters have B = 0,
+/// which would make every comparison below trivially true).
+pub fn randomise_b<Bk: Backend>(model: Transformer<Bk>, seed: u64) -> Transformer<Bk> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let device = model.device();
+    let mut adapters = model.adapters();
+    for l in &mut adapters.layers {
+        for lora in [
+            &mut l.q,
+            &mut l.k,
+            &mut l.v,
+            &mut l.o,
+            &mut l.gate,
+            &mut l.up,
+            &mut l.down,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let [r, out] = lora.b.dims();
+            let v: Vec<f32> = (0..r * out).map(|_| rng.random_range(-0.1..0.1)).collect();
+            lora.b = Param::from_tensor(Tensor::from_data(TensorData::new(v, [r, out]), &device));
+        }
+    }
+    model.with_adapters(adapters)
 }
