@@ -4,6 +4,7 @@
 //! ```text
 //! cargo bench --bench memory -- --shape qwen2.5-0.5b --tokens 2048 [--layers 4] [--steps 2]
 //! cargo bench --bench memory -- --shape r1-distill-qwen-1.5b --tokens 8192 --lora-rank 16 --layers 4
+//! cargo bench --bench memory -- --shape r1-distill-qwen-1.5b --tokens 1024 --lora-rank 16 --base-precision f16
 //! ```
 //! One step is what the RL loop does per pass: the full-sequence forward, the token
 //! log-probs of every position but the first through the output head, a policy-gradient loss
@@ -18,6 +19,7 @@ use std::time::Instant;
 
 use burn::backend::{Autodiff, Flex};
 use burn::prelude::*;
+use burn::tensor::FloatDType;
 use clap::Parser;
 use mrt::model::lora::LoraConfig;
 use mrt::model::lowmem::{hidden_gradients, Checkpointing};
@@ -50,6 +52,10 @@ struct Args {
     /// auto, on or off.
     #[arg(long, default_value = "auto")]
     checkpointing: String,
+    /// Blocked attention however short the rows (by default rows up to 16·C / H tokens take
+    /// Burn's materialised attention: model/lowmem/attention.rs).
+    #[arg(long)]
+    blocked_attention: bool,
     /// Leave glibc's allocator as it is (large buffers mapped and unmapped per allocation, so
     /// the peak is the live memory) instead of the binaries' tuning, which keeps freed memory
     /// (and any fragmentation of it) in the process.
@@ -58,6 +64,9 @@ struct Args {
     /// Train rank-r LoRA adapters (α = 2r, all seven projections) on a frozen base.
     #[arg(long)]
     lora_rank: Option<usize>,
+    /// With --lora-rank: the frozen base's matrices in f32, bf16 or f16 (model/precision.rs).
+    #[arg(long, default_value = "f32", requires = "lora_rank")]
+    base_precision: String,
     /// Passed by `cargo bench`; ignored.
     #[arg(long, hide = true)]
     bench: bool,
@@ -102,6 +111,7 @@ fn main() {
     if !args.untuned_allocator {
         mrt::backend::tune_allocator();
     }
+    mrt::model::lowmem::set_blocked_always(args.blocked_attention);
     let Some(mut cfg) = shape(&args.shape) else {
         eprintln!("error: unknown --shape {}", args.shape);
         std::process::exit(2);
@@ -126,6 +136,16 @@ fn main() {
     let mut model = Transformer::<AD>::new(&cfg, 0, &device).expect("a valid shape");
     if let Some(rank) = args.lora_rank {
         model = require_grad(model.with_lora(&LoraConfig::new(rank), 0, None));
+        let dtype = match args.base_precision.as_str() {
+            "f32" => FloatDType::F32,
+            "bf16" => FloatDType::BF16,
+            "f16" => FloatDType::F16,
+            other => {
+                eprintln!("error: --base-precision takes f32, bf16 or f16, not {other}");
+                std::process::exit(2);
+            }
+        };
+        model = model.with_base_dtype(dtype);
     }
     let trainable = model.num_params() - if args.lora_rank.is_some() { cfg.num_params() } else { 0 };
     let init_s = t0.elapsed().as_secs_f64();
@@ -162,7 +182,9 @@ fn main() {
         "layers": cfg.n_layers,
         "params": cfg.num_params(),
         "lora_rank": args.lora_rank,
+        "base_precision": args.lora_rank.map(|_| args.base_precision.clone()),
         "untuned_allocator": args.untuned_allocator,
+        "blocked_attention": args.blocked_attention,
         "trainable_params": trainable,
         "rows": rows,
         "tokens": t,

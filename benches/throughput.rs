@@ -44,6 +44,10 @@ struct Args {
     /// Skip the decoding measurement.
     #[arg(long)]
     no_decode: bool,
+    /// Training attention blocked however short the rows (model/lowmem/attention.rs; by
+    /// default `tiny`'s 256-token rows take Burn's materialised attention).
+    #[arg(long)]
+    blocked_attention: bool,
     /// Also write the JSON to this file.
     #[arg(long)]
     out: Option<String>,
@@ -224,6 +228,7 @@ impl BackendTask for Bench {
 fn main() {
     mrt::backend::tune_allocator();
     let args = Args::parse();
+    mrt::model::lowmem::set_blocked_always(args.blocked_attention);
     let mut cfg = match TransformerConfig::preset(&args.preset) {
         Ok(c) => c,
         Err(e) => {

@@ -8,7 +8,7 @@ use burn::tensor::ops::AttentionModuleOptions;
 use super::cache::LayerKv;
 use super::flex::{masked_attention, swap_middle};
 use super::init::HostInit;
-use super::lowmem::causal_attention;
+use super::lowmem::{causal_attention, materialise_short_rows};
 use super::projection::Projection;
 use super::rope::Rope;
 
@@ -86,8 +86,9 @@ impl<B: Backend> Attention<B> {
             Some((kv, slot)) => kv.write(slot, k, v),
             None => (k, v),
         };
-        // The full-sequence (training) pass: blocked, in memory linear in T (model/lowmem).
-        if causal && mask.is_none() && k.dims()[2] == w {
+        // The full-sequence (training) pass: blocked, in memory linear in T (model/lowmem),
+        // unless the rows are short enough for the materialised scores to cost no more.
+        if causal && mask.is_none() && k.dims()[2] == w && !materialise_short_rows(w, h, h * d) {
             return self.output(causal_attention(q, k, v, None), b, w);
         }
         if let Some(y) = mask

@@ -13,6 +13,8 @@ use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use burn::prelude::*;
 use burn::tensor::ops::FloatTensor;
 
@@ -21,6 +23,25 @@ use super::{apply, primitive, tensor, CustomOp, Tracked, BLOCK_ELEMENTS};
 /// Stands in for −∞ above the diagonal: exp(MASKED − m) is exactly 0 in f32 for any finite
 /// row maximum m, and, unlike −∞, it cannot make a NaN in a fused kernel.
 const MASKED: f32 = -1.0e30;
+
+/// Whether a training pass over rows of `t` tokens (model width `c`, `h` query heads) is
+/// better served by Burn's materialised attention: while a layer's `[B, H, T, T]` scores are at
+/// most 16·C floats per token (H·T ≤ 16·C), less than what the block keeps of its other
+/// activations anyway (6·C + 4·F ≥ 20·C per token for every model this project runs), so
+/// memory stays linear in T with the same order of constant. On such short rows the
+/// materialised pass is faster on the CPU backend (`tiny`, 256-token rows: 2,117–2,231 →
+/// 2,681–2,855 training tok/s, BENCHMARKS.md); longer rows take [`causal_attention`].
+/// [`set_blocked_always`] turns the shortcut off (tests, benchmarks).
+pub fn materialise_short_rows(t: usize, h: usize, c: usize) -> bool {
+    !BLOCKED_ALWAYS.load(Ordering::Relaxed) && h * t <= 16 * c
+}
+
+static BLOCKED_ALWAYS: AtomicBool = AtomicBool::new(false);
+
+/// Every training pass takes the blocked attention, however short its rows (process-wide).
+pub fn set_blocked_always(on: bool) {
+    BLOCKED_ALWAYS.store(on, Ordering::Relaxed);
+}
 
 /// Query rows per block so that one block's scores `[B, H, n, T]` stay within
 /// [`BLOCK_ELEMENTS`] (at least 16 rows, at most T: rows shorter than 16 tokens are one block).
@@ -201,4 +222,19 @@ fn add_prefix<X: Backend>(acc: Tensor<X, 4>, x: Tensor<X, 4>) -> Tensor<X, 4> {
     }
     let head = acc.clone().narrow(2, 0, e) + x;
     acc.slice_assign([0..b, 0..kvh, 0..e, 0..d], head)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::materialise_short_rows;
+
+    #[test]
+    fn short_rows_materialise_and_long_ones_block() {
+        // tiny (C 256, 8 heads): up to 512 tokens; Qwen2.5-0.5B (896, 14): 1,024;
+        // R1-Distill-Qwen-1.5B (1,536, 12): 2,048.
+        for (c, h, last) in [(256, 8, 512), (896, 14, 1024), (1536, 12, 2048)] {
+            assert!(materialise_short_rows(last, h, c));
+            assert!(!materialise_short_rows(last + 1, h, c));
+        }
+    }
 }

@@ -34,7 +34,7 @@ use burn::prelude::*;
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::TensorPrimitive;
 
-pub use attention::{attention_block_rows, causal_attention};
+pub use attention::{attention_block_rows, causal_attention, materialise_short_rows, set_blocked_always};
 pub use head::{head_block_rows, head_logprobs};
 pub use segments::{hidden_gradients, Checkpointing};
 
