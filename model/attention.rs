@@ -8,7 +8,7 @@ use burn::tensor::ops::AttentionModuleOptions;
 use super::cache::LayerKv;
 use super::flex::{masked_attention, swap_middle};
 use super::init::HostInit;
-use super::lowmem::{causal_attention, materialise_short_rows};
+use super::lowmem::{causal_attention, materialise_short_rows, materialised_attention};
 use super::projection::Projection;
 use super::rope::Rope;
 
@@ -88,8 +88,13 @@ impl<B: Backend> Attention<B> {
         };
         // The full-sequence (training) pass: blocked, in memory linear in T (model/lowmem),
         // unless the rows are short enough for the materialised scores to cost no more.
-        if causal && mask.is_none() && k.dims()[2] == w && !materialise_short_rows(w, h, h * d) {
-            return self.output(causal_attention(q, k, v, None), b, w);
+        if causal && mask.is_none() && k.dims()[2] == w {
+            let y = if materialise_short_rows(w, h, h * d) {
+                materialised_attention(q, k, v)
+            } else {
+                causal_attention(q, k, v, None)
+            };
+            return self.output(y, b, w);
         }
         if let Some(y) = mask
             .as_ref()

@@ -13,6 +13,7 @@
 mod common;
 
 use burn::module::{Module, ModuleVisitor, Param};
+use burn::optim::GradientsParams;
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{DType, FloatDType};
@@ -22,7 +23,7 @@ use mrt::model::lowmem::hidden_gradients;
 use mrt::model::precision::BasePrecision;
 use mrt::model::{checkpoint, logprobs_of_hidden, Transformer};
 use mrt::rl::config::Algo;
-use mrt::rl::optim::{adamw, require_grad, step_grads, OptimConfig};
+use mrt::rl::optim::{adamw, require_grad, step_grads};
 use mrt::rl::pipeline::{run_pipeline, PipelineOptions};
 
 fn tokens<Bk: Backend>(device: &Bk::Device) -> Tensor<Bk, 2, Int> {
@@ -100,27 +101,32 @@ fn half_base_halves_the_matrices_and_keeps_the_logits() {
             "{dtype:?}: the half path gave the f32 logits exactly: not taken"
         );
         assert!(err < bound, "{dtype:?}: logits off by {err:.2e} of their scale");
-        // Decoding (KV cache) computes what the full pass does, in the same precision.
+        // Decoding (KV cache) computes what the full pass does, in the same precision: its
+        // attention kernel sums in another order, and an f32 difference of one ulp can move
+        // an input of the next half-precision product by one half-precision step.
         let mut cache = half.new_cache(2, 16);
         let cached = host(half.forward_cached(tokens::<B>(&device), &mut cache, None).unwrap());
-        assert!(rel_diff(&got, &cached) < 1e-5, "{dtype:?}: cached pass differs");
-        eprintln!("{dtype:?} base: logits within {err:.2e} of f32's scale");
+        let drift = rel_diff(&got, &cached);
+        assert!(drift < bound / 4.0, "{dtype:?}: cached pass off by {drift:.2e}");
+        eprintln!("{dtype:?} base: logits within {err:.2e} of f32's scale; cached pass {drift:.2e}");
         // Back to f32 (what export merges into) gives the rounded weights in f32.
         let back = half.with_base_dtype(FloatDType::F32);
         assert!(param_types(&back).iter().all(|(t, _, _)| *t == DType::F32));
     }
 }
 
-/// Gradients of the summed log-probs, plain and block-checkpointed, for each parameter that
-/// gets one.
-fn adapter_grads<A: AutodiffBackend>(model: &Transformer<A>, checkpoint: bool) -> Vec<Vec<f32>> {
+/// Gradients of the negated summed log-probs, plain or block-checkpointed.
+fn grads<A: AutodiffBackend>(model: &Transformer<A>, checkpoint: bool) -> GradientsParams {
     let t = tokens::<A>(&model.device());
-    let m = model.clone();
-    let tt = t.clone();
-    let grads = hidden_gradients(model, t, checkpoint, move |h| {
+    let (m, tt) = (model.clone(), t.clone());
+    hidden_gradients(model, t, checkpoint, move |h| {
         logprobs_of_hidden(&m, h, tt, None, false, 1.0).logprobs.sum().neg()
-    });
-    param_grads(model, &grads)
+    })
+}
+
+/// [`grads`] of each parameter that gets one.
+fn adapter_grads<A: AutodiffBackend>(model: &Transformer<A>, checkpoint: bool) -> Vec<Vec<f32>> {
+    param_grads(model, &grads(model, checkpoint))
 }
 
 #[test]
@@ -141,20 +147,15 @@ fn half_base_gradients_reach_only_the_adapters_and_agree_with_f32() {
             eprintln!("{dtype:?} base (checkpointed: {checkpoint}): worst cos to f32 gradients {worst:.6}");
         }
         // One AdamW step moves every adapter and leaves the half base as it was.
-        let config = OptimConfig {
-            lr: 1e-2,
-            warmup_steps: 0,
-            min_lr_ratio: 1.0,
-            weight_decay: 0.01,
-            grad_clip: 1.0,
-        };
+        let config = common::adapter_optim();
         let mut optim = adamw::<AD>(&config);
-        let t = tokens::<AD>(&half.device());
-        let (m, tt) = (half.clone(), t.clone());
-        let grads = hidden_gradients(&half, t, false, move |h| {
-            logprobs_of_hidden(&m, h, tt, None, false, 1.0).logprobs.sum().neg()
-        });
-        let (stepped, _) = step_grads(half.clone(), &mut optim, grads, config.lr, config.grad_clip);
+        let (stepped, _) = step_grads(
+            half.clone(),
+            &mut optim,
+            grads(&half, false),
+            config.lr,
+            config.grad_clip,
+        );
         let base = |m: &Transformer<AD>| {
             let mut v = Vec::new();
             m.clone().without_lora().visit(&mut Values(&mut v));

@@ -14,7 +14,7 @@ use mrt::model::lowmem::hidden_gradients;
 use mrt::model::{checkpoint, hf, logprobs_of_hidden, Transformer};
 use mrt::rl::config::{Algo, RunConfig};
 use mrt::rl::metrics::read_metrics;
-use mrt::rl::optim::{adamw, require_grad, step_grads, OptimConfig};
+use mrt::rl::optim::{adamw, require_grad, step_grads};
 use mrt::rl::pipeline::{run_pipeline, PipelineOptions};
 
 fn dir(name: &str) -> PathBuf {
@@ -88,13 +88,7 @@ fn only_adapters_get_gradients_and_optimizer_state() {
         let scale = a.iter().fold(1e-6f32, |m, x| m.max(x.abs()));
         assert!(a.iter().zip(b).all(|(x, y)| (x - y).abs() <= 1e-6 * scale));
     }
-    let config = OptimConfig {
-        lr: 1e-2,
-        warmup_steps: 0,
-        min_lr_ratio: 1.0,
-        weight_decay: 0.01,
-        grad_clip: 1.0,
-    };
+    let config = common::adapter_optim();
     let mut optim = adamw::<AD>(&config);
     let (stepped, _) = step_grads(model.clone(), &mut optim, plain, config.lr, config.grad_clip);
     // The base is untouched, bit for bit; every adapter tensor moved.

@@ -60,7 +60,7 @@ fn blocked_attention_matches_materialised_values_and_gradients() {
         ([1, 6, 1, 23, 4], vec![1, 7]),
         ([3, 2, 2, 9, 16], vec![2, 4]),
     ] {
-        let reference = attention_and_grads(common::materialised_attention, shape);
+        let reference = attention_and_grads(mrt::model::lowmem::materialised_attention, shape);
         for rows in blocks {
             let before = tracked_ops();
             let ours = attention_and_grads(|q, k, v| causal_attention(q, k, v, Some(rows)), shape);

@@ -451,7 +451,7 @@ fn blocked_attention_matches_the_materialised_one_on_wgpu() {
         let y = if blocked {
             causal_attention(q.clone(), k.clone(), v.clone(), Some(rows))
         } else {
-            common::materialised_attention(q.clone(), k.clone(), v.clone())
+            mrt::model::lowmem::materialised_attention(q.clone(), k.clone(), v.clone())
         };
         let grads = (y.clone() * w.clone()).sum().backward();
         vec![

@@ -16,7 +16,8 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use burn::prelude::*;
-use burn::tensor::ops::FloatTensor;
+use burn::tensor::ops::attention::attention_fallback;
+use burn::tensor::ops::{AttentionModuleOptions, FloatTensor};
 
 use super::{apply, primitive, tensor, CustomOp, Tracked, BLOCK_ELEMENTS};
 
@@ -41,6 +42,39 @@ static BLOCKED_ALWAYS: AtomicBool = AtomicBool::new(false);
 /// Every training pass takes the blocked attention, however short its rows (process-wide).
 pub fn set_blocked_always(on: bool) {
     BLOCKED_ALWAYS.store(on, Ordering::Relaxed);
+}
+
+/// softmax(Q Kᵀ / √D, causal) V with the `[B, H, T, T]` scores materialised, as the same
+/// sequence of tensor operations with and without autodiff (Burn's decomposed attention; the
+/// CPU backend's own fused kernel sums in another order), so that a block recomputed in the
+/// backward pass reproduces the forward pass bit for bit.
+///
+/// # Shapes
+/// `q`: `[B, H, T, D]`, `k`, `v`: `[B, KVH, T, D]` → `[B, H, T, D]`
+pub fn materialised_attention<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>) -> Tensor<B, 4> {
+    let [b, h, t, d] = q.dims();
+    let kvh = k.dims()[1];
+    let expand = |x: Tensor<B, 4>| {
+        if kvh == h {
+            return x;
+        }
+        x.unsqueeze_dim::<5>(2)
+            .expand([b, kvh, h / kvh, t, d])
+            .reshape([b, h, t, d])
+    };
+    let options = AttentionModuleOptions {
+        scale: None,
+        softcap: None,
+        is_causal: true,
+    };
+    tensor(attention_fallback::<B>(
+        primitive(q),
+        primitive(expand(k)),
+        primitive(expand(v)),
+        None,
+        None,
+        options,
+    ))
 }
 
 /// Query rows per block so that one block's scores `[B, H, n, T]` stay within

@@ -171,27 +171,6 @@ pub fn param_grads<A: burn::tensor::backend::AutodiffBackend>(
     c.1
 }
 
-/// Burn's materialised causal attention, K and V expanded to every query head: the reference
-/// for the blocked attention of model/lowmem.
-///
-/// # Shapes
-/// `q`: `[B, H, T, D]`, `k`, `v`: `[B, KVH, T, D]` → `[B, H, T, D]`
-pub fn materialised_attention<A: Backend>(q: Tensor<A, 4>, k: Tensor<A, 4>, v: Tensor<A, 4>) -> Tensor<A, 4> {
-    let [b, h, t, d] = q.dims();
-    let kvh = k.dims()[1];
-    let expand = |x: Tensor<A, 4>| {
-        x.unsqueeze_dim::<5>(2)
-            .expand([b, kvh, h / kvh, t, d])
-            .reshape([b, h, t, d])
-    };
-    let options = burn::tensor::ops::AttentionModuleOptions {
-        scale: None,
-        softcap: None,
-        is_causal: true,
-    };
-    burn::tensor::module::attention(q, expand(k), expand(v), None, None, options)
-}
-
 /// A small `search` run (d 32, 2 layers) with rank-4 adapters over a 6-step warm start: 4 RL
 /// steps, checkpoints every 2 (every 3 in the warm start), no evaluation during training.
 pub fn small_lora_config(algo: Algo) -> RunConfig {
@@ -249,4 +228,15 @@ pub fn randomise_b<Bk: Backend>(model: Transformer<Bk>, seed: u64) -> Transforme
         }
     }
     model.with_adapters(adapters)
+}
+
+/// AdamW at a constant 1e-2 (weight decay 0.01, clip 1): one step visibly moves every adapter.
+pub fn adapter_optim() -> OptimConfig {
+    OptimConfig {
+        lr: 1e-2,
+        warmup_steps: 0,
+        min_lr_ratio: 1.0,
+        weight_decay: 0.01,
+        grad_clip: 1.0,
+    }
 }
