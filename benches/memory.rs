@@ -52,8 +52,9 @@ struct Args {
     /// auto, on or off.
     #[arg(long, default_value = "auto")]
     checkpointing: String,
-    /// Blocked attention however short the rows (by default rows up to 16·C / H tokens take
-    /// Burn's materialised attention: model/lowmem/attention.rs).
+    /// Blocked attention however short the rows (by default, on backends without a fused
+    /// kernel, rows up to 16·C / H tokens take Burn's materialised attention; the CPU backend
+    /// runs its fused blocked kernel at every length: model/lowmem/attention.rs).
     #[arg(long)]
     blocked_attention: bool,
     /// Leave glibc's allocator as it is (large buffers mapped and unmapped per allocation, so

@@ -44,8 +44,9 @@ struct Args {
     /// Skip the decoding measurement.
     #[arg(long)]
     no_decode: bool,
-    /// Training attention blocked however short the rows (model/lowmem/attention.rs; by
-    /// default `tiny`'s 256-token rows take Burn's materialised attention).
+    /// Never Burn's materialised attention in training (model/lowmem/attention.rs: backends
+    /// without a fused kernel take it for short rows, such as `tiny`'s 256 tokens, by default;
+    /// the CPU backend runs its fused blocked kernel at every length either way).
     #[arg(long)]
     blocked_attention: bool,
     /// Also write the JSON to this file.

@@ -8,7 +8,7 @@ use burn::tensor::ops::AttentionModuleOptions;
 use super::cache::LayerKv;
 use super::flex::{masked_attention, swap_middle};
 use super::init::HostInit;
-use super::lowmem::{causal_attention, materialise_short_rows, materialised_attention};
+use super::lowmem::{causal_attention, fused_kernel, materialise_short_rows, materialised_attention};
 use super::projection::Projection;
 use super::rope::Rope;
 
@@ -87,9 +87,10 @@ impl<B: Backend> Attention<B> {
             None => (k, v),
         };
         // The full-sequence (training) pass: blocked, in memory linear in T (model/lowmem),
-        // unless the rows are short enough for the materialised scores to cost no more.
+        // unless the backend has no fused kernel for it and the rows are short enough for the
+        // materialised scores to cost no more.
         if causal && mask.is_none() && k.dims()[2] == w {
-            let y = if materialise_short_rows(w, h, h * d) {
+            let y = if !fused_kernel::<B>() && materialise_short_rows(w, h, h * d) {
                 materialised_attention(q, k, v)
             } else {
                 causal_attention(q, k, v, None)

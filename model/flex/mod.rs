@@ -7,11 +7,13 @@
 //! the portable Burn operation, so callers stay generic over `B: Backend`.
 
 mod attention;
+mod flash;
 mod permute;
 mod swiglu;
 mod write;
 
 pub(crate) use attention::masked_attention;
+pub(crate) use flash::{causal_backward, causal_forward, FUSED_ROWS};
 pub(crate) use permute::swap_middle;
 pub(crate) use swiglu::swiglu;
 pub(crate) use write::write_slots;

@@ -20,21 +20,33 @@ use burn::tensor::ops::attention::attention_fallback;
 use burn::tensor::ops::{AttentionModuleOptions, FloatTensor};
 
 use super::{apply, primitive, tensor, CustomOp, Tracked, BLOCK_ELEMENTS};
+use crate::model::flex;
 
 /// Stands in for −∞ above the diagonal: exp(MASKED − m) is exactly 0 in f32 for any finite
 /// row maximum m, and, unlike −∞, it cannot make a NaN in a fused kernel.
 const MASKED: f32 = -1.0e30;
 
-/// Whether a training pass over rows of `t` tokens (model width `c`, `h` query heads) is
-/// better served by Burn's materialised attention: while a layer's `[B, H, T, T]` scores are at
-/// most 16·C floats per token (H·T ≤ 16·C), less than what the block keeps of its other
-/// activations anyway (6·C + 4·F ≥ 20·C per token for every model this project runs), so
-/// memory stays linear in T with the same order of constant. On such short rows the
-/// materialised pass is faster on the CPU backend (`tiny`, 256-token rows: 2,117–2,231 →
+/// Whether a training pass over rows of `t` tokens (model width `c`, `h` query heads) on a
+/// backend without a fused attention kernel ([`fused_kernel`]) is better served by Burn's
+/// materialised attention: while a layer's `[B, H, T, T]` scores are at most 16·C floats per
+/// token (H·T ≤ 16·C), less than what the block keeps of its other activations anyway
+/// (6·C + 4·F ≥ 20·C per token for every model this project runs), so memory stays linear in
+/// T with the same order of constant. On such short rows the materialised pass was faster than
+/// the blocked one in Burn operations (`tiny` on the CPU, 256-token rows: 2,117–2,231 →
 /// 2,681–2,855 training tok/s, BENCHMARKS.md); longer rows take [`causal_attention`].
 /// [`set_blocked_always`] turns the shortcut off (tests, benchmarks).
 pub fn materialise_short_rows(t: usize, h: usize, c: usize) -> bool {
     !BLOCKED_ALWAYS.load(Ordering::Relaxed) && h * t <= 16 * c
+}
+
+/// Whether [`causal_attention`] runs as a fused kernel on backend `B` (the CPU backend, flex,
+/// with or without autodiff): then it is both the faster and the leaner choice at every length
+/// (`tiny`, 256-token rows: 2,768–2,932 training tok/s materialised, 3,685–3,761 fused;
+/// BENCHMARKS.md), and training passes take it whatever the rows' length.
+pub fn fused_kernel<B: Backend>() -> bool {
+    use burn::backend::{Autodiff, Flex};
+    use std::any::TypeId;
+    [TypeId::of::<Flex>(), TypeId::of::<Autodiff<Flex>>()].contains(&TypeId::of::<B>())
 }
 
 static BLOCKED_ALWAYS: AtomicBool = AtomicBool::new(false);
@@ -91,7 +103,9 @@ pub fn attention_block_rows(batch: usize, heads: usize, t: usize) -> usize {
 /// # Shapes
 /// - `q`: `[B, H, T, D]`; `k`, `v`: `[B, KVH, T, D]`, KVH dividing H (query head h reads
 ///   key/value head h / (H / KVH))
-/// - `block_rows`: query rows per block; `None` for [`attention_block_rows`]
+/// - `block_rows`: query rows per block; `None` for the backend's choice: on the CPU backend
+///   (f32) a fused kernel whose memory per thread does not grow with the batch (model/flex),
+///   elsewhere [`attention_block_rows`]
 /// - returns `[B, H, T, D]`
 pub fn causal_attention<B: Backend>(
     q: Tensor<B, 4>,
@@ -99,16 +113,16 @@ pub fn causal_attention<B: Backend>(
     v: Tensor<B, 4>,
     block_rows: Option<usize>,
 ) -> Tensor<B, 4> {
-    let [b, h, t, _] = q.dims();
+    let h = q.dims()[1];
     let kvh = k.dims()[1];
     assert!(kvh > 0 && h % kvh == 0, "{h} query heads for {kvh} key/value heads");
-    let rows = block_rows.unwrap_or_else(|| attention_block_rows(b, h, t)).max(1);
+    let rows = block_rows.map(|r| r.max(1));
     let out = apply::<B, 3, _>(CausalAttention { rows }, [primitive(q), primitive(k), primitive(v)]);
     tensor(out.into_iter().next().expect("one output"))
 }
 
 struct CausalAttention {
-    rows: usize,
+    rows: Option<usize>,
 }
 
 impl<B: Backend> CustomOp<B, 3> for CausalAttention {
@@ -142,7 +156,7 @@ impl<B: Backend> CustomOp<B, 3> for CausalAttention {
 
 #[derive(Debug)]
 struct AttentionBackward {
-    rows: usize,
+    rows: Option<usize>,
 }
 
 impl<I: Backend> Backward<I, 3> for AttentionBackward {
@@ -203,8 +217,46 @@ fn masked_scores<X: Backend>(qg: Tensor<X, 4>, kb: Tensor<X, 4>, s: usize, n: us
         .reshape([b, kvh, rn, e])
 }
 
-/// The blocked forward: (output `[B, H, T, D]`, log-sum-exp `[B, H, T, 1]`).
-fn forward<X: Backend>(q: Tensor<X, 4>, k: Tensor<X, 4>, v: Tensor<X, 4>, rows: usize) -> (Tensor<X, 4>, Tensor<X, 4>) {
+/// The blocked forward: (output `[B, H, T, D]`, log-sum-exp `[B, H, T, 1]`), by the CPU
+/// backend's fused kernel where it applies.
+fn forward<X: Backend>(
+    q: Tensor<X, 4>,
+    k: Tensor<X, 4>,
+    v: Tensor<X, 4>,
+    rows: Option<usize>,
+) -> (Tensor<X, 4>, Tensor<X, 4>) {
+    if let Some(fused) = flex::causal_forward(&q, &k, &v, rows.unwrap_or(flex::FUSED_ROWS)) {
+        return fused;
+    }
+    let [b, h, t, _] = q.dims();
+    portable_forward(q, k, v, rows.unwrap_or_else(|| attention_block_rows(b, h, t)))
+}
+
+/// The blocked backward: (dQ, dK, dV) from [Q, K, V, O, dO] and the forward's log-sum-exp, by
+/// the CPU backend's fused kernel where it applies.
+fn backward<X: Backend>(
+    [q, k, v, out, dout]: [Tensor<X, 4>; 5],
+    lse: Tensor<X, 4>,
+    rows: Option<usize>,
+) -> (Tensor<X, 4>, Tensor<X, 4>, Tensor<X, 4>) {
+    if let Some(fused) = flex::causal_backward([&q, &k, &v, &out, &dout], &lse, rows.unwrap_or(flex::FUSED_ROWS)) {
+        return fused;
+    }
+    let [b, h, t, _] = q.dims();
+    portable_backward(
+        [q, k, v, out, dout],
+        lse,
+        rows.unwrap_or_else(|| attention_block_rows(b, h, t)),
+    )
+}
+
+/// [`forward`] in Burn tensor operations, for every backend.
+fn portable_forward<X: Backend>(
+    q: Tensor<X, 4>,
+    k: Tensor<X, 4>,
+    v: Tensor<X, 4>,
+    rows: usize,
+) -> (Tensor<X, 4>, Tensor<X, 4>) {
     let [_, h, t, d] = q.dims();
     let kvh = k.dims()[1];
     let scale = 1.0 / (d as f64).sqrt();
@@ -222,8 +274,8 @@ fn forward<X: Backend>(q: Tensor<X, 4>, k: Tensor<X, 4>, v: Tensor<X, 4>, rows: 
     (Tensor::cat(outs, 2), Tensor::cat(lses, 2))
 }
 
-/// The blocked backward: (dQ, dK, dV) from [Q, K, V, O, dO] and the forward's log-sum-exp.
-fn backward<X: Backend>(
+/// [`backward`] in Burn tensor operations, for every backend.
+fn portable_backward<X: Backend>(
     [q, k, v, out, dout]: [Tensor<X, 4>; 5],
     lse: Tensor<X, 4>,
     rows: usize,
@@ -260,7 +312,61 @@ fn add_prefix<X: Backend>(acc: Tensor<X, 4>, x: Tensor<X, 4>) -> Tensor<X, 4> {
 
 #[cfg(test)]
 mod tests {
-    use super::materialise_short_rows;
+    use super::*;
+    use burn::backend::Flex;
+    use rand::{rngs::StdRng, Rng, SeedableRng};
+
+    fn normal(dims: [usize; 4], rng: &mut StdRng) -> Tensor<Flex, 4> {
+        let n = dims.iter().product();
+        let values: Vec<f32> = (0..n).map(|_| rng.random_range(-2.0..2.0)).collect();
+        Tensor::from_data(TensorData::new(values, dims), &Default::default())
+    }
+
+    /// max |a − b| over max |b|.
+    fn relative(a: Tensor<Flex, 4>, b: Tensor<Flex, 4>) -> f32 {
+        let scale: f32 = b.clone().abs().max().into_scalar();
+        let diff: f32 = (a - b).abs().max().into_scalar();
+        diff / scale.max(f32::MIN_POSITIVE)
+    }
+
+    /// The CPU backend's fused kernel against the portable blocked version in Burn operations,
+    /// forward and backward: grouped-query heads, odd lengths, blocks that do not divide T, a
+    /// single token, and the kernel's own block size.
+    #[test]
+    fn fused_kernel_matches_the_portable_version() {
+        let mut rng = StdRng::seed_from_u64(17);
+        for [b, h, kvh, t, d, rows] in [
+            [2, 4, 2, 37, 16, 5],
+            [1, 6, 2, 70, 8, 64],
+            [3, 2, 2, 1, 4, 16],
+            [2, 4, 1, 130, 32, 0],
+        ] {
+            let (q, k, v) = (
+                normal([b, h, t, d], &mut rng),
+                normal([b, kvh, t, d], &mut rng),
+                normal([b, kvh, t, d], &mut rng),
+            );
+            let dout = normal([b, h, t, d], &mut rng);
+            let rows = (rows > 0).then_some(rows);
+            let block = rows.unwrap_or(flex::FUSED_ROWS);
+            let (out, lse) = flex::causal_forward(&q, &k, &v, block).expect("flex f32 tensors");
+            let (out_ref, lse_ref) = portable_forward(q.clone(), k.clone(), v.clone(), block);
+            let case = format!("[{b}, {h}, {kvh}, {t}, {d}] rows {block}");
+            assert!(relative(out.clone(), out_ref.clone()) < 1e-5, "{case}: output");
+            assert!(relative(lse.clone(), lse_ref.clone()) < 1e-5, "{case}: lse");
+            let inputs = [q, k, v, out_ref, dout];
+            let fused = flex::causal_backward(inputs.each_ref(), &lse_ref, block).expect("flex f32 tensors");
+            let reference = portable_backward(inputs, lse_ref, block);
+            for (name, a, b) in [
+                ("dq", fused.0, reference.0),
+                ("dk", fused.1, reference.1),
+                ("dv", fused.2, reference.2),
+            ] {
+                let r = relative(a, b);
+                assert!(r < 1e-5, "{case}: {name} differs by {r}");
+            }
+        }
+    }
 
     #[test]
     fn short_rows_materialise_and_long_ones_block() {

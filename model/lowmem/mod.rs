@@ -12,13 +12,15 @@
 //! - [`causal_attention`]: FlashAttention's algorithm (Dao et al. 2022; Rabe & Staats 2021 for
 //!   the memory argument), blocked over query rows only. A block of n query rows sees keys
 //!   0..e with e its last row + 1, so its scores are `[n, e]`: bounded by the block budget, and
-//!   an exact softmax per block needs no online rescaling across key blocks. Rows short
-//!   enough that a layer's scores cost less than its other activations take
+//!   an exact softmax per block needs no online rescaling across key blocks. On the CPU
+//!   backend it is a fused kernel (model/flex/flash.rs), taken at every length. Elsewhere rows
+//!   short enough that a layer's scores cost less than its other activations take
 //!   [`materialised_attention`] instead, which is faster there ([`materialise_short_rows`]).
 //! - [`head_logprobs`]: token log-probs (and entropies) through the output head in chunks of
 //!   rows, as Liger-Kernel's fused linear cross-entropy does, never holding `[N, V]`.
 //!
-//! Both are written once in Burn tensor operations, so every backend runs them. Autodiff
+//! Both are written once in Burn tensor operations, so every backend runs them (the attention
+//! with a fused CPU kernel beside). Autodiff
 //! backends are recognised at run time (`Autodiff<I>` for the inner backends this crate
 //! builds: flex, and wgpu, cuda or ndarray when their features are on), where the operation
 //! registers its own node; any other backend gets the blocked forward composed of ordinary
@@ -37,7 +39,8 @@ use burn::tensor::ops::FloatTensor;
 use burn::tensor::TensorPrimitive;
 
 pub use attention::{
-    attention_block_rows, causal_attention, materialise_short_rows, materialised_attention, set_blocked_always,
+    attention_block_rows, causal_attention, fused_kernel, materialise_short_rows, materialised_attention,
+    set_blocked_always,
 };
 pub use head::{head_block_rows, head_logprobs};
 pub use segments::{hidden_gradients, Checkpointing};
