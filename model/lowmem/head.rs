@@ -20,11 +20,21 @@ use burn::tensor::IndexingUpdateOp;
 use super::{apply, cast, primitive, tensor, CustomOp, Tracked, BLOCK_ELEMENTS};
 use crate::model::precision::matmul;
 
-/// Rows per chunk so that one chunk's logits `[n, V]` stay within [`BLOCK_ELEMENTS`] (at
-/// least 16 rows).
+/// Rows per chunk: as many as keep one chunk's logits `[n, V]` within [`BLOCK_ELEMENTS`], and
+/// at least [`HEAD_MIN_ROWS`].
 pub fn head_block_rows(vocab: usize) -> usize {
-    (BLOCK_ELEMENTS / vocab.max(1)).max(16)
+    (BLOCK_ELEMENTS / vocab.max(1)).max(HEAD_MIN_ROWS)
 }
+
+/// The fewest rows per chunk of the head. Each chunk's three products (logits, their
+/// recomputation, dh) pack the whole `[C, V]` weight for gemm, and each adds one pass over the
+/// `[C, V]` weight gradient; that fixed cost per chunk is a share ∝ 1/rows of the chunk's
+/// arithmetic. At a real vocabulary the block budget alone gives few rows (27 at Qwen2's
+/// 151,936) and that cost dominated: a 1,024-token step of Qwen2.5-0.5B's shapes (2 layers)
+/// took 19 s against 8.6 s before model/lowmem, 19 % of it in gemm's packing (BENCHMARKS.md).
+/// 256 rows hold a chunk's logits to 156 MB at that vocabulary (a backward pass keeps about
+/// three such tensors), still independent of T.
+pub const HEAD_MIN_ROWS: usize = 256;
 
 /// log softmax(h W / τ)[y] per row, and the entropy of softmax(h W / τ) when asked for
 /// (detached: a metric). Gradients flow into `hidden` and `weight` on autodiff backends.
