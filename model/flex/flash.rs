@@ -25,7 +25,7 @@ use burn::prelude::*;
 use gemm::{gemm, Parallelism};
 use rayon::prelude::*;
 
-use super::attention::{dims, flex_f32};
+use super::attention::{dims, dot, flex_f32};
 use super::swiglu::exp;
 
 /// Query rows per block when the caller does not choose: a block's scores are 64 × T floats
@@ -215,7 +215,7 @@ impl Head<'_> {
             product(n, e, d, &mut scratch.dp, false, dout, Mat::cols(self.v, d), 1.0);
             for (i, (ds, p)) in scratch.dp.chunks_mut(e).zip(scratch.p.chunks(e)).enumerate() {
                 let at = (s + i) * d..(s + i + 1) * d;
-                let delta = dot(&g.dout[at.clone()], &g.out[at]);
+                let delta = wide_dot(&g.dout[at.clone()], &g.out[at]);
                 softmax_grad_prefix(ds, p, s + i + 1, delta);
             }
             let ds = Mat::rows(&scratch.dp, e);
@@ -360,17 +360,9 @@ wide_fn! {
 }
 
 wide_fn! {
-    /// Dot product with eight independent accumulators, so that it vectorises.
-    fn dot(a: &[f32], b: &[f32]) -> f32 {
-        let mut acc = [0f32; 8];
-        let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
-        let tail: f32 = a8.remainder().iter().zip(b8.remainder()).map(|(x, y)| x * y).sum();
-        for (x, y) in a8.zip(b8) {
-            for i in 0..8 {
-                acc[i] += x[i] * y[i];
-            }
-        }
-        acc.iter().sum::<f32>() + tail
+    /// The dot product of model/flex/attention.rs, compiled for AVX2 where the CPU has it.
+    fn wide_dot(a: &[f32], b: &[f32]) -> f32 {
+        dot(a, b)
     }
 }
 
