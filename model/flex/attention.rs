@@ -77,65 +77,42 @@ pub(crate) fn masked_attention<B: Backend>(
 /// Multiply-adds below which one thread does the whole call.
 const PARALLEL_WORK: usize = 1 << 19;
 
-/// One query against S slots of width D, with AVX2 where the CPU has it (the crate is built
-/// for baseline x86-64, where the compiler may only use 4-wide SSE2).
-fn attend(query: &[f32], keys: &[f32], values: &[f32], masked: &[u8], scale: f32, scores: &mut [f32], out: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU supports AVX2, checked just above.
-        return unsafe { attend_avx2(query, keys, values, masked, scale, scores, out) };
-    }
-    attend_portable(query, keys, values, masked, scale, scores, out)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn attend_avx2(
-    query: &[f32],
-    keys: &[f32],
-    values: &[f32],
-    masked: &[u8],
-    scale: f32,
-    scores: &mut [f32],
-    out: &mut [f32],
-) {
-    attend_portable(query, keys, values, masked, scale, scores, out)
-}
-
-#[inline(always)]
-fn attend_portable(
-    query: &[f32],
-    keys: &[f32],
-    values: &[f32],
-    masked: &[u8],
-    scale: f32,
-    scores: &mut [f32],
-    out: &mut [f32],
-) {
-    let d = query.len();
-    let mut max = f32::NEG_INFINITY;
-    for (slot, (score, &m)) in scores.iter_mut().zip(masked).enumerate() {
-        if m == 0 {
-            *score = dot(query, &keys[slot * d..(slot + 1) * d]) * scale;
-            max = max.max(*score);
-        }
-    }
-    out.fill(0.0);
-    if max == f32::NEG_INFINITY {
-        return;
-    }
-    let mut sum = 0.0;
-    for (slot, (&score, &m)) in scores.iter().zip(masked).enumerate() {
-        if m == 0 {
-            let p = (score - max).exp();
-            sum += p;
-            for (o, &x) in out.iter_mut().zip(&values[slot * d..(slot + 1) * d]) {
-                *o += p * x;
+wide_fn! {
+    /// One query against S slots of width D.
+    fn attend(
+        query: &[f32],
+        keys: &[f32],
+        values: &[f32],
+        masked: &[u8],
+        scale: f32,
+        scores: &mut [f32],
+        out: &mut [f32]
+    ) {
+        let d = query.len();
+        let mut max = f32::NEG_INFINITY;
+        for (slot, (score, &m)) in scores.iter_mut().zip(masked).enumerate() {
+            if m == 0 {
+                *score = dot(query, &keys[slot * d..(slot + 1) * d]) * scale;
+                max = max.max(*score);
             }
         }
+        out.fill(0.0);
+        if max == f32::NEG_INFINITY {
+            return;
+        }
+        let mut sum = 0.0;
+        for (slot, (&score, &m)) in scores.iter().zip(masked).enumerate() {
+            if m == 0 {
+                let p = (score - max).exp();
+                sum += p;
+                for (o, &x) in out.iter_mut().zip(&values[slot * d..(slot + 1) * d]) {
+                    *o += p * x;
+                }
+            }
+        }
+        let inv = 1.0 / sum;
+        out.iter_mut().for_each(|o| *o *= inv);
     }
-    let inv = 1.0 / sum;
-    out.iter_mut().for_each(|o| *o *= inv);
 }
 
 /// Dot product with eight independent accumulators, so the compiler can vectorise it.

@@ -305,30 +305,6 @@ fn product(m: usize, n: usize, k: usize, dst: &mut [f32], accumulate: bool, a: M
     }
 }
 
-/// Defines `fn $name` whose body is compiled twice: for AVX2 and FMA, taken where the CPU has
-/// them, and for baseline x86-64 (where the compiler may only use 4-wide SSE2). The choice is
-/// made per CPU, so one machine always runs the same code.
-macro_rules! wide_fn {
-    ($(#[$doc:meta])* fn $name:ident($($arg:ident: $ty:ty),*) $(-> $ret:ty)? $body:block) => {
-        $(#[$doc])*
-        fn $name($($arg: $ty),*) $(-> $ret)? {
-            #[inline(always)]
-            fn portable($($arg: $ty),*) $(-> $ret)? $body
-            #[cfg(target_arch = "x86_64")]
-            #[target_feature(enable = "avx2,fma")]
-            unsafe fn wide($($arg: $ty),*) $(-> $ret)? {
-                portable($($arg),*)
-            }
-            #[cfg(target_arch = "x86_64")]
-            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-                // SAFETY: the CPU supports AVX2 and FMA, checked just above.
-                return unsafe { wide($($arg),*) };
-            }
-            portable($($arg),*)
-        }
-    };
-}
-
 wide_fn! {
     /// A row of scores becomes exp(S − max) on its first `len` entries and 0 after; returns
     /// (max, sum of the exponentials).

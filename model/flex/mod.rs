@@ -6,6 +6,30 @@
 //! with its own backward), and otherwise (GPU backends, other dtypes or layouts) falls back to
 //! the portable Burn operation, so callers stay generic over `B: Backend`.
 
+/// Defines `fn $name` whose body is compiled twice: for AVX2 and FMA, taken where the CPU has
+/// them, and for baseline x86-64 (where the compiler may only use 4-wide SSE2). The choice is
+/// made per CPU, so one machine always runs the same code.
+macro_rules! wide_fn {
+    ($(#[$doc:meta])* fn $name:ident($($arg:ident: $ty:ty),*) $(-> $ret:ty)? $body:block) => {
+        $(#[$doc])*
+        fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[inline(always)]
+            fn portable($($arg: $ty),*) $(-> $ret)? $body
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn wide($($arg: $ty),*) $(-> $ret)? {
+                portable($($arg),*)
+            }
+            #[cfg(target_arch = "x86_64")]
+            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                // SAFETY: the CPU supports AVX2 and FMA, checked just above.
+                return unsafe { wide($($arg),*) };
+            }
+            portable($($arg),*)
+        }
+    };
+}
+
 mod attention;
 mod flash;
 mod permute;

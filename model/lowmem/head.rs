@@ -32,8 +32,8 @@ pub fn head_block_rows(vocab: usize) -> usize {
 /// arithmetic. At a real vocabulary the block budget alone gives few rows (27 at Qwen2's
 /// 151,936) and that cost dominated: a 1,024-token step of Qwen2.5-0.5B's shapes (2 layers)
 /// took 19 s against 8.6 s before model/lowmem, 19 % of it in gemm's packing (BENCHMARKS.md).
-/// 256 rows hold a chunk's logits to 156 MB at that vocabulary (a backward pass keeps about
-/// three such tensors), still independent of T.
+/// 256 rows hold a chunk's logits to 156 MB at that vocabulary (a backward pass keeps a few
+/// such tensors at once), still independent of T.
 pub const HEAD_MIN_ROWS: usize = 256;
 
 /// log softmax(h W / τ)[y] per row, and the entropy of softmax(h W / τ) when asked for

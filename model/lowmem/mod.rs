@@ -15,7 +15,8 @@
 //!   an exact softmax per block needs no online rescaling across key blocks. On the CPU
 //!   backend it is a fused kernel (model/flex/flash.rs), taken at every length. Elsewhere rows
 //!   short enough that a layer's scores cost less than its other activations take
-//!   [`materialised_attention`] instead, which is faster there ([`materialise_short_rows`]).
+//!   [`materialised_attention`] instead, which on the CPU was faster than the blocks in Burn
+//!   operations (not measured on GPUs; [`materialise_short_rows`]).
 //! - [`head_logprobs`]: token log-probs (and entropies) through the output head in chunks of
 //!   rows, as Liger-Kernel's fused linear cross-entropy does, never holding `[N, V]`.
 //!
