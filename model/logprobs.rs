@@ -4,13 +4,13 @@
 use burn::prelude::*;
 use burn::tensor::IndexingUpdateOp::Add;
 
-use super::lowmem::head_logprobs;
+use super::lowmem::{head_logprobs, HeadOptions};
 use super::transformer::Transformer;
 
 /// Log-probs of each next token and the policy's entropy at each position.
 ///
 /// Computed through [`head_logprobs`] in chunks of rows, so that neither the forward nor the
-/// backward pass holds the `[B, T, V]` logits.
+/// backward pass holds the `[B, T, V]` logits beyond a constant (1 GiB).
 #[derive(Debug, Clone)]
 pub struct TokenLogprobs<B: Backend> {
     /// `[B, T − 1]`: `logprobs[b, t] = log π(tokens[b, t + 1] | tokens[b, ..= t])`.
@@ -67,7 +67,14 @@ pub fn logprobs_of_hidden<B: Backend>(
         .filter(|rows| !rows.is_empty() && rows.len() < n);
     let weight = model.head_weight();
     let (logprobs, entropy) = match kept {
-        None => head_logprobs(hidden, weight, targets, temperature, with_entropy, None),
+        None => head_logprobs(
+            hidden,
+            weight,
+            targets,
+            temperature,
+            with_entropy,
+            HeadOptions::default(),
+        ),
         Some(rows) => {
             let device = hidden.device();
             let idx = Tensor::<B, 1, Int>::from_data(TensorData::new(rows.clone(), [rows.len()]), &device);
@@ -77,7 +84,7 @@ pub fn logprobs_of_hidden<B: Backend>(
                 targets.select(0, idx.clone()),
                 temperature,
                 with_entropy,
-                None,
+                HeadOptions::default(),
             );
             let spread = |x: Tensor<B, 1>| Tensor::zeros([n], &device).select_assign(0, idx.clone(), x, Add);
             (spread(lp), entropy.map(spread))

@@ -8,7 +8,7 @@ use burn::backend::{Autodiff, Flex};
 use burn::optim::GradientsParams;
 use burn::prelude::*;
 use burn::tensor::activation::{log_softmax, softmax};
-use mrt::model::lowmem::{causal_attention, head_logprobs, set_blocked_always, tracked_ops};
+use mrt::model::lowmem::{causal_attention, head_logprobs, set_blocked_always, tracked_ops, HeadOptions};
 use mrt::model::{token_logprobs, Transformer, TransformerConfig};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -96,16 +96,26 @@ fn blocked_attention_without_autodiff_gives_the_same_values() {
     assert_eq!(plain.to_data(), tracked.inner().to_data());
 }
 
-/// (log-probs, entropy, dh, dw) of log softmax(h W / τ)[y] read out with weights `g`.
-fn head_and_grads(chunked: Option<usize>, n: usize, c: usize, v: usize, temperature: f64) -> [Tensor<B, 2>; 4] {
+/// (log-probs, entropy, dh, dw) of log softmax(h W / τ)[y] read out with weights `g`: through
+/// [`head_logprobs`] with `chunked`'s options, else from the full logits. dw is zeros for a
+/// `frozen` head (no gradient asked for).
+fn head_and_grads(
+    chunked: Option<HeadOptions>,
+    frozen: bool,
+    [n, c, v]: [usize; 3],
+    temperature: f64,
+) -> [Tensor<B, 2>; 4] {
     let h = Tensor::<AD, 2>::from_inner(random([n, c], 11)).require_grad();
-    let w = Tensor::<AD, 2>::from_inner(random([c, v], 12) * 0.5).require_grad();
+    let mut w = Tensor::<AD, 2>::from_inner(random([c, v], 12) * 0.5);
+    if !frozen {
+        w = w.require_grad();
+    }
     let g = Tensor::<AD, 1>::from_inner(random([n], 13));
     let targets: Vec<i64> = (0..n as i64).map(|i| (i * 7 + 3) % v as i64).collect();
     let targets = Tensor::<AD, 1, Int>::from_data(TensorData::new(targets, [n]), &Default::default());
     let (lp, entropy) = match chunked {
-        Some(rows) => {
-            let (lp, e) = head_logprobs(h.clone(), w.clone(), targets, temperature, true, Some(rows));
+        Some(options) => {
+            let (lp, e) = head_logprobs(h.clone(), w.clone(), targets, temperature, true, options);
             (lp, e.unwrap())
         }
         None => {
@@ -120,27 +130,37 @@ fn head_and_grads(chunked: Option<usize>, n: usize, c: usize, v: usize, temperat
         lp.inner().reshape([1, n]),
         entropy.inner().reshape([1, n]),
         h.grad(&grads).unwrap(),
-        w.grad(&grads).unwrap(),
+        w.grad(&grads)
+            .unwrap_or_else(|| Tensor::zeros([c, v], &Default::default())),
     ]
 }
 
 #[test]
 fn chunked_head_logprobs_match_the_full_logits() {
-    for temperature in [1.0, 0.7] {
-        let reference = head_and_grads(None, 30, 12, 50, temperature);
-        for rows in [1, 7, 30, 64] {
-            let before = tracked_ops();
-            let ours = head_and_grads(Some(rows), 30, 12, 50, temperature);
-            assert_eq!(tracked_ops(), before + 1);
-            for (name, (a, b)) in ["log-probs", "entropy", "dh", "dw"]
-                .iter()
-                .zip(ours.into_iter().zip(reference.clone()))
-            {
-                let err = rel_err(a, b);
-                assert!(
-                    err < 1e-5,
-                    "τ {temperature}, {rows} rows per chunk: {name} off by {err:e}"
-                );
+    // Every way the backward pass can work: recomputing the logits, from the kept softmax,
+    // and a frozen head's input gradient computed in the forward pass.
+    for (frozen, keep) in [(false, false), (false, true), (true, false), (true, true)] {
+        for temperature in [1.0, 0.7] {
+            let reference = head_and_grads(None, frozen, [30, 12, 50], temperature);
+            for rows in [1, 7, 30, 64] {
+                let before = tracked_ops();
+                let options = HeadOptions {
+                    block_rows: Some(rows),
+                    keep_elements: if keep { usize::MAX } else { 0 },
+                };
+                let ours = head_and_grads(Some(options), frozen, [30, 12, 50], temperature);
+                assert_eq!(tracked_ops(), before + 1);
+                for (name, (a, b)) in ["log-probs", "entropy", "dh", "dw"]
+                    .iter()
+                    .zip(ours.into_iter().zip(reference.clone()))
+                {
+                    let err = rel_err(a, b);
+                    assert!(
+                        err < 1e-5,
+                        "frozen {frozen}, keep {keep}, τ {temperature}, {rows} rows per chunk: \
+                         {name} off by {err:e}"
+                    );
+                }
             }
         }
     }

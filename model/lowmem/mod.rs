@@ -18,7 +18,8 @@
 //!   [`materialised_attention`] instead, which on the CPU was faster than the blocks in Burn
 //!   operations (not measured on GPUs; [`materialise_short_rows`]).
 //! - [`head_logprobs`]: token log-probs (and entropies) through the output head in chunks of
-//!   rows, as Liger-Kernel's fused linear cross-entropy does, never holding `[N, V]`.
+//!   rows, as Liger-Kernel's fused linear cross-entropy does, holding `[N, V]` only while it
+//!   fits 1 GiB ([`KEEP_ELEMENTS`]).
 //!
 //! Both are written once in Burn tensor operations, so every backend runs them (the attention
 //! with a fused CPU kernel beside). Autodiff
@@ -43,7 +44,7 @@ pub use attention::{
     attention_block_rows, causal_attention, fused_kernel, materialise_short_rows, materialised_attention,
     set_blocked_always,
 };
-pub use head::{head_block_rows, head_logprobs};
+pub use head::{head_block_rows, head_logprobs, HeadOptions, KEEP_ELEMENTS};
 pub use segments::{hidden_gradients, Checkpointing};
 
 /// An `Autodiff<I>` float tensor (burn-autodiff keeps its type's name private).
