@@ -15,8 +15,9 @@
 //!   logits, and the memory is independent of T.
 //!
 //! The kept softmax is the one place here where memory grows with N, up to a constant
-//! (1 GiB): at Qwen2's vocabulary that is rows of up to 1.7 k tokens, where the recomputed
-//! product was a quarter of a 2-layer model's step (BENCHMARKS.md).
+//! (1 GiB): at Qwen2's vocabulary, rows of up to 1.7 k tokens. There the recomputed product
+//! had made a 1,024-token step of Qwen2.5-0.5B's shapes (2 layers) 14 % slower than the code
+//! before model/lowmem; keeping the softmax makes it 7 % faster (BENCHMARKS.md).
 //!
 //! A head stored in half precision multiplies in its own type (model/precision.rs); the
 //! softmax is f32.
