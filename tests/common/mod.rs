@@ -4,6 +4,7 @@
 
 #[cfg(feature = "wgpu")]
 pub mod gpu;
+pub mod text;
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
