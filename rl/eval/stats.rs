@@ -158,17 +158,20 @@ pub fn paired_difference(a: &[f64], b: &[f64], strata: &[usize], seed: u64) -> O
 }
 
 /// Fraction of paired units where `b` beats `a` (ties count half): rliable's probability of
-/// improvement, for `higher_better` measures; flipped otherwise.
+/// improvement, for `higher_better` measures; flipped otherwise. Values within [`TIE`] of
+/// each other (relative) are ties: measures summed in another order (regret over a curve, say)
+/// differ in their last bits when the outcomes are the same, and that must not decide which
+/// algorithm is better.
 pub fn probability_of_improvement(a: &[f64], b: &[f64], higher_better: bool) -> f64 {
     let score: f64 = a
         .iter()
         .zip(b)
         .map(|(a, b)| {
             let (a, b) = if higher_better { (*a, *b) } else { (-*a, -*b) };
-            if b > a {
-                1.0
-            } else if b == a {
+            if (b - a).abs() <= TIE * a.abs().max(b.abs()).max(1.0) {
                 0.5
+            } else if b > a {
+                1.0
             } else {
                 0.0
             }
@@ -176,6 +179,9 @@ pub fn probability_of_improvement(a: &[f64], b: &[f64], higher_better: bool) -> 
         .sum();
     score / a.len().max(1) as f64
 }
+
+/// Relative difference up to which two paired values are a tie.
+pub const TIE: f64 = 1e-9;
 
 /// Outcome of a verdict fixed before the experiment ran.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -301,5 +307,11 @@ mod tests {
         );
         assert_eq!(probability_of_improvement(&a, &b, true), 0.875);
         assert_eq!(probability_of_improvement(&a, &b, false), 0.125);
+        // Equal up to summation order: a tie, whichever way the rounding went.
+        let (x, y) = ([0.1 + 0.2, 7.0], [0.3, 7.0 * (1.0 + 1e-12)]);
+        assert_ne!(x[0], y[0]);
+        assert_eq!(probability_of_improvement(&x, &y, true), 0.5);
+        assert_eq!(probability_of_improvement(&x, &y, false), 0.5);
+        assert_eq!(probability_of_improvement(&[0.3], &[0.3 + 1e-6], true), 1.0);
     }
 }
