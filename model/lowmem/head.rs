@@ -127,28 +127,18 @@ impl<B: Backend> CustomOp<B, 2> for HeadLogprobs<B> {
             OpsKind::Tracked(_) if self.keep_probabilities => Keep::Probabilities,
             OpsKind::Tracked(_) => Keep::Lse,
         };
-        let (hp, wp) = (h.primitive, w.primitive);
         let out = self.chunks.forward::<I>(
-            tensor(hp.clone()),
-            tensor(wp.clone()),
-            Tensor::from_primitive(targets.clone()),
+            tensor(h.primitive),
+            tensor(w.primitive),
+            Tensor::from_primitive(targets),
             self.with_entropy,
             keep,
         );
         let lp = primitive(out.logprobs);
-        let node = match prep {
-            OpsKind::Tracked(prep) => {
-                let state = match out.saved {
-                    Some(Kept::InputGradient(a)) => Saved::InputGradient(primitive(a)),
-                    Some(Kept::Probabilities(p)) => {
-                        Saved::Probabilities(hp, wp, targets, p.into_iter().map(primitive).collect())
-                    }
-                    Some(Kept::Lse(lse)) => Saved::Logits(hp, wp, targets, primitive(lse)),
-                    None => unreachable!("a tracked head keeps what its backward pass needs"),
-                };
-                prep.finish(state, lp)
-            }
-            OpsKind::UnTracked(prep) => prep.finish(lp),
+        let node = match (prep, out.saved) {
+            (OpsKind::Tracked(prep), Some(state)) => prep.finish(state, lp),
+            (OpsKind::Tracked(_), None) => unreachable!("a tracked head keeps what its backward pass needs"),
+            (OpsKind::UnTracked(prep), _) => prep.finish(lp),
         };
         let mut out_nodes = vec![node];
         out_nodes.extend(out.entropy.map(|e| Tracked::<I>::new(primitive(e))));
@@ -185,23 +175,14 @@ enum Keep {
     InputGradient,
 }
 
-/// What the forward pass kept, as tensors.
-enum Kept<X: Backend> {
-    /// `[N, 1]`
-    Lse(Tensor<X, 2>),
-    /// `[n, V]` per chunk
-    Probabilities(Vec<Tensor<X, 2>>),
-    /// `[N, C]`
-    InputGradient(Tensor<X, 2>),
-}
-
 /// The forward pass's results.
 struct Forward<X: Backend> {
     /// `[N]`
     logprobs: Tensor<X, 1>,
     /// `[N]`, when asked for
     entropy: Option<Tensor<X, 1>>,
-    saved: Option<Kept<X>>,
+    /// The backward pass's state, unless [`Keep::Nothing`].
+    saved: Option<Saved<X>>,
 }
 
 /// The state of the backward pass.
@@ -311,25 +292,42 @@ impl Chunks {
             let lse = max + sum.clone().log();
             let target = targets.clone().narrow(0, s, m).reshape([m, 1]);
             lps.push(z.clone().gather(1, target.clone()) - lse.clone());
+            // The softmax, once, when the entropy or the kept state needs it.
+            let needs_p = with_entropy || matches!(keep, Keep::Probabilities | Keep::InputGradient);
+            let p = needs_p.then(|| e / sum);
             if with_entropy {
-                entropies.push(lse.clone() - (e.clone() / sum.clone() * z).sum_dim(1));
+                let p = p.clone().expect("computed for the entropy");
+                entropies.push(lse.clone() - (p * z).sum_dim(1));
             }
-            match keep {
-                Keep::Nothing => {}
-                Keep::Lse => lses.push(lse),
-                Keep::Probabilities => kept.push(e / sum),
-                Keep::InputGradient => {
-                    let dz = self.logit_gradient(e / sum, Tensor::ones([m, 1], &h.device()), target);
+            match (keep, p) {
+                (Keep::Lse, _) => lses.push(lse),
+                (Keep::Probabilities, Some(p)) => kept.push(p),
+                (Keep::InputGradient, Some(p)) => {
+                    let dz = self.logit_gradient(p, Tensor::ones([m, 1], &h.device()), target);
                     kept.push(matmul(dz, w.clone().transpose()));
                 }
+                _ => {}
             }
         }
         let entropy = with_entropy.then(|| Tensor::cat(entropies, 0).reshape([n]));
+        let inputs = || {
+            (
+                primitive(h.clone()),
+                primitive(w.clone()),
+                targets.clone().into_primitive(),
+            )
+        };
         let saved = match keep {
             Keep::Nothing => None,
-            Keep::Lse => Some(Kept::Lse(Tensor::cat(lses, 0))),
-            Keep::Probabilities => Some(Kept::Probabilities(kept)),
-            Keep::InputGradient => Some(Kept::InputGradient(Tensor::cat(kept, 0))),
+            Keep::Lse => {
+                let (h, w, y) = inputs();
+                Some(Saved::Logits(h, w, y, primitive(Tensor::cat(lses, 0))))
+            }
+            Keep::Probabilities => {
+                let (h, w, y) = inputs();
+                Some(Saved::Probabilities(h, w, y, kept.into_iter().map(primitive).collect()))
+            }
+            Keep::InputGradient => Some(Saved::InputGradient(primitive(Tensor::cat(kept, 0)))),
         };
         Forward {
             logprobs: Tensor::cat(lps, 0).reshape([n]),
