@@ -76,6 +76,61 @@ impl fmt::Display for DeviceChoice {
     }
 }
 
+/// What `--devices` asks for: one backend kind and a device ordinal per data-parallel peer
+/// (`cuda:0,cuda:1`; `cpu,cpu` is two peers on the one CPU device).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceList {
+    pub choice: DeviceChoice,
+    pub indices: Vec<usize>,
+}
+
+impl FromStr for DeviceList {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        let bad = |reason: &str| Error::config("devices", s, reason.to_string());
+        let mut choice = None;
+        let mut indices = Vec::new();
+        for item in s.split(',') {
+            let (kind, index) = match item.trim().split_once(':') {
+                Some((k, i)) => (
+                    k,
+                    i.parse::<usize>()
+                        .map_err(|_| bad("an ordinal after `:` must be a number"))?,
+                ),
+                None => (item.trim(), 0),
+            };
+            let kind: DeviceChoice = kind.parse()?;
+            if kind == DeviceChoice::Auto {
+                return Err(bad("name the backend of every device (cpu, wgpu or cuda), not auto"));
+            }
+            if choice.is_some_and(|c| c != kind) {
+                return Err(bad("all devices must be of one backend"));
+            }
+            choice = Some(kind);
+            indices.push(index);
+        }
+        let choice = choice.ok_or_else(|| bad("no devices"))?;
+        if choice != DeviceChoice::Cpu {
+            let mut seen = indices.clone();
+            seen.sort_unstable();
+            seen.dedup();
+            if seen.len() != indices.len() {
+                return Err(bad("a GPU may be named once"));
+            }
+        }
+        Ok(Self { choice, indices })
+    }
+}
+
+/// The device of `primary`'s kind with ordinal `index` (`cuda:1` beside `cuda:0`); the CPU
+/// backend has one device, which every ordinal names.
+pub fn device_at<B: burn::tensor::backend::Backend>(primary: &B::Device, index: usize) -> Result<B::Device> {
+    use burn::tensor::backend::Device;
+    let mut id = primary.to_id();
+    id.index_id = u16::try_from(index).map_err(|_| Error::config("devices", index, "device ordinal too large"))?;
+    Ok(B::Device::from_id(id))
+}
+
 /// Generic work to run on whichever backend is chosen at run time.
 pub trait BackendTask {
     type Output;

@@ -42,6 +42,9 @@ pub enum Error {
     /// The training signal became unusable (NaN / infinite loss).
     #[error("training diverged at step {step}: {what} is {value}")]
     Diverged { step: usize, what: String, value: f64 },
+    /// A data-parallel peer failed (rl/parallel.rs), or lost the group.
+    #[error("data-parallel peer {rank}: {reason}")]
+    Peer { rank: usize, reason: String },
 }
 
 impl Error {

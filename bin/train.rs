@@ -12,12 +12,12 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use burn::tensor::backend::AutodiffBackend;
 use clap::Parser;
-use mrt::backend::{dispatch, exit_code, tune_allocator, BackendTask, DeviceChoice};
+use mrt::backend::{device_at, dispatch, exit_code, tune_allocator, BackendTask, DeviceChoice, DeviceList};
 use mrt::model::lora::{LoraConfig, Target};
 use mrt::rl::config::{merge_json, Algo, RunConfig};
 use mrt::rl::eval::stats::paired_difference;
 use mrt::rl::eval::EvalSummary;
-use mrt::rl::pipeline::{run_pipeline, Outcome, PipelineOptions};
+use mrt::rl::pipeline::{run_pipeline_on, Outcome, PipelineOptions};
 use mrt::rl::run::{RunDir, SavedConfig};
 
 /// Warm-start and RL-fine-tune a reasoning policy (MRT, GRPO, STaR) on a synthetic task.
@@ -46,6 +46,10 @@ struct Args {
     /// auto (CUDA, else a wgpu GPU, else CPU), cpu, wgpu or cuda.
     #[arg(long, default_value = "auto")]
     device: String,
+    /// Data-parallel RL over several devices of one backend, one peer (thread) each:
+    /// `cuda:0,cuda:1`, `wgpu:0,wgpu:1`, or `cpu,cpu`. Replaces --device.
+    #[arg(long)]
+    devices: Option<String>,
     /// Seed of everything random in the run.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -95,13 +99,23 @@ struct Args {
     quiet: bool,
 }
 
-struct Job(PipelineOptions);
+/// The run, with the device ordinal of each data-parallel peer (one: no data parallelism).
+struct Job(PipelineOptions, Vec<usize>);
 
 impl BackendTask for Job {
     type Output = mrt::Result<Outcome>;
     fn run<B: AutodiffBackend>(self, device: B::Device, label: String) -> Self::Output {
-        eprintln!("device: {label}");
-        run_pipeline::<B>(&self.0, &device)
+        let devices = self
+            .1
+            .iter()
+            .map(|&i| device_at::<B>(&device, i))
+            .collect::<mrt::Result<Vec<_>>>()?;
+        if devices.len() > 1 {
+            eprintln!("devices: {} peers on {label} ({:?})", devices.len(), devices);
+        } else {
+            eprintln!("device: {label}");
+        }
+        run_pipeline_on::<B>(&self.0, &devices)
     }
 }
 
@@ -200,7 +214,13 @@ fn print_summary(outcome: &Outcome) {
 }
 
 fn run(args: Args) -> Result<()> {
-    let choice: DeviceChoice = args.device.parse()?;
+    let (choice, peers) = match &args.devices {
+        Some(list) => {
+            let list: DeviceList = list.parse()?;
+            (list.choice, list.indices)
+        }
+        None => (args.device.parse::<DeviceChoice>()?, vec![0]),
+    };
     let options = match &args.resume {
         Some(dir) => {
             let saved: SavedConfig = mrt::fsutil::read_json(&RunDir::new(dir).config_path())
@@ -241,7 +261,7 @@ fn run(args: Args) -> Result<()> {
             }
         }
     };
-    let outcome = dispatch(choice, Job(options))??;
+    let outcome = dispatch(choice, Job(options, peers))??;
     print_summary(&outcome);
     Ok(())
 }

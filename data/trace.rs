@@ -2,11 +2,13 @@
 //! only the policy's own words are trained; the prompt, the environment's replies and the forced
 //! termination suffix are context the model reads but is never asked to produce.
 
+use serde::{Deserialize, Serialize};
+
 use super::vocab::Vocab;
 use crate::error::Result;
 
 /// Who wrote a token.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Role {
     /// The problem statement (up to and including `<think>`).
     Prompt,

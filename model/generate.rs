@@ -8,7 +8,7 @@ use burn::prelude::*;
 use rand::rngs::StdRng;
 
 use super::cache::KvCache;
-use super::sampling::{sample, uniforms, SamplerConfig};
+use super::sampling::{row_uniforms, sample, uniforms, SamplerConfig};
 use super::transformer::Transformer;
 use crate::error::Result;
 
@@ -33,20 +33,45 @@ pub struct GenerateConfig {
 /// - returns B token lists, each cut after its first stop token
 pub fn generate<B: Backend>(
     model: &Transformer<B>,
-    mut cache: KvCache<B>,
-    mut logits: Tensor<B, 2>,
+    cache: KvCache<B>,
+    logits: Tensor<B, 2>,
     config: &GenerateConfig,
     rng: &mut StdRng,
 ) -> Result<Vec<Vec<u32>>> {
     let [b, _] = logits.dims();
-    let device = logits.device();
+    let u = uniforms::<B>(config.max_new_tokens, b, rng, &logits.device());
+    decode(model, cache, logits, config, u)
+}
+
+/// [`generate`] with row r's draws from `rngs[r]` alone (one generator per row): a row's
+/// tokens do not depend on the other rows of its batch.
+pub fn generate_rows<B: Backend>(
+    model: &Transformer<B>,
+    cache: KvCache<B>,
+    logits: Tensor<B, 2>,
+    config: &GenerateConfig,
+    rngs: &mut [StdRng],
+) -> Result<Vec<Vec<u32>>> {
+    assert_eq!(rngs.len(), logits.dims()[0], "one generator per row");
+    let u = row_uniforms::<B>(config.max_new_tokens, rngs, &logits.device());
+    decode(model, cache, logits, config, u)
+}
+
+/// The loop of [`generate`], with the uniforms `u` (`[max_new_tokens, B]`) drawn.
+fn decode<B: Backend>(
+    model: &Transformer<B>,
+    mut cache: KvCache<B>,
+    mut logits: Tensor<B, 2>,
+    config: &GenerateConfig,
+    u: Tensor<B, 2>,
+) -> Result<Vec<Vec<u32>>> {
+    let [b, _] = logits.dims();
     let steps = config.max_new_tokens;
     let mut out: Vec<Vec<u32>> = vec![Vec::with_capacity(steps); b];
     let mut stopped = vec![false; b];
     if steps == 0 || b == 0 {
         return Ok(out);
     }
-    let u = uniforms::<B>(steps, b, rng, &device);
     let check_every = config.check_every.max(1);
     let mut pending: Vec<Tensor<B, 1, Int>> = Vec::with_capacity(check_every);
     for step in 0..steps {

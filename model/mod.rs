@@ -21,7 +21,7 @@ pub mod transformer;
 
 pub use cache::KvCache;
 pub use config::TransformerConfig;
-pub use generate::{generate, last_logits, read_ids, token_reads, GenerateConfig};
+pub use generate::{generate, generate_rows, last_logits, read_ids, token_reads, GenerateConfig};
 pub use logprobs::{logprobs_of_hidden, token_logprobs, TokenLogprobs};
-pub use sampling::{sample, SamplerConfig};
+pub use sampling::{sample, split_rngs, SamplerConfig};
 pub use transformer::Transformer;

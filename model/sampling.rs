@@ -8,7 +8,7 @@
 use burn::prelude::*;
 use burn::tensor::activation::softmax;
 use rand::rngs::StdRng;
-use rand::Rng;
+use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
@@ -70,6 +70,25 @@ pub fn open_uniform(rng: &mut StdRng) -> f32 {
 pub fn uniforms<B: Backend>(steps: usize, rows: usize, rng: &mut StdRng, device: &B::Device) -> Tensor<B, 2> {
     let values: Vec<f32> = (0..steps * rows).map(|_| open_uniform(rng)).collect();
     Tensor::from_data(TensorData::new(values, [steps, rows]), device)
+}
+
+/// `[steps, rows]` uniforms with column r drawn from `rngs[r]` alone: what a row samples does
+/// not depend on which other rows share its batch (data-parallel peers batch different rows).
+pub fn row_uniforms<B: Backend>(steps: usize, rngs: &mut [StdRng], device: &B::Device) -> Tensor<B, 2> {
+    let rows = rngs.len();
+    let mut values = vec![0.0f32; steps * rows];
+    for (r, rng) in rngs.iter_mut().enumerate() {
+        for t in 0..steps {
+            values[t * rows + r] = open_uniform(rng);
+        }
+    }
+    Tensor::from_data(TensorData::new(values, [steps, rows]), device)
+}
+
+/// `n` independent generators seeded from `rng`, in order: one per problem (or row), so that
+/// a problem's samples are the same whichever subset of problems is drawn together.
+pub fn split_rngs(rng: &mut StdRng, n: usize) -> Vec<StdRng> {
+    (0..n).map(|_| StdRng::seed_from_u64(rng.random())).collect()
 }
 
 /// Draws one token per row.

@@ -9,12 +9,15 @@
 //! exactly the tokens GRPO would train, however many all-equal groups the progress term adds
 //! to the batch, and α = 0 reproduces GRPO bit for bit.
 
+use std::ops::Range;
+
 use burn::prelude::*;
+use serde::{Deserialize, Serialize};
 
 use super::rollout::Rollout;
 
 /// What one rollout contributes to the loss.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Signal {
     /// Advantage of the outcome term on every trained token (GRPO, MRT), or the weight of a
     /// supervised sample (STaR: 1).
@@ -55,6 +58,10 @@ pub struct RolloutBatch<B: Backend> {
     /// about 6 % as much as one with all of it).
     pub outcome_mass: f64,
     pub progress_mass: f64,
+    /// The tensors hold a share of the step's rows (a data-parallel peer's) while the token
+    /// counts and the coefficients' normalisation are the whole step's; the masses are the
+    /// share's.
+    pub sharded: bool,
 }
 
 impl<B: Backend> RolloutBatch<B> {
@@ -71,29 +78,42 @@ pub fn rollout_batch<B: Backend>(
     pad: u32,
     device: &B::Device,
 ) -> RolloutBatch<B> {
+    shard_batch(rollouts, signals, 0..rollouts.len(), pad, device)
+}
+
+/// The batch of `rows` of a step's rollouts, normalised over all of them: a data-parallel
+/// peer's share, whose losses add up over the peers to the one-device loss.
+pub fn shard_batch<B: Backend>(
+    rollouts: &[&Rollout],
+    signals: &[Signal],
+    rows: Range<usize>,
+    pad: u32,
+    device: &B::Device,
+) -> RolloutBatch<B> {
     assert_eq!(rollouts.len(), signals.len(), "one signal per rollout");
-    let n = rollouts.len();
-    let t = rollouts.iter().map(|r| r.tokens.len()).max().unwrap_or(2).max(2);
+    let all = rollouts.len();
     let trainable: Vec<Vec<bool>> = rollouts.iter().map(|r| r.trainable()).collect();
     let count = |r: usize| trainable[r].iter().skip(1).filter(|&&x| x).count();
-    let outcome_tokens: usize = (0..n).filter(|&i| signals[i].in_outcome).map(count).sum();
-    let progress_tokens: usize = (0..n).filter(|&i| signals[i].bonus.is_some()).map(count).sum();
+    let in_loss = |i: usize| signals[i].in_outcome || signals[i].bonus.is_some();
+    let outcome_tokens: usize = (0..all).filter(|&i| signals[i].in_outcome).map(count).sum();
+    let progress_tokens: usize = (0..all).filter(|&i| signals[i].bonus.is_some()).map(count).sum();
+    let trained: usize = (0..all).filter(|&i| in_loss(i)).map(count).sum();
     let per_outcome = 1.0 / outcome_tokens.max(1) as f32;
     let per_progress = 1.0 / progress_tokens.max(1) as f32;
 
+    let sharded = rows != (0..all);
+    let n = rows.len();
+    let t = rows.clone().map(|i| rollouts[i].tokens.len()).max().unwrap_or(2).max(2);
     let mut ids = Vec::with_capacity(n * t);
     let mut mask = Vec::with_capacity(n * (t - 1));
     let mut coef = Vec::with_capacity(n * (t - 1));
-    let mut trained = 0;
     let (mut outcome_mass, mut progress_mass) = (0.0f64, 0.0f64);
-    for (i, r) in rollouts.iter().enumerate() {
-        let s = &signals[i];
+    for i in rows {
+        let (r, s) = (rollouts[i], &signals[i]);
         ids.extend(r.tokens.iter().map(|&x| x as i64));
         ids.extend(std::iter::repeat_n(pad as i64, t - r.tokens.len()));
-        let in_loss = s.in_outcome || s.bonus.is_some();
         for pos in 1..t {
-            let m = in_loss && trainable[i].get(pos).copied().unwrap_or(false);
-            trained += m as usize;
+            let m = in_loss(i) && trainable[i].get(pos).copied().unwrap_or(false);
             mask.push(m as u8 as f32);
             let mut c = 0.0;
             if m && s.in_outcome {
@@ -116,5 +136,6 @@ pub fn rollout_batch<B: Backend>(
         progress_tokens,
         outcome_mass,
         progress_mass,
+        sharded,
     }
 }

@@ -13,7 +13,8 @@ use crate::error::{Error, Result};
 /// Appends metric records to a JSONL file.
 pub struct MetricsWriter {
     path: PathBuf,
-    file: File,
+    /// `None`: a data-parallel peer other than the leader, which writes nothing.
+    file: Option<File>,
 }
 
 impl MetricsWriter {
@@ -26,20 +27,29 @@ impl MetricsWriter {
             .map_err(|e| Error::io(path, e))?;
         Ok(Self {
             path: path.to_path_buf(),
-            file,
+            file: Some(file),
         })
     }
 
+    /// A writer that drops every record.
+    pub fn discard() -> Self {
+        Self {
+            path: PathBuf::new(),
+            file: None,
+        }
+    }
+
     pub fn write(&mut self, record: &Record) -> Result<()> {
+        let Some(file) = &mut self.file else {
+            return Ok(());
+        };
         let mut line = serde_json::to_string(&record.0).map_err(|e| Error::Json {
             path: self.path.clone(),
             reason: e.to_string(),
         })?;
         line.push('\n');
-        self.file
-            .write_all(line.as_bytes())
-            .map_err(|e| Error::io(&self.path, e))?;
-        self.file.flush().map_err(|e| Error::io(&self.path, e))
+        file.write_all(line.as_bytes()).map_err(|e| Error::io(&self.path, e))?;
+        file.flush().map_err(|e| Error::io(&self.path, e))
     }
 }
 

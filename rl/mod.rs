@@ -50,6 +50,7 @@ pub mod eval;
 pub mod loss;
 pub mod metrics;
 pub mod optim;
+pub mod parallel;
 pub mod passes;
 pub mod pipeline;
 pub mod protocol;

@@ -101,7 +101,8 @@ pub fn batch_gradients<B: AutodiffBackend>(
     ref_logp: Option<&Tensor<B, 2>>,
     spec: LossSpec,
 ) -> (GradientsParams, PassStats) {
-    let single = chunks.len() == 1;
+    // One pass over the whole step's rows (not a peer's share of them).
+    let single = chunks.len() == 1 && !batch.sharded;
     let trained = batch.trained_tokens as f32;
     let mut grads = GradientsAccumulator::<Transformer<B>>::new();
     let mut st = PassStats::default();

@@ -3,8 +3,9 @@
 //! arguments and picks the backend.
 
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
-use burn::module::AutodiffModule;
+use burn::module::{AutodiffModule, Module};
 use burn::prelude::Backend;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::FloatDType;
@@ -13,7 +14,8 @@ use serde::Serialize;
 use super::config::RunConfig;
 use super::eval::{eval_problems, EvalSummary};
 use super::metrics::{read_metrics, MetricsWriter};
-use super::optim::{adamw, require_grad};
+use super::optim::{adamw, require_grad, Adam};
+use super::parallel::{run_peers, Peer};
 use super::protocol::Tokens;
 use super::run::{load_state, Progress, RunDir, Stage};
 use super::sft::warm_start;
@@ -73,6 +75,13 @@ pub struct Outcome {
 
 /// Runs (or resumes) the pipeline on backend `B`.
 pub fn run_pipeline<B: AutodiffBackend>(opts: &PipelineOptions, device: &B::Device) -> Result<Outcome> {
+    run_pipeline_on::<B>(opts, std::slice::from_ref(device))
+}
+
+/// [`run_pipeline`] with RL data-parallel over `devices` (one peer each, `parallel.rs`); the
+/// warm start, evaluations and checkpoints run on the first.
+pub fn run_pipeline_on<B: AutodiffBackend>(opts: &PipelineOptions, devices: &[B::Device]) -> Result<Outcome> {
+    let device = &devices[0];
     let run = RunDir::new(&opts.run_dir);
     let (config, tokens) = if opts.resume {
         run.open()?
@@ -221,7 +230,17 @@ pub fn run_pipeline<B: AutodiffBackend>(opts: &PipelineOptions, device: &B::Devi
     } else {
         None
     };
-    let (model, optim, done) = train_rl(&mut ctx, model, optim, reference.as_ref(), rl_start)?;
+    let (model, optim, done) = if devices.len() > 1 {
+        let rl = RlStart {
+            reference: reference.as_ref(),
+            start: rl_start,
+            tokens: &tokens,
+            interrupt_after: opts.interrupt_after,
+        };
+        rl_data_parallel(&mut ctx, model, optim, rl, devices)?
+    } else {
+        train_rl(&mut ctx, model, optim, reference.as_ref(), rl_start, None)?
+    };
     if !done {
         return Ok(incomplete(&ctx));
     }
@@ -263,6 +282,67 @@ pub fn run_pipeline<B: AutodiffBackend>(opts: &PipelineOptions, device: &B::Devi
     };
     write_json(&run.root.join("summary.json"), &outcome)?;
     Ok(outcome)
+}
+
+/// Where RL starts, for peers that set up their own context.
+struct RlStart<'a, B: AutodiffBackend> {
+    reference: Option<&'a Transformer<B::InnerBackend>>,
+    start: usize,
+    tokens: &'a Tokens,
+    interrupt_after: Option<usize>,
+}
+
+/// The RL stage on a data-parallel group: this thread leads with `ctx`; every other device
+/// gets a copy of the policy, optimizer and reference (the same parameter ids, which the
+/// gradient all-reduce pairs by) and a context of its own that writes nothing.
+fn rl_data_parallel<B: AutodiffBackend>(
+    ctx: &mut Ctx,
+    model: Transformer<B>,
+    optim: Adam<B>,
+    rl: RlStart<B>,
+    devices: &[B::Device],
+) -> Result<(Transformer<B>, Adam<B>, bool)> {
+    type Copy<B> = (
+        Transformer<B>,
+        Adam<B>,
+        Option<Transformer<<B as AutodiffBackend>::InnerBackend>>,
+    );
+    let copies: Vec<Mutex<Option<Copy<B>>>> = devices[1..]
+        .iter()
+        .map(|d| {
+            let reference = rl.reference.map(|r| r.clone().to_device(d));
+            Mutex::new(Some((model.clone().fork(d), optim.clone(), reference)))
+        })
+        .collect();
+    let config = ctx.config;
+    let run = ctx.run;
+    let worker = |peer: &Peer<B>| -> Result<()> {
+        let (model, optim, reference) = copies[peer.rank - 1]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .expect("each peer takes its copy once");
+        let task = config.task.build()?;
+        let protocol = rl.tokens.protocol(task.as_ref(), &config.task)?;
+        let mut own = Ctx {
+            config,
+            task: task.as_ref(),
+            protocol: protocol.as_ref(),
+            vocab: rl.tokens.words(),
+            run,
+            metrics: MetricsWriter::discard(),
+            eval_problems: Vec::new(),
+            quiet: true,
+            interrupt_after: rl.interrupt_after,
+            latest_evals: Vec::new(),
+        };
+        train_rl(&mut own, model, optim, reference.as_ref(), rl.start, Some(peer)).map(|_| ())
+    };
+    run_peers::<B, _>(
+        devices,
+        |peer| train_rl(ctx, model, optim, rl.reference, rl.start, Some(peer)),
+        worker,
+    )
 }
 
 /// Under LoRA, `model` with its frozen base's matrices in the type `rl.lora.base_precision`

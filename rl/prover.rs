@@ -28,7 +28,7 @@ use super::protocol::Protocol;
 use crate::data::{Problem, Task};
 use crate::error::{Error, Result};
 use crate::model::cache::int_tensor;
-use crate::model::{generate, last_logits, GenerateConfig, KvCache, SamplerConfig, Transformer};
+use crate::model::{generate_rows, last_logits, split_rngs, GenerateConfig, KvCache, SamplerConfig, Transformer};
 
 /// How J is estimated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -105,8 +105,23 @@ pub fn estimate<B: Backend>(
     config: &ProverConfig,
     rng: &mut StdRng,
 ) -> Result<Vec<Estimate>> {
+    let rngs = split_rngs(rng, cache.rows());
+    estimate_rows(model, cache, problems, protocol, config, rngs)
+}
+
+/// [`estimate`] with one generator per row (`rngs[r]` draws row r's K forced answers): a row's
+/// J does not depend on which other forks are scored with it.
+pub fn estimate_rows<B: Backend>(
+    model: &Transformer<B>,
+    cache: KvCache<B>,
+    problems: &[&Problem],
+    protocol: &dyn Protocol,
+    config: &ProverConfig,
+    mut rngs: Vec<StdRng>,
+) -> Result<Vec<Estimate>> {
     let rows = cache.rows();
     assert_eq!(rows, problems.len(), "one problem per cache row");
+    assert_eq!(rows, rngs.len(), "one generator per cache row");
     if rows == 0 {
         return Ok(Vec::new());
     }
@@ -119,13 +134,14 @@ pub fn estimate<B: Backend>(
                 * model.config.kv_bytes_per_token();
             let chunk = (PROVER_BATCH_BYTES / per_row.max(1)).max(1);
             if chunk >= rows {
-                return sampled(model, cache, problems, protocol, config, rng);
+                return sampled(model, cache, problems, protocol, config, &mut rngs);
             }
             let mut out = Vec::with_capacity(rows);
             for start in (0..rows).step_by(chunk) {
                 let end = (start + chunk).min(rows);
                 let part = cache.select_rows(&(start..end).collect::<Vec<_>>());
-                out.extend(sampled(model, part, &problems[start..end], protocol, config, rng)?);
+                let rngs = &mut rngs[start..end];
+                out.extend(sampled(model, part, &problems[start..end], protocol, config, rngs)?);
             }
             Ok(out)
         }
@@ -374,9 +390,12 @@ fn sampled<B: Backend>(
     problems: &[&Problem],
     protocol: &dyn Protocol,
     config: &ProverConfig,
-    rng: &mut StdRng,
+    rngs: &mut [StdRng],
 ) -> Result<Vec<Estimate>> {
     let k = config.samples;
+    // The K copies of row r follow it (`replicate`); each draws from its own generator, split
+    // from the row's.
+    let mut copies: Vec<StdRng> = rngs.iter_mut().flat_map(|rng| split_rngs(rng, k)).collect();
     let mut cache = cache.replicate(k);
     let logits = force(model, &mut cache, protocol)?;
     cache.ensure_capacity(config.max_answer_tokens);
@@ -389,7 +408,7 @@ fn sampled<B: Backend>(
         stop_tokens: protocol.answer_stops(),
         check_every: config.max_answer_tokens,
     };
-    let outs = generate(model, cache, logits, &gen, rng)?;
+    let outs = generate_rows(model, cache, logits, &gen, &mut copies)?;
     let mut estimates = Vec::with_capacity(problems.len());
     for (r, p) in problems.iter().enumerate() {
         let (mut correct, mut formed) = (0usize, 0usize);
@@ -421,6 +440,8 @@ pub struct ProverQueue<B: Backend> {
     caches: Vec<KvCache<B>>,
     /// (rollout row, episode index j, problem index) per queued cache row.
     pub tags: Vec<(usize, usize, usize)>,
+    /// The generator of each queued row's forced answers.
+    rngs: Vec<StdRng>,
 }
 
 impl<B: Backend> Default for ProverQueue<B> {
@@ -428,24 +449,36 @@ impl<B: Backend> Default for ProverQueue<B> {
         Self {
             caches: Vec::new(),
             tags: Vec::new(),
+            rngs: Vec::new(),
         }
     }
 }
 
+/// One queued snapshot: its tag (rollout row, episode index j, problem index) and the
+/// generator of its forced answers.
+pub type Queued = ((usize, usize, usize), StdRng);
+
 impl<B: Backend> ProverQueue<B> {
     /// Queues a fork of `rows` of `cache` (each at an episode boundary).
-    pub fn push(&mut self, cache: &KvCache<B>, rows: &[usize], tags: impl IntoIterator<Item = (usize, usize, usize)>) {
+    pub fn push(&mut self, cache: &KvCache<B>, rows: &[usize], queued: impl IntoIterator<Item = Queued>) {
         if rows.is_empty() {
             return;
         }
         self.caches.push(cache.select_rows(rows));
-        self.tags.extend(tags);
+        self.extend(queued);
     }
 
-    /// Queues a cache that is already a fork (one tag per row).
-    pub fn push_owned(&mut self, cache: KvCache<B>, tags: impl IntoIterator<Item = (usize, usize, usize)>) {
+    /// Queues a cache that is already a fork (one entry per row).
+    pub fn push_owned(&mut self, cache: KvCache<B>, queued: impl IntoIterator<Item = Queued>) {
         self.caches.push(cache);
-        self.tags.extend(tags);
+        self.extend(queued);
+    }
+
+    fn extend(&mut self, queued: impl IntoIterator<Item = Queued>) {
+        for (tag, rng) in queued {
+            self.tags.push(tag);
+            self.rngs.push(rng);
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -468,15 +501,15 @@ impl<B: Backend> ProverQueue<B> {
         problems: &[Problem],
         protocol: &dyn Protocol,
         config: &ProverConfig,
-        rng: &mut StdRng,
     ) -> Result<Vec<((usize, usize, usize), Estimate)>> {
         if self.tags.is_empty() {
             return Ok(Vec::new());
         }
         let cache = KvCache::cat(std::mem::take(&mut self.caches));
         let tags = std::mem::take(&mut self.tags);
+        let rngs = std::mem::take(&mut self.rngs);
         let probs: Vec<&Problem> = tags.iter().map(|t| &problems[t.2]).collect();
-        let est = estimate(model, cache, &probs, protocol, config, rng)?;
+        let est = estimate_rows(model, cache, &probs, protocol, config, rngs)?;
         Ok(tags.into_iter().zip(est).collect())
     }
 }

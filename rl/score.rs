@@ -13,6 +13,7 @@
 use burn::prelude::*;
 use rand::rngs::StdRng;
 use rand::Rng;
+use serde::{Deserialize, Serialize};
 
 use super::advantage::{grpo, mrt, progress, progress_bonus, progress_per_episode};
 use super::batch::Signal;
@@ -62,13 +63,134 @@ fn mean_abs(x: impl Iterator<Item = f32>) -> f64 {
     }
 }
 
-/// Rollouts and their training signal for one step of `cfg.algo` on `problems`.
-pub fn score<B: Backend>(engine: &Engine<B>, problems: &[Problem], cfg: &RlConfig, rng: &mut StdRng) -> Result<Scored> {
+/// A step's samples before their training signal: what a data-parallel peer samples for its
+/// share of the problems, and what the peers exchange.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Sampled {
+    /// The samples to train on, in groups of `group_size` per problem.
+    pub rollouts: Vec<Rollout>,
+    /// `mrt`: the full stream of each problem that the prefix was cut from, and J at the cut
+    /// (the termination baseline); empty otherwise.
+    pub prefix_streams: Vec<Rollout>,
+    pub baselines: Vec<f32>,
+    /// How many problems.
+    pub problems: usize,
+}
+
+impl Sampled {
+    /// The samples of consecutive shares of a step's problems, in order, as one device would
+    /// have sampled them all (`Rollout::problem` indexes the whole step's problems).
+    pub fn merge(parts: Vec<Sampled>) -> Sampled {
+        let mut all = Sampled::default();
+        for part in parts {
+            let offset = all.problems;
+            let shifted = |mut r: Rollout| {
+                r.problem += offset;
+                r
+            };
+            all.rollouts.extend(part.rollouts.into_iter().map(shifted));
+            all.prefix_streams.extend(part.prefix_streams.into_iter().map(shifted));
+            all.baselines.extend(part.baselines);
+            all.problems += part.problems;
+        }
+        all
+    }
+}
+
+/// Rollouts and their training signal for one step of `cfg.algo` on `problems`, `rngs[i]`
+/// problem i's generator.
+pub fn score<B: Backend>(
+    engine: &Engine<B>,
+    problems: &[Problem],
+    cfg: &RlConfig,
+    rngs: &mut [StdRng],
+) -> Result<Scored> {
+    Ok(signal(sample(engine, problems, cfg, rngs)?, cfg))
+}
+
+/// The samples of one step of `cfg.algo` on `problems`, `rngs[i]` problem i's generator: a
+/// problem's samples do not depend on the other problems sampled with it, so peers that each
+/// sample a share of a step's problems have, together, the one-device samples.
+pub fn sample<B: Backend>(
+    engine: &Engine<B>,
+    problems: &[Problem],
+    cfg: &RlConfig,
+    rngs: &mut [StdRng],
+) -> Result<Sampled> {
+    if cfg.algo != Algo::Mrt {
+        return Ok(Sampled {
+            rollouts: engine.rollouts_with(problems, cfg.group_size, rngs)?,
+            problems: problems.len(),
+            ..Sampled::default()
+        });
+    }
+    // The paper's recipe (see the module header).
+    let streams = engine.rollouts_with(problems, 1, rngs)?;
+    let mut seeds = Vec::with_capacity(streams.len());
+    let mut baselines = Vec::with_capacity(streams.len());
+    for (s, rng) in streams.iter().zip(rngs.iter_mut()) {
+        let e = s.episodes.len();
+        let k = if e == 0 { 0 } else { rng.random_range(0..e) };
+        // J is there at every boundary (the engine has a prover); a NaN one poisons the loss,
+        // which the loop reports as divergence.
+        let b = s.j.get(k).copied().unwrap_or(f32::NAN);
+        seeds.push(s.prefix(k));
+        baselines.push(b);
+    }
+    let continuation = Engine {
+        model: engine.model,
+        protocol: engine.protocol,
+        config: engine.config,
+        prover: None,
+    };
+    let mut batch = continuation.start_from(&seeds, problems, cfg.group_size, rngs)?;
+    continuation.run(&mut batch, problems)?;
+    Ok(Sampled {
+        rollouts: Engine::finish(batch),
+        prefix_streams: streams,
+        baselines,
+        problems: problems.len(),
+    })
+}
+
+/// The training signal of a step's samples. It needs the whole step (the `mrt` recipe scales
+/// its advantages by their standard deviation over the batch), so data-parallel peers compute
+/// it from everyone's samples.
+pub fn signal(sampled: Sampled, cfg: &RlConfig) -> Scored {
+    let Sampled {
+        rollouts,
+        prefix_streams,
+        baselines,
+        problems,
+    } = sampled;
     if cfg.algo == Algo::Mrt {
-        return score_mrt(engine, problems, cfg, rng);
+        let rewards: Vec<f32> = rollouts.iter().map(|r| r.reward).collect();
+        let lens: Vec<usize> = rollouts.iter().map(|r| r.tokens.len()).collect();
+        let MrtSignals {
+            signals,
+            degenerate,
+            outcome_abs,
+            progress_abs,
+        } = mrt_signals(
+            &rewards,
+            &baselines,
+            &lens,
+            cfg.group_size,
+            cfg.alpha as f32,
+            cfg.scale_by_std,
+        );
+        return Scored {
+            groups: prefix_streams.len(),
+            rollouts,
+            signals,
+            prefix_streams,
+            baselines,
+            degenerate_groups: degenerate,
+            outcome_abs,
+            progress_abs,
+        };
     }
     let g = cfg.group_size;
-    let rollouts = engine.rollouts(problems, g, rng)?;
     let rewards: Vec<f32> = rollouts.iter().map(|r| r.reward).collect();
     let (adv, keep, degenerate) = grpo(&rewards, g, cfg.scale_by_std);
     let mut signals: Vec<Signal> = adv.iter().zip(&keep).map(|(&a, &k)| Signal::outcome(a, k)).collect();
@@ -113,61 +235,16 @@ pub fn score<B: Backend>(engine: &Engine<B>, problems: &[Problem], cfg: &RlConfi
         }
     }
     let progress_abs = mean_abs(bonuses.into_iter());
-    Ok(Scored {
+    Scored {
         rollouts,
         signals,
-        prefix_streams: Vec::new(),
-        baselines: Vec::new(),
-        groups: problems.len(),
-        degenerate_groups: degenerate,
-        outcome_abs,
-        progress_abs,
-    })
-}
-
-/// The paper's recipe (see the module header).
-fn score_mrt<B: Backend>(engine: &Engine<B>, problems: &[Problem], cfg: &RlConfig, rng: &mut StdRng) -> Result<Scored> {
-    let m = cfg.group_size;
-    let streams = engine.rollouts(problems, 1, rng)?;
-    let mut seeds = Vec::with_capacity(streams.len());
-    let mut baselines = Vec::with_capacity(streams.len());
-    for s in &streams {
-        let e = s.episodes.len();
-        let k = if e == 0 { 0 } else { rng.random_range(0..e) };
-        // J is there at every boundary (the engine has a prover); a NaN one poisons the loss,
-        // which the loop reports as divergence.
-        let b = s.j.get(k).copied().unwrap_or(f32::NAN);
-        seeds.push(s.prefix(k));
-        baselines.push(b);
-    }
-    let continuation = Engine {
-        model: engine.model,
-        protocol: engine.protocol,
-        config: engine.config,
-        prover: None,
-    };
-    let mut batch = continuation.start_from(&seeds, problems, m, rng)?;
-    continuation.run(&mut batch, problems, rng)?;
-    let rollouts = Engine::finish(batch);
-
-    let rewards: Vec<f32> = rollouts.iter().map(|r| r.reward).collect();
-    let lens: Vec<usize> = rollouts.iter().map(|r| r.tokens.len()).collect();
-    let MrtSignals {
-        signals,
-        degenerate,
-        outcome_abs,
-        progress_abs,
-    } = mrt_signals(&rewards, &baselines, &lens, m, cfg.alpha as f32, cfg.scale_by_std);
-    Ok(Scored {
-        groups: streams.len(),
-        rollouts,
-        signals,
-        prefix_streams: streams,
+        prefix_streams,
         baselines,
+        groups: problems,
         degenerate_groups: degenerate,
         outcome_abs,
         progress_abs,
-    })
+    }
 }
 
 /// The `mrt` recipe's training signal for continuations in groups of `m` (`lens[i]` the

@@ -9,30 +9,47 @@ use burn::module::AutodiffModule;
 use burn::tensor::backend::AutodiffBackend;
 
 use super::advantage::progress;
-use super::batch::{rollout_batch, RolloutBatch};
+use super::batch::{shard_batch, RolloutBatch};
 use super::config::{Algo, RlConfig};
 use super::eval::samples::{append as append_samples, samples};
 use super::metrics::Record;
 use super::optim::{step_grads, Adam};
+use super::parallel::Peer;
 use super::passes::{batch_gradients, frozen_logprobs, row_chunks, LossSpec};
 use super::rollout::{Engine, Finish, Rollout};
 use super::run::{save_state, step_rng, Progress, Stage};
-use super::score::{score, Scored};
+use super::score::{sample, signal, Scored};
 use super::stage::{due, eval_line, Ctx};
 use crate::data::{sample_problem, Problem, Split};
 use crate::error::{Error, Result};
-use crate::model::Transformer;
+use crate::model::{split_rngs, Transformer};
 
 /// Runs RL steps `start..steps`; returns the model, optimizer and whether the stage completed.
+/// With `peer`, this is one peer of a data-parallel group (`parallel.rs`): it samples its
+/// share of each step's problems, the gradients are summed over the group, and only the
+/// leader writes metrics, samples and checkpoints and evaluates.
 pub fn train_rl<B: AutodiffBackend>(
     ctx: &mut Ctx,
     mut model: Transformer<B>,
     mut optim: Adam<B>,
     reference: Option<&Transformer<B::InnerBackend>>,
     start: usize,
+    peer: Option<&Peer<B>>,
 ) -> Result<(Transformer<B>, Adam<B>, bool)> {
     let cfg = ctx.config.rl.clone();
+    let leader = peer.is_none_or(|p| p.leader());
+    if let Some(p) = peer.filter(|p| cfg.problems_per_step < p.count) {
+        return Err(Error::config(
+            "rl.problems_per_step",
+            cfg.problems_per_step,
+            format!("must be at least the number of devices ({})", p.count),
+        ));
+    }
     let device = model.device();
+    if let Some(p) = peer {
+        let setup = serde_json::json!({ "config": ctx.config, "start": start });
+        p.agree("configuration, seed or start step", setup.to_string().as_bytes())?;
+    }
     let bar = ctx.progress_bar(cfg.algo.name(), cfg.steps, start);
     let log_every = (cfg.steps / 20).max(1);
     for step in start..cfg.steps {
@@ -55,9 +72,28 @@ pub fn train_rl<B: AutodiffBackend>(
             config: &cfg.rollout,
             prover,
         };
-        let scored = score(&engine, &problems, &cfg, &mut rng)?;
+        // One generator per problem: its rollouts are the same on whichever peer samples it.
+        let mut rngs = split_rngs(&mut rng, problems.len());
+        let share = peer.map_or(0..problems.len(), |p| p.shard(problems.len()));
+        let sampled = sample(&engine, &problems[share.clone()], &cfg, &mut rngs[share])?;
         let rollout_s = t0.elapsed().as_secs_f64();
-        if cfg.samples_per_step > 0 {
+        let mut rec = Record::new("rl", step + 1);
+        let (sampled, mine) = match peer {
+            None => {
+                let n = sampled.rollouts.len();
+                (sampled, 0..n)
+            }
+            Some(p) => {
+                let mut times = vec![0.0; p.count];
+                times[p.rank] = rollout_s;
+                for (rank, t) in p.sum(&times)?.into_iter().enumerate() {
+                    rec.set(&format!("perf/rollout_s/peer{rank}"), t);
+                }
+                p.sampled(sampled)?
+            }
+        };
+        let scored = signal(sampled, &cfg);
+        if cfg.samples_per_step > 0 && leader {
             let shown = &scored.rollouts[..cfg.samples_per_step.min(scored.rollouts.len())];
             append_samples(
                 &ctx.run.root.join("samples.jsonl"),
@@ -67,10 +103,17 @@ pub fn train_rl<B: AutodiffBackend>(
 
         // 2. Loss on the policy's own tokens, 3. update.
         let refs: Vec<&Rollout> = scored.rollouts.iter().collect();
-        let batch = rollout_batch::<B>(&refs, &scored.signals, ctx.protocol.pad(), &device);
+        let batch = shard_batch::<B>(&refs, &scored.signals, mine, ctx.protocol.pad(), &device);
         let lr = cfg.optim.lr_at(step, cfg.steps);
-        let mut rec = Record::new("rl", step + 1);
-        (model, optim) = update(model, optim, &policy, reference, &batch, &cfg, lr, step, &mut rec)?;
+        let fit = Fit {
+            policy: &policy,
+            reference,
+            cfg: &cfg,
+            lr,
+            step,
+            peer,
+        };
+        (model, optim) = update(model, optim, &batch, &fit, &mut rec)?;
         let step_s = t0.elapsed().as_secs_f64();
         log_rollouts(&mut rec, &scored);
         // Every token the policy sampled this step (an `mrt` step samples its prefix streams
@@ -81,17 +124,27 @@ pub fn train_rl<B: AutodiffBackend>(
             .chain(&scored.prefix_streams)
             .map(|r| r.policy_tokens_after_context())
             .sum();
+        let (outcome_mass, progress_mass) = match peer {
+            Some(p) => {
+                let m = p.sum(&[batch.outcome_mass, batch.progress_mass])?;
+                (m[0], m[1])
+            }
+            None => (batch.outcome_mass, batch.progress_mass),
+        };
         rec.set("train/lr", lr)
             .set("train/trained_tokens", batch.trained_tokens)
             .set("train/outcome_tokens", batch.outcome_tokens)
             .set("train/progress_tokens", batch.progress_tokens)
-            .set("update/outcome_share", batch.outcome_share())
+            .set("update/outcome_share", outcome_mass / (outcome_mass + progress_mass))
             .set("adv/outcome_abs", scored.outcome_abs)
             .set("adv/progress_abs", scored.progress_abs)
             .set("perf/sampled_tokens", generated)
             .set("perf/step_s", step_s)
             .set("perf/rollout_s", rollout_s)
             .set("perf/tok_s", generated as f64 / rollout_s.max(1e-9));
+        if !leader {
+            continue;
+        }
         ctx.metrics.write(&rec)?;
 
         let done = step + 1;
@@ -134,22 +187,37 @@ pub fn train_rl<B: AutodiffBackend>(
     Ok((model, optim, true))
 }
 
+/// What an update is made with besides the batch: `policy` is the inference copy that sampled
+/// it (the behaviour policy of PPO's ratio), `reference` the frozen model of the KL penalty,
+/// `peer` the data-parallel group the gradients are summed over.
+struct Fit<'a, B: AutodiffBackend> {
+    policy: &'a Transformer<B::InnerBackend>,
+    reference: Option<&'a Transformer<B::InnerBackend>>,
+    cfg: &'a RlConfig,
+    lr: f64,
+    step: usize,
+    peer: Option<&'a Peer<B>>,
+}
+
 /// The policy-gradient update of one step on `batch`: `ppo_epochs` passes of loss and
 /// gradients (in micro-batches of rows, `rl.micro_batch`), each followed by an optimizer step;
-/// `train/…` metrics into `rec`. `policy` is the inference copy that sampled the batch (the
-/// behaviour policy of PPO's ratio), `reference` the frozen model of the KL penalty.
-#[allow(clippy::too_many_arguments)]
+/// `train/…` metrics into `rec`.
 fn update<B: AutodiffBackend>(
     mut model: Transformer<B>,
     mut optim: Adam<B>,
-    policy: &Transformer<B::InnerBackend>,
-    reference: Option<&Transformer<B::InnerBackend>>,
     batch: &RolloutBatch<B>,
-    cfg: &RlConfig,
-    lr: f64,
-    step: usize,
+    fit: &Fit<B>,
     rec: &mut Record,
 ) -> Result<(Transformer<B>, Adam<B>)> {
+    let Fit {
+        policy,
+        reference,
+        cfg,
+        lr,
+        step,
+        peer,
+    } = *fit;
+    // The whole step's count: every peer of a group returns here together.
     if batch.trained_tokens == 0 {
         return Ok((model, optim));
     }
@@ -169,7 +237,13 @@ fn update<B: AutodiffBackend>(
             entropy: epoch == 0,
             checkpointing: cfg.activation_checkpointing,
         };
-        let (grads, st) = batch_gradients(&model, batch, &chunks, old_logp.as_ref(), ref_logp.as_ref(), spec);
+        let (mut grads, mut st) = batch_gradients(&model, batch, &chunks, old_logp.as_ref(), ref_logp.as_ref(), spec);
+        if let Some(p) = peer {
+            let t = Instant::now();
+            grads = p.grads(grads)?;
+            st = p.stats(st)?;
+            rec.set("perf/allreduce_s", t.elapsed().as_secs_f64());
+        }
         if !st.loss.is_finite() {
             return Err(Error::Diverged {
                 step: step + 1,

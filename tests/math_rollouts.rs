@@ -9,7 +9,7 @@ use std::path::Path;
 use common::text::{bigram, char_tokenizer, char_tokenizer_with, problem, scratch, unigram};
 use mrt::data::math_task::TextFormat;
 use mrt::data::{Problem, Role};
-use mrt::model::SamplerConfig;
+use mrt::model::{split_rngs, SamplerConfig};
 use mrt::rl::config::{Algo, RunConfig};
 use mrt::rl::protocol::{Protocol, TextProtocol};
 use mrt::rl::prover::{ProverConfig, ProverMode};
@@ -228,7 +228,13 @@ fn mrt_cuts_free_text_streams_at_their_episode_boundaries() {
         prover: Some(&rl.prover),
     };
     let problems: Vec<Problem> = ["42", "7", "12"].map(problem).to_vec();
-    let scored = score(&engine, &problems, &rl, &mut StdRng::seed_from_u64(3)).unwrap();
+    let scored = score(
+        &engine,
+        &problems,
+        &rl,
+        &mut split_rngs(&mut StdRng::seed_from_u64(3), problems.len()),
+    )
+    .unwrap();
     assert_eq!(
         (
             scored.prefix_streams.len(),

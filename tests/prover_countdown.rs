@@ -7,7 +7,7 @@ mod common;
 use burn::prelude::*;
 use common::B;
 use mrt::data::{sample_problem, Problem, Split, Task, Vocab};
-use mrt::model::Transformer;
+use mrt::model::{split_rngs, Transformer};
 use mrt::rl::protocol::{suffix_ids, WordProtocol};
 use mrt::rl::prover::{estimate, ProverConfig, ProverMode};
 use rand::rngs::StdRng;
@@ -336,11 +336,14 @@ fn budget_forcing_lets_a_countdown_row_whose_line_reaches_the_target_end() {
             .map(|(i, p)| seeded(task.as_ref(), &vocab, p, i, &lines[i]))
             .collect();
         let mut batch = engine
-            .start_from(&seeds, &problems, 4, &mut StdRng::seed_from_u64(3))
+            .start_from(
+                &seeds,
+                &problems,
+                4,
+                &mut split_rngs(&mut StdRng::seed_from_u64(3), seeds.len()),
+            )
             .unwrap();
-        engine
-            .run(&mut batch, &problems, &mut StdRng::seed_from_u64(4))
-            .unwrap();
+        engine.run(&mut batch, &problems).unwrap();
         let rs = Engine::finish(batch);
         rs.iter()
             .filter(|r| {

@@ -6,7 +6,7 @@ mod common;
 use burn::prelude::*;
 use common::{exact, exact_at, full_forward_last_logits, problems, rollout_config, rollouts_with_j, search_policy, B};
 use mrt::data::{Problem, Role};
-use mrt::model::Transformer;
+use mrt::model::{split_rngs, Transformer};
 use mrt::rl::advantage::progress;
 use mrt::rl::protocol::{suffix_ids, WordProtocol};
 use mrt::rl::prover::{estimate, ProverConfig, ProverMode};
@@ -112,7 +112,12 @@ fn forked_cache_prover_equals_recomputing_the_prefix_at_its_temperature() {
                 prover: Some(&prover),
             };
             let batch = engine
-                .start_from(&seeds, &ps, 1, &mut StdRng::seed_from_u64(0))
+                .start_from(
+                    &seeds,
+                    &ps,
+                    1,
+                    &mut split_rngs(&mut StdRng::seed_from_u64(0), seeds.len()),
+                )
                 .unwrap();
             for (k, row) in Engine::rollouts_of(&batch).enumerate() {
                 let again = recomputed_j(
@@ -162,7 +167,12 @@ fn continuations_start_from_the_full_forward_logits_of_their_prefix() {
         prover: None,
     };
     let batch = engine
-        .start_from(&seeds, &ps, 2, &mut StdRng::seed_from_u64(1))
+        .start_from(
+            &seeds,
+            &ps,
+            2,
+            &mut split_rngs(&mut StdRng::seed_from_u64(1), seeds.len()),
+        )
         .unwrap();
     let v = f.model.config.vocab_size;
     let logits: Vec<f32> = batch.next_logits().clone().into_data().to_vec().unwrap();

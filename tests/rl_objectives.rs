@@ -8,7 +8,7 @@ use burn::optim::GradientsParams;
 use burn::prelude::*;
 use common::{exact, problems, rollouts_with_j, search_policy, AD, B};
 use mrt::data::{Problem, Role};
-use mrt::model::{token_logprobs, Transformer};
+use mrt::model::{split_rngs, token_logprobs, Transformer};
 use mrt::rl::batch::{rollout_batch, RolloutBatch, Signal};
 use mrt::rl::config::{Algo, RlConfig, RunConfig};
 use mrt::rl::loss::{policy_loss, PgBatch};
@@ -39,7 +39,13 @@ fn scored(algo: Algo, alpha: f64, seed: u64) -> (Vec<Problem>, Scored) {
         config: &cfg.rollout,
         prover: algo.needs_prover().then_some(&prover),
     };
-    let s = score(&engine, &ps, &cfg, &mut StdRng::seed_from_u64(seed)).unwrap();
+    let s = score(
+        &engine,
+        &ps,
+        &cfg,
+        &mut split_rngs(&mut StdRng::seed_from_u64(seed), ps.len()),
+    )
+    .unwrap();
     (ps, s)
 }
 

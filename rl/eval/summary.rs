@@ -18,7 +18,7 @@ use super::by_problem::mean_by_problem;
 use crate::data::split::fnv1a;
 use crate::data::{sample_problem, Problem, Split, Task};
 use crate::error::Result;
-use crate::model::{SamplerConfig, Transformer};
+use crate::model::{split_rngs, SamplerConfig, Transformer};
 use crate::rl::config::EvalConfig;
 use crate::rl::protocol::Protocol;
 use crate::rl::rollout::{Engine, Finish, Rollout, RolloutConfig};
@@ -213,12 +213,15 @@ pub fn evaluate_shown<B: Backend>(
         config: &rollout,
         prover: Some(&config.prover),
     };
-    let mut rng = StdRng::seed_from_u64(seed);
+    // One generator per problem: a problem's rollouts do not depend on the batch size (nor,
+    // when peers share the problems out, on which peer samples them).
+    let mut rngs = split_rngs(&mut StdRng::seed_from_u64(seed), problems.len());
     let mut rollouts = Vec::new();
     // Bounded batches keep the KV cache small on the CPU.
-    for chunk in problems.chunks(eval_chunk(model, config)) {
+    let size = eval_chunk(model, config);
+    for (chunk, rngs) in problems.chunks(size).zip(rngs.chunks_mut(size)) {
         let offset = rollouts.len() / config.samples;
-        let mut part = engine.rollouts(chunk, config.samples, &mut rng)?;
+        let mut part = engine.rollouts_with(chunk, config.samples, rngs)?;
         for r in &mut part {
             r.problem += offset;
         }

@@ -23,13 +23,14 @@
 
 use burn::prelude::*;
 use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 
 use super::protocol::{Forcing, Protocol, Thinking};
 use super::prover::{ProverConfig, ProverQueue};
 use crate::data::{Problem, Role};
 use crate::error::{Error, Result};
-use crate::model::sampling::uniforms;
-use crate::model::{last_logits, read_ids, sample, KvCache, Transformer};
+use crate::model::sampling::open_uniform;
+use crate::model::{last_logits, read_ids, sample, split_rngs, KvCache, Transformer};
 
 mod record;
 pub use record::{AnswerLimit, Finish, Rollout, RolloutConfig};
@@ -56,6 +57,35 @@ struct Row {
     /// Tokens budget forcing fed in place of a stop ("Wait"): they count against
     /// `max_tokens` like the policy's own, or a row that keeps stopping would never end.
     forced: usize,
+    /// The row's own generators, of its tokens and of its prover forks' forced answers: what
+    /// a row samples does not depend on the other rows of its batch.
+    rngs: RowRngs,
+}
+
+#[derive(Debug, Clone)]
+struct RowRngs {
+    decode: StdRng,
+    prover: StdRng,
+}
+
+impl RowRngs {
+    /// Generators for the `n` rows that continue one seed, split from the seed's.
+    fn split(seed: &mut StdRng, n: usize) -> Vec<Self> {
+        (0..n)
+            .map(|_| {
+                let mut r = split_rngs(seed, 2).into_iter();
+                Self {
+                    decode: r.next().expect("two"),
+                    prover: r.next().expect("two"),
+                }
+            })
+            .collect()
+    }
+
+    /// A generator for one prover fork of the row.
+    fn fork(&mut self) -> StdRng {
+        StdRng::seed_from_u64(self.prover.random())
+    }
 }
 
 /// Rows decoding together on one cache.
@@ -110,8 +140,9 @@ impl Advance {
 
 impl<'a, B: Backend> Engine<'a, B> {
     /// Prefills each problem's prompt once and replicates it into `group` rows; with a prover,
-    /// J_0 is estimated once per problem.
-    pub fn start(&self, problems: &[Problem], group: usize, rng: &mut StdRng) -> Result<Batch<B>> {
+    /// J_0 is estimated once per problem. `rngs[i]` is problem i's generator: its rows draw
+    /// from generators split from it, so its rollouts are the same whatever else is batched.
+    pub fn start(&self, problems: &[Problem], group: usize, rngs: &mut [StdRng]) -> Result<Batch<B>> {
         let seeds: Vec<Rollout> = problems
             .iter()
             .enumerate()
@@ -133,20 +164,21 @@ impl<'a, B: Backend> Engine<'a, B> {
                 })
             })
             .collect::<Result<_>>()?;
-        self.start_from(&seeds, problems, group, rng)
+        self.start_from(&seeds, problems, group, rngs)
     }
 
     /// Prefills each seed (a partial rollout of `problems[seed.problem]` ending at an episode
     /// boundary) once and replicates it into `group` rows, which continue it; everything in the
     /// seed becomes their context (never trained). With a prover, J at the end of a seed that
-    /// does not carry it yet is estimated once per seed.
+    /// does not carry it yet is estimated once per seed. `rngs[s]` is seed s's generator.
     pub fn start_from(
         &self,
         seeds: &[Rollout],
         problems: &[Problem],
         group: usize,
-        rng: &mut StdRng,
+        rngs: &mut [StdRng],
     ) -> Result<Batch<B>> {
+        assert_eq!(seeds.len(), rngs.len(), "one generator per seed");
         let given = seeds
             .iter()
             .map(|s| s.tokens.len() - s.policy_tokens())
@@ -182,12 +214,15 @@ impl<'a, B: Backend> Engine<'a, B> {
                 .filter(|&i| seeds[i].j.len() < seeds[i].boundaries.len())
                 .collect();
             let mut queue = ProverQueue::default();
-            queue.push(
-                &cache,
-                &missing,
-                missing.iter().map(|&i| (i, seeds[i].episodes.len(), seeds[i].problem)),
-            );
-            for ((i, _, _), est) in queue.flush(self.model, problems, self.protocol, cfg, rng)? {
+            let queued: Vec<_> = missing
+                .iter()
+                .map(|&i| {
+                    let rng = StdRng::seed_from_u64(rngs[i].random());
+                    ((i, seeds[i].episodes.len(), seeds[i].problem), rng)
+                })
+                .collect();
+            queue.push(&cache, &missing, queued);
+            for ((i, _, _), est) in queue.flush(self.model, problems, self.protocol, cfg)? {
                 let s = &mut seeds[i];
                 let last = s.boundaries.len() - 1;
                 s.j.resize(last, f32::NAN);
@@ -209,6 +244,7 @@ impl<'a, B: Backend> Engine<'a, B> {
             starts.push((if spent { Phase::NeedsSuffix } else { Phase::Thinking }, solved));
         }
         let order: Vec<usize> = (0..seeds.len()).flat_map(|s| std::iter::repeat_n(s, group)).collect();
+        let mut row_rngs = rngs.iter_mut().flat_map(|rng| RowRngs::split(rng, group));
         let rows = order
             .iter()
             .map(|&s| {
@@ -221,6 +257,7 @@ impl<'a, B: Backend> Engine<'a, B> {
                     phase,
                     solved,
                     forced: 0,
+                    rngs: row_rngs.next().expect("group generators per seed"),
                 }
             })
             .collect();
@@ -238,7 +275,7 @@ impl<'a, B: Backend> Engine<'a, B> {
     }
 
     /// Decodes until every row has answered, then scores the outcomes.
-    pub fn run(&self, batch: &mut Batch<B>, problems: &[Problem], rng: &mut StdRng) -> Result<()> {
+    pub fn run(&self, batch: &mut Batch<B>, problems: &[Problem]) -> Result<()> {
         let device = self.model.device();
         let pad = self.protocol.pad();
         let rows = batch.rows.len();
@@ -274,7 +311,12 @@ impl<'a, B: Backend> Engine<'a, B> {
                 }
                 None => batch.logits.clone(),
             };
-            let u = uniforms::<B>(1, rows, rng, &device).reshape([rows]);
+            let u: Vec<f32> = batch
+                .rows
+                .iter_mut()
+                .map(|r| open_uniform(&mut r.rngs.decode))
+                .collect();
+            let u = Tensor::<B, 1>::from_data(TensorData::new(u, [rows]), &device);
             let next = read_ids(sample(logits, u, &self.config.sampler));
             let mut chunks: Vec<Vec<u32>> = vec![Vec::new(); rows];
             let mut boundary: Vec<(usize, usize)> = Vec::new();
@@ -310,35 +352,34 @@ impl<'a, B: Backend> Engine<'a, B> {
                 let lengths = batch.cache.lengths().to_vec();
                 let (at_end, behind): (Vec<(usize, usize)>, Vec<(usize, usize)>) =
                     boundary.into_iter().partition(|&(i, b)| lengths[i] == b);
-                let tag = |i: usize| (i, batch.rows[i].r.episodes.len(), batch.rows[i].r.problem);
+                let mut queued = |i: usize| {
+                    let row = &mut batch.rows[i];
+                    ((i, row.r.episodes.len(), row.r.problem), row.rngs.fork())
+                };
                 let rows_at_end: Vec<usize> = at_end.iter().map(|&(i, _)| i).collect();
-                queue.push(&batch.cache, &rows_at_end, rows_at_end.iter().map(|&i| tag(i)));
-                for (i, b) in behind {
+                let at_end: Vec<_> = rows_at_end.iter().map(|&i| queued(i)).collect();
+                let behind: Vec<_> = behind.into_iter().map(|(i, b)| (i, b, queued(i))).collect();
+                queue.push(&batch.cache, &rows_at_end, at_end);
+                for (i, b, q) in behind {
                     let mut fork = batch.cache.select_rows(&[i]);
                     fork.rewind(&[(0, b)])?;
-                    queue.push_owned(fork, [tag(i)]);
+                    queue.push_owned(fork, [q]);
                 }
                 // Long free-text streams: score what is queued before the forks outgrow memory.
                 if queue.held_slots() * self.model.config.kv_bytes_per_token() > PROVER_QUEUE_BYTES {
-                    self.score_queue(&mut queue, batch, problems, rng)?;
+                    self.score_queue(&mut queue, batch, problems)?;
                 }
             }
         }
-        self.score_queue(&mut queue, batch, problems, rng)
+        self.score_queue(&mut queue, batch, problems)
     }
 
     /// Runs the prover on the queued boundary snapshots and stores their J in the rows.
-    fn score_queue(
-        &self,
-        queue: &mut ProverQueue<B>,
-        batch: &mut Batch<B>,
-        problems: &[Problem],
-        rng: &mut StdRng,
-    ) -> Result<()> {
+    fn score_queue(&self, queue: &mut ProverQueue<B>, batch: &mut Batch<B>, problems: &[Problem]) -> Result<()> {
         let Some(cfg) = self.prover else {
             return Ok(());
         };
-        for ((row, j, _), est) in queue.flush(self.model, problems, self.protocol, cfg, rng)? {
+        for ((row, j, _), est) in queue.flush(self.model, problems, self.protocol, cfg)? {
             let r = &mut batch.rows[row].r;
             if r.j.len() <= j {
                 r.j.resize(j + 1, f32::NAN);
@@ -478,10 +519,15 @@ impl<'a, B: Backend> Engine<'a, B> {
         batch.rows.into_iter().map(|r| r.r).collect()
     }
 
-    /// Convenience: `group` rollouts per problem, run to completion.
-    pub fn rollouts(&self, problems: &[Problem], group: usize, rng: &mut StdRng) -> Result<Vec<Rollout>> {
-        let mut batch = self.start(problems, group, rng)?;
-        self.run(&mut batch, problems, rng)?;
+    /// `group` rollouts per problem, run to completion; `rngs[i]` is problem i's generator.
+    pub fn rollouts_with(&self, problems: &[Problem], group: usize, rngs: &mut [StdRng]) -> Result<Vec<Rollout>> {
+        let mut batch = self.start(problems, group, rngs)?;
+        self.run(&mut batch, problems)?;
         Ok(Self::finish(batch))
+    }
+
+    /// [`Self::rollouts_with`] with the problems' generators split from `rng` in order.
+    pub fn rollouts(&self, problems: &[Problem], group: usize, rng: &mut StdRng) -> Result<Vec<Rollout>> {
+        self.rollouts_with(problems, group, &mut split_rngs(rng, problems.len()))
     }
 }

@@ -61,7 +61,7 @@ pub enum Finish {
 }
 
 /// One sampled output stream.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Rollout {
     /// Index of the problem in the slice the rollouts were made from.
     pub problem: usize,
