@@ -30,6 +30,8 @@ use burn::optim::GradientsParams;
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::TensorPrimitive;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
 
 use super::passes::PassStats;
 use super::score::Sampled;
@@ -156,21 +158,26 @@ impl<B: AutodiffBackend> Peer<B> {
         }
     }
 
+    /// Every peer's `value`, in rank order (serialised as MessagePack, which keeps NaN J).
+    pub fn gather_values<T: Serialize + DeserializeOwned>(&self, value: &T, what: &str) -> Result<Vec<T>> {
+        let bytes = rmp_serde::to_vec(value).map_err(|e| Error::Peer {
+            rank: self.rank,
+            reason: format!("encoding its {what}: {e}"),
+        })?;
+        let mut all = Vec::with_capacity(self.count);
+        for (rank, b) in self.gather(&bytes)?.into_iter().enumerate() {
+            all.push(rmp_serde::from_slice(&b).map_err(|e| Error::Peer {
+                rank,
+                reason: format!("decoding its {what}: {e}"),
+            })?);
+        }
+        Ok(all)
+    }
+
     /// The whole step's samples from every peer's share, and where this peer's rollouts are
     /// in them.
     pub fn sampled(&self, mine: Sampled) -> Result<(Sampled, Range<usize>)> {
-        let bytes = rmp_serde::to_vec(&mine).map_err(|e| Error::Peer {
-            rank: self.rank,
-            reason: format!("encoding its samples: {e}"),
-        })?;
-        let mut parts = Vec::with_capacity(self.count);
-        for (rank, b) in self.gather(&bytes)?.into_iter().enumerate() {
-            let part: Sampled = rmp_serde::from_slice(&b).map_err(|e| Error::Peer {
-                rank,
-                reason: format!("decoding its samples: {e}"),
-            })?;
-            parts.push(part);
-        }
+        let parts = self.gather_values(&mine, "samples")?;
         let start: usize = parts[..self.rank].iter().map(|p| p.rollouts.len()).sum();
         let range = start..start + parts[self.rank].rollouts.len();
         Ok((Sampled::merge(parts), range))

@@ -331,7 +331,7 @@ fn rl_data_parallel<B: AutodiffBackend>(
             vocab: rl.tokens.words(),
             run,
             metrics: MetricsWriter::discard(),
-            eval_problems: Vec::new(),
+            eval_problems: eval_problems(task.as_ref(), config.eval.problems, config.eval.split)?,
             quiet: true,
             interrupt_after: rl.interrupt_after,
             latest_evals: Vec::new(),

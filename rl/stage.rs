@@ -4,12 +4,16 @@
 use std::time::Instant;
 
 use burn::prelude::*;
+use burn::tensor::backend::AutodiffBackend;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use super::config::RunConfig;
-use super::eval::{evaluate, EvalSummary};
+use super::eval::summary::eval_rollouts;
+use super::eval::{evaluate, summarize, EvalSummary};
 use super::metrics::{MetricsWriter, Record};
+use super::parallel::Peer;
 use super::protocol::Protocol;
+use super::rollout::Rollout;
 use super::run::RunDir;
 use crate::data::{Problem, Task, Vocab};
 use crate::error::Result;
@@ -67,10 +71,15 @@ impl Ctx<'_> {
         }
     }
 
+    /// The held-out evaluation's seed: the run's alone, so every evaluation of a model gives
+    /// the same numbers.
+    fn eval_seed(&self) -> u64 {
+        self.config.seed ^ 0x5eed_e7a1
+    }
+
     /// Evaluates on the held-out set, writes `eval/…` metrics and returns the summary.
     pub fn evaluate<B: Backend>(&mut self, model: &Transformer<B>, stage: &str, step: usize) -> Result<EvalSummary> {
         let t0 = Instant::now();
-        let seed = self.config.seed ^ 0x5eed_e7a1;
         let (summary, _) = evaluate(
             model,
             self.task,
@@ -78,8 +87,53 @@ impl Ctx<'_> {
             &self.eval_problems,
             &self.config.eval,
             false,
-            seed,
+            self.eval_seed(),
         )?;
+        self.record_eval(stage, step, summary, t0)
+    }
+
+    /// [`Ctx::evaluate`] over a data-parallel group: every peer samples its share of the
+    /// held-out problems (the rollouts one device samples: each problem has its own
+    /// generator), the leader gathers them, writes the `eval/…` metrics and returns the
+    /// summary; the other peers return `None`.
+    pub fn evaluate_shared<B: AutodiffBackend>(
+        &mut self,
+        model: &Transformer<B::InnerBackend>,
+        stage: &str,
+        step: usize,
+        peer: Option<&Peer<B>>,
+    ) -> Result<Option<EvalSummary>> {
+        let Some(p) = peer else {
+            return self.evaluate(model, stage, step).map(Some);
+        };
+        let t0 = Instant::now();
+        let problems = &self.eval_problems;
+        let share = p.shard(problems.len());
+        let mine = if share.is_empty() {
+            Vec::new()
+        } else {
+            let (config, seed) = (&self.config.eval, self.eval_seed());
+            eval_rollouts(
+                model,
+                self.protocol,
+                problems,
+                share,
+                config,
+                false,
+                seed,
+                &ProgressBar::hidden(),
+            )?
+        };
+        let all: Vec<Rollout> = p.gather_values(&mine, "evaluation rollouts")?.concat();
+        if !p.leader() {
+            return Ok(None);
+        }
+        let summary = summarize(self.task, problems, &all, self.config.eval.max_episodes);
+        self.record_eval(stage, step, summary, t0).map(Some)
+    }
+
+    /// Writes an evaluation's metrics and keeps it as the stage's latest.
+    fn record_eval(&mut self, stage: &str, step: usize, summary: EvalSummary, t0: Instant) -> Result<EvalSummary> {
         let seconds = t0.elapsed().as_secs_f64();
         self.log_eval(stage, step, &summary, seconds, false)?;
         self.latest_evals.retain(|e| e.0 != stage);

@@ -142,36 +142,36 @@ pub fn train_rl<B: AutodiffBackend>(
             .set("perf/step_s", step_s)
             .set("perf/rollout_s", rollout_s)
             .set("perf/tok_s", generated as f64 / rollout_s.max(1e-9));
-        if !leader {
-            continue;
-        }
-        ctx.metrics.write(&rec)?;
-
         let done = step + 1;
-        let reward = rec.get("rollout/reward").unwrap_or(f64::NAN);
-        bar.set_position(done as u64);
-        bar.set_message(format!("reward {reward:.3}"));
-        if done % log_every == 0 || done == cfg.steps {
-            ctx.say(
-                &bar,
-                format!(
-                    "{:>10} {done:>5}/{} | reward {reward:.3} | loss {:.4} | all-equal {:.2} | tokens {:.1} | \
-                        progress {:+.3} | {:.0} ms",
-                    cfg.algo.name(),
-                    cfg.steps,
-                    rec.get("train/loss").unwrap_or(f64::NAN),
-                    rec.get("rollout/all_equal_frac").unwrap_or(f64::NAN),
-                    rec.get("rollout/len_tokens").unwrap_or(f64::NAN),
-                    rec.get("prover/progress_mean").unwrap_or(f64::NAN),
-                    step_s * 1e3
-                ),
-            );
+        if leader {
+            ctx.metrics.write(&rec)?;
+            let reward = rec.get("rollout/reward").unwrap_or(f64::NAN);
+            bar.set_position(done as u64);
+            bar.set_message(format!("reward {reward:.3}"));
+            if done % log_every == 0 || done == cfg.steps {
+                ctx.say(
+                    &bar,
+                    format!(
+                        "{:>10} {done:>5}/{} | reward {reward:.3} | loss {:.4} | all-equal {:.2} | tokens {:.1} | \
+                            progress {:+.3} | {:.0} ms",
+                        cfg.algo.name(),
+                        cfg.steps,
+                        rec.get("train/loss").unwrap_or(f64::NAN),
+                        rec.get("rollout/all_equal_frac").unwrap_or(f64::NAN),
+                        rec.get("rollout/len_tokens").unwrap_or(f64::NAN),
+                        rec.get("prover/progress_mean").unwrap_or(f64::NAN),
+                        step_s * 1e3
+                    ),
+                );
+            }
         }
         if due(cfg.eval_every, done, cfg.steps) {
-            let summary = ctx.evaluate(&model.valid(), "rl", done)?;
-            ctx.say(&bar, eval_line("rl", done, &summary));
+            // Every peer samples its share of the held-out problems; the leader reports.
+            if let Some(summary) = ctx.evaluate_shared(&model.valid(), "rl", done, peer)? {
+                ctx.say(&bar, eval_line("rl", done, &summary));
+            }
         }
-        if due(cfg.checkpoint_every, done, cfg.steps) {
+        if leader && due(cfg.checkpoint_every, done, cfg.steps) {
             save_state(
                 &ctx.run.checkpoint("latest"),
                 &model,

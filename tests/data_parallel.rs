@@ -98,14 +98,14 @@ fn warm_start() -> &'static Path {
     })
 }
 
-/// The metrics of RL steps, without wall-clock measurements.
+/// The metrics of the RL stage (its steps and evaluations), without wall-clock measurements.
 fn rl_metrics(run: &Path) -> Vec<serde_json::Map<String, serde_json::Value>> {
     read_metrics(&run.join("metrics.jsonl"))
         .unwrap()
         .into_iter()
-        .filter(|r| r["phase"] == "rl" && r.contains_key("train/lr"))
+        .filter(|r| r["phase"] == "rl")
         .map(|mut r| {
-            r.retain(|k, _| !k.starts_with("perf/") && !k.starts_with("eval/"));
+            r.retain(|k, _| !k.starts_with("perf/") && k != "eval/seconds");
             r
         })
         .collect()
@@ -177,7 +177,8 @@ fn a_step_scored_in_shares_equals_the_whole_step() {
 
 /// Two peers (`cpu,cpu`) train, over two RL steps of `grpo` and of `mrt-dense`, the
 /// parameters one device trains on the same problems, up to the summation order of the
-/// gradient all-reduce, and the leader's metrics are the one-device run's.
+/// gradient all-reduce, and the leader's metrics, the shared evaluation's included, are the
+/// one-device run's.
 #[test]
 fn two_peers_train_what_one_device_trains() {
     let device: Device<AD> = Default::default();
@@ -214,8 +215,10 @@ fn two_peers_train_what_one_device_trains() {
             "{name}: {diff:.3e} is not small against the update {moved:.3e}"
         );
 
+        // Two steps and the evaluation after the last, whose held-out problems the peers shared.
         let (ma, mb) = (rl_metrics(&one), rl_metrics(&two));
-        assert_eq!(ma.len(), 2);
+        assert_eq!(ma.len(), 3);
+        assert!(ma[2].contains_key("eval/pass@1"));
         assert_eq!(ma.len(), mb.len());
         for (x, y) in ma.iter().zip(&mb) {
             for (k, v) in x {

@@ -227,7 +227,8 @@ fn mrt_cuts_free_text_streams_at_their_episode_boundaries() {
         config: &rl.rollout,
         prover: Some(&rl.prover),
     };
-    let problems: Vec<Problem> = ["42", "7", "12"].map(problem).to_vec();
+    // Enough streams that some are cut after an episode (k ~ U{0 … e − 1} per stream).
+    let problems: Vec<Problem> = ["42", "7", "12", "3", "99", "18", "5", "60"].map(problem).to_vec();
     let scored = score(
         &engine,
         &problems,
@@ -241,7 +242,7 @@ fn mrt_cuts_free_text_streams_at_their_episode_boundaries() {
             scored.rollouts.len(),
             scored.baselines.len()
         ),
-        (3, 9, 3)
+        (8, 24, 8)
     );
     let mut cut_inside = 0;
     for (g, stream) in scored.prefix_streams.iter().enumerate() {

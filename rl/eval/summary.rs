@@ -196,6 +196,26 @@ pub fn evaluate_shown<B: Backend>(
     seed: u64,
     bar: &ProgressBar,
 ) -> Result<(EvalSummary, Vec<Rollout>)> {
+    let share = 0..problems.len();
+    let rollouts = eval_rollouts(model, protocol, problems, share, config, budget_forcing, seed, bar)?;
+    Ok((summarize(task, problems, &rollouts, config.max_episodes), rollouts))
+}
+
+/// The rollouts [`evaluate`] samples for `problems[share]` (their `problem` indexes the whole
+/// list): every problem has its own generator, split in order from `seed` over the whole
+/// list, so its rollouts do not depend on the batch size nor, when data-parallel peers share
+/// the problems out, on which peer samples them.
+#[allow(clippy::too_many_arguments)]
+pub fn eval_rollouts<B: Backend>(
+    model: &Transformer<B>,
+    protocol: &dyn Protocol,
+    problems: &[Problem],
+    share: std::ops::Range<usize>,
+    config: &EvalConfig,
+    budget_forcing: bool,
+    seed: u64,
+    bar: &ProgressBar,
+) -> Result<Vec<Rollout>> {
     let rollout = RolloutConfig {
         max_episodes: config.max_episodes,
         max_tokens: config.max_tokens,
@@ -213,14 +233,13 @@ pub fn evaluate_shown<B: Backend>(
         config: &rollout,
         prover: Some(&config.prover),
     };
-    // One generator per problem: a problem's rollouts do not depend on the batch size (nor,
-    // when peers share the problems out, on which peer samples them).
     let mut rngs = split_rngs(&mut StdRng::seed_from_u64(seed), problems.len());
     let mut rollouts = Vec::new();
     // Bounded batches keep the KV cache small on the CPU.
     let size = eval_chunk(model, config);
-    for (chunk, rngs) in problems.chunks(size).zip(rngs.chunks_mut(size)) {
-        let offset = rollouts.len() / config.samples;
+    let (mine, rngs) = (&problems[share.clone()], &mut rngs[share.clone()]);
+    for (chunk, rngs) in mine.chunks(size).zip(rngs.chunks_mut(size)) {
+        let offset = share.start + rollouts.len() / config.samples;
         let mut part = engine.rollouts_with(chunk, config.samples, rngs)?;
         for r in &mut part {
             r.problem += offset;
@@ -228,7 +247,7 @@ pub fn evaluate_shown<B: Backend>(
         rollouts.extend(part);
         bar.inc(chunk.len() as u64);
     }
-    Ok((summarize(task, problems, &rollouts, config.max_episodes), rollouts))
+    Ok(rollouts)
 }
 
 /// pass@1 of a scripted strategy on `problems` (within the task's episode budget), verified

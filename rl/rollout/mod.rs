@@ -209,6 +209,9 @@ impl<'a, B: Backend> Engine<'a, B> {
         let logits = last_logits(logits, &counts);
 
         let mut seeds = seeds.to_vec();
+        // Drawn with or without a prover, so that the rows' generators (split next) and thus
+        // their samples are the same for every objective of a seed.
+        let mut j0_rngs: Vec<StdRng> = rngs.iter_mut().map(|r| StdRng::seed_from_u64(r.random())).collect();
         if let Some(cfg) = self.prover {
             let missing: Vec<usize> = (0..seeds.len())
                 .filter(|&i| seeds[i].j.len() < seeds[i].boundaries.len())
@@ -217,7 +220,7 @@ impl<'a, B: Backend> Engine<'a, B> {
             let queued: Vec<_> = missing
                 .iter()
                 .map(|&i| {
-                    let rng = StdRng::seed_from_u64(rngs[i].random());
+                    let rng = std::mem::replace(&mut j0_rngs[i], StdRng::seed_from_u64(0));
                     ((i, seeds[i].episodes.len(), seeds[i].problem), rng)
                 })
                 .collect();
