@@ -103,6 +103,14 @@ pub fn run_pipeline_on<B: AutodiffBackend>(opts: &PipelineOptions, devices: &[B:
             ));
         }
     }
+    if devices.len() > config.rl.problems_per_step {
+        // Before the warm start: each peer samples whole problems.
+        return Err(Error::config(
+            "rl.problems_per_step",
+            config.rl.problems_per_step,
+            format!("must be at least the number of devices ({})", devices.len()),
+        ));
+    }
     let task = config.task.build()?;
     let protocol = tokens.protocol(task.as_ref(), &config.task)?;
     let latest = run.checkpoint("latest");

@@ -38,13 +38,6 @@ pub fn train_rl<B: AutodiffBackend>(
 ) -> Result<(Transformer<B>, Adam<B>, bool)> {
     let cfg = ctx.config.rl.clone();
     let leader = peer.is_none_or(|p| p.leader());
-    if let Some(p) = peer.filter(|p| cfg.problems_per_step < p.count) {
-        return Err(Error::config(
-            "rl.problems_per_step",
-            cfg.problems_per_step,
-            format!("must be at least the number of devices ({})", p.count),
-        ));
-    }
     let device = model.device();
     if let Some(p) = peer {
         let setup = serde_json::json!({ "config": ctx.config, "start": start });

@@ -325,3 +325,19 @@ fn a_failing_peer_stops_the_group_with_its_error() {
     assert_eq!(out.1, vec![vec![1, 2, 255], vec![7, 0, 9, 200, 4]]);
     assert_eq!(out.2, 0..2);
 }
+
+/// Each peer samples whole problems: fewer problems per step than devices is a config error,
+/// given before the warm start does any work.
+#[test]
+fn fewer_problems_per_step_than_devices_is_refused_at_once() {
+    let mut c = config(Algo::Grpo);
+    c.rl.problems_per_step = 1;
+    let run = dir("too-few");
+    let err = run_pipeline_on::<AD>(&options(c, &run, None), &[Device::<AD>::default(); 2]).unwrap_err();
+    assert!(
+        matches!(&err, Error::Config { field, .. } if field == "rl.problems_per_step"),
+        "{err}"
+    );
+    assert!(!run.join("checkpoints/warm_start.ckpt").exists());
+    assert!(!run.join("checkpoints/latest.ckpt").exists());
+}
