@@ -26,14 +26,18 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use super::protocol::{Forcing, Protocol, Thinking};
-use super::prover::{ProverConfig, ProverQueue};
+use super::prover::ProverConfig;
 use crate::data::{Problem, Role};
 use crate::error::{Error, Result};
 use crate::model::sampling::open_uniform;
 use crate::model::{last_logits, read_ids, sample, split_rngs, KvCache, Transformer};
 
+mod queue;
 mod record;
+mod rngs;
+use queue::ProverQueue;
 pub use record::{AnswerLimit, Finish, Rollout, RolloutConfig};
+use rngs::RowRngs;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
@@ -60,32 +64,6 @@ struct Row {
     /// The row's own generators, of its tokens and of its prover forks' forced answers: what
     /// a row samples does not depend on the other rows of its batch.
     rngs: RowRngs,
-}
-
-#[derive(Debug, Clone)]
-struct RowRngs {
-    decode: StdRng,
-    prover: StdRng,
-}
-
-impl RowRngs {
-    /// Generators for the `n` rows that continue one seed, split from the seed's.
-    fn split(seed: &mut StdRng, n: usize) -> Vec<Self> {
-        (0..n)
-            .map(|_| {
-                let mut r = split_rngs(seed, 2).into_iter();
-                Self {
-                    decode: r.next().expect("two"),
-                    prover: r.next().expect("two"),
-                }
-            })
-            .collect()
-    }
-
-    /// A generator for one prover fork of the row.
-    fn fork(&mut self) -> StdRng {
-        StdRng::seed_from_u64(self.prover.random())
-    }
 }
 
 /// Rows decoding together on one cache.
