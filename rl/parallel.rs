@@ -1,14 +1,14 @@
 //! Data-parallel RL on `burn-collective`: P peers, each with its own copy of the policy on its
 //! own device, run the same step loop. Every peer draws the step's problems from the step RNG,
-//! scores its consecutive share of them (whole problems, so GRPO's groups stay on one peer;
+//! samples its consecutive share of them (whole problems, so GRPO's groups stay on one peer;
 //! every problem has its own generator, so its rollouts are those one device would sample),
 //! and the peers exchange what needs the whole step: the samples (every peer then computes
 //! the training signal, the loss's token counts and the metrics of the whole step), the
 //! gradients (summed: each peer's loss already carries the whole
 //! batch's normalisation) and the loss diagnostics. After the all-reduce every peer holds the
 //! same gradients and takes the same optimizer step, so the copies stay equal and the update is
-//! the one-device update on the whole batch, up to summation order. Only the leader (rank 0)
-//! writes metrics, samples and checkpoints, and evaluates.
+//! the one-device update on the whole batch, up to summation order. Evaluations during RL are
+//! shared the same way; only the leader (rank 0) writes metrics, samples and checkpoints.
 //!
 //! Everything goes through `burn::collective::all_reduce`; host data (the samples, the
 //! diagnostics' sums) is gathered by an all-reduce of a buffer in which each peer fills its
