@@ -26,8 +26,8 @@ use crate::model::{split_rngs, Transformer};
 
 /// Runs RL steps `start..steps`; returns the model, optimizer and whether the stage completed.
 /// With `peer`, this is one peer of a data-parallel group (`parallel.rs`): it samples its
-/// share of each step's problems, the gradients are summed over the group, and only the
-/// leader writes metrics, samples and checkpoints and evaluates.
+/// share of each step's problems (and of each evaluation's), the gradients are summed over the
+/// group, and only the leader writes metrics, samples and checkpoints.
 pub fn train_rl<B: AutodiffBackend>(
     ctx: &mut Ctx,
     mut model: Transformer<B>,
