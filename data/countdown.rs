@@ -77,7 +77,7 @@ pub fn apply(a: u32, op: char, b: u32, max: u32) -> Option<u32> {
         '+' => a.checked_add(b)?,
         '-' => a.checked_sub(b)?,
         '*' => a.checked_mul(b)?,
-        '/' => (b != 0 && a % b == 0).then(|| a / b)?,
+        '/' => (b != 0 && a.is_multiple_of(b)).then(|| a / b)?,
         _ => return None,
     };
     (c <= max).then_some(c)

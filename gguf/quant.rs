@@ -76,7 +76,9 @@ impl GgmlType {
     /// Bytes that `elements` values take, `None` unless they fill whole blocks.
     pub fn bytes_for(self, elements: u64) -> Option<u64> {
         let block = self.block() as u64;
-        (elements % block == 0).then(|| elements / block * self.block_bytes() as u64)
+        elements
+            .is_multiple_of(block)
+            .then(|| elements / block * self.block_bytes() as u64)
     }
 
     /// The supported types' names, for error messages.

@@ -121,21 +121,21 @@ impl TransformerConfig {
                 return Err(Error::config(field, value, "must be positive"));
             }
         }
-        if self.d_model % self.n_heads != 0 {
+        if !self.d_model.is_multiple_of(self.n_heads) {
             return Err(Error::config(
                 "d_model",
                 self.d_model,
                 format!("must be divisible by n_heads = {}", self.n_heads),
             ));
         }
-        if self.head_dim() % 2 != 0 {
+        if !self.head_dim().is_multiple_of(2) {
             return Err(Error::config(
                 "d_model",
                 self.d_model,
                 "head_dim = d_model / n_heads must be even for rotary embeddings",
             ));
         }
-        if self.n_kv_heads > self.n_heads || self.n_heads % self.n_kv_heads != 0 {
+        if self.n_kv_heads > self.n_heads || !self.n_heads.is_multiple_of(self.n_kv_heads) {
             return Err(Error::config(
                 "n_kv_heads",
                 self.n_kv_heads,

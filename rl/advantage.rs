@@ -33,7 +33,7 @@ pub fn mean_std(x: &[f32]) -> (f32, f32) {
 /// Returns (advantage per rollout, kept flag per rollout, number of all-equal groups).
 pub fn grpo(rewards: &[f32], group: usize, scale_by_std: bool) -> (Vec<f32>, Vec<bool>, usize) {
     assert!(
-        group > 0 && rewards.len() % group == 0,
+        group > 0 && rewards.len().is_multiple_of(group),
         "rewards must come in whole groups"
     );
     let mut adv = Vec::with_capacity(rewards.len());

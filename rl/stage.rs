@@ -203,5 +203,5 @@ pub fn eval_line(stage: &str, step: usize, s: &EvalSummary) -> String {
 
 /// Whether a periodic action with period `every` is due after `done` steps of `total`.
 pub fn due(every: usize, done: usize, total: usize) -> bool {
-    done == total || (every > 0 && done % every == 0)
+    done == total || (every > 0 && done.is_multiple_of(every))
 }

@@ -151,7 +151,7 @@ impl HfConfig {
                 "an output-projection bias is not implemented",
             ));
         }
-        if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
+        if self.num_attention_heads == 0 || !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return Err(bad(
                 "num_attention_heads",
                 self.num_attention_heads.to_string(),

@@ -115,7 +115,10 @@ pub fn causal_attention<B: Backend>(
 ) -> Tensor<B, 4> {
     let h = q.dims()[1];
     let kvh = k.dims()[1];
-    assert!(kvh > 0 && h % kvh == 0, "{h} query heads for {kvh} key/value heads");
+    assert!(
+        kvh > 0 && h.is_multiple_of(kvh),
+        "{h} query heads for {kvh} key/value heads"
+    );
     let rows = block_rows.map(|r| r.max(1));
     let out = apply::<B, 3, _>(CausalAttention { rows }, [primitive(q), primitive(k), primitive(v)]);
     tensor(out.into_iter().next().expect("one output"))
