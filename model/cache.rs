@@ -12,7 +12,7 @@
 use burn::prelude::*;
 
 use super::config::TransformerConfig;
-use super::flex::write_slots;
+use super::flex::{write_slots, PackedScope};
 use crate::error::{Error, Result};
 
 /// Keys and values of one layer, each `[B, KVH, S, D]`.
@@ -70,6 +70,10 @@ pub struct KvCache<B: Backend> {
     /// as slots fill up: attention reads every allocated slot, so a cache sized for the worst
     /// case would make every decoding step pay for the slots it never uses.
     allocated: usize,
+    /// Keeps a large model's packed weights while this cache (or one made from it) exists, so
+    /// they are packed once per decoding, not per step, and freed after it
+    /// (model/flex/packed.rs).
+    _packed: PackedScope,
 }
 
 /// Allocation granularity in slots.
@@ -95,6 +99,7 @@ impl<B: Backend> KvCache<B> {
             slots: 0,
             capacity,
             allocated,
+            _packed: PackedScope::enter(),
         }
     }
 
@@ -296,6 +301,7 @@ impl<B: Backend> KvCache<B> {
             slots: self.slots,
             capacity: self.capacity,
             allocated: self.allocated,
+            _packed: PackedScope::enter(),
         }
     }
 
@@ -397,6 +403,7 @@ impl<B: Backend> KvCache<B> {
             slots: caches.iter().map(|c| c.slots).max().unwrap_or(0),
             capacity,
             allocated,
+            _packed: PackedScope::enter(),
         }
     }
 

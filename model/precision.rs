@@ -18,6 +18,7 @@ use burn::tensor::module::linear as plain_linear;
 use burn::tensor::{DType, FloatDType};
 use serde::{Deserialize, Serialize};
 
+use super::flex::packed_matmul;
 use super::lora::Target;
 use super::transformer::Transformer;
 use crate::error::{Error, Result};
@@ -74,6 +75,10 @@ impl BasePrecision {
 /// # Shapes
 /// `x`: `[N, K]`, `w`: `[K, M]` → `[N, M]`
 pub fn matmul<B: Backend>(x: Tensor<B, 2>, w: Tensor<B, 2>) -> Tensor<B, 2> {
+    // A large model decoding on the CPU: the weight packed once (model/flex/packed.rs).
+    if let Some(y) = packed_matmul(&x, &w) {
+        return y;
+    }
     let (xt, wt) = (x.dtype(), w.dtype());
     if xt == wt {
         return x.matmul(w);
@@ -83,10 +88,11 @@ pub fn matmul<B: Backend>(x: Tensor<B, 2>, w: Tensor<B, 2>) -> Tensor<B, 2> {
 
 /// `x w + b` (Burn's `linear`) through [`matmul`]; the bias stays f32.
 pub fn linear<B: Backend>(x: Tensor<B, 2>, w: Tensor<B, 2>, b: Option<Tensor<B, 1>>) -> Tensor<B, 2> {
-    if x.dtype() == w.dtype() {
-        return plain_linear(x, w, b);
-    }
-    let y = matmul(x, w);
+    let y = match packed_matmul(&x, &w) {
+        Some(y) => y,
+        None if x.dtype() == w.dtype() => return plain_linear(x, w, b),
+        None => matmul(x, w),
+    };
     match b {
         Some(b) => y + b.unsqueeze(),
         None => y,

@@ -11,6 +11,7 @@ use rand::SeedableRng;
 use super::block::Block;
 use super::cache::KvCache;
 use super::config::TransformerConfig;
+use super::flex::{packing, PACK_FROM_BYTES};
 use super::init::HostInit;
 use super::lora::BaseRef;
 use super::precision::matmul;
@@ -161,11 +162,19 @@ impl<B: Backend> Transformer<B> {
     ) -> Tensor<B, 3> {
         let [b, w] = tokens.dims();
         let rope = self.rope(positions, b);
-        let mut x = self.embed_tokens(tokens);
-        for (block, kv) in self.blocks.iter().zip(cache.layers.iter_mut()) {
-            x = block.forward(x, &rope, b, Some(mask.clone()), false, Some((kv, slot)));
-        }
-        self.logits(self.norm.forward(x).reshape([b, w, self.config.d_model]))
+        packing(self.decodes_packed(), || {
+            let mut x = self.embed_tokens(tokens);
+            for (block, kv) in self.blocks.iter().zip(cache.layers.iter_mut()) {
+                x = block.forward(x, &rope, b, Some(mask.clone()), false, Some((kv, slot)));
+            }
+            self.logits(self.norm.forward(x).reshape([b, w, self.config.d_model]))
+        })
+    }
+
+    /// Whether cached forwards multiply by weights packed once (model/flex/packed.rs): for
+    /// models whose matrices do not fit a CPU's caches, where decoding streams them.
+    pub(crate) fn decodes_packed(&self) -> bool {
+        self.config.num_params() * 4 >= PACK_FROM_BYTES
     }
 
     /// Output head on normalised hidden states.
