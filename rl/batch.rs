@@ -59,8 +59,7 @@ pub struct RolloutBatch<B: Backend> {
     pub outcome_mass: f64,
     pub progress_mass: f64,
     /// The tensors hold a share of the step's rows (a data-parallel peer's) while the token
-    /// counts and the coefficients' normalisation are the whole step's; the masses are the
-    /// share's.
+    /// counts, the coefficients' normalisation and the masses are the whole step's.
     pub sharded: bool,
 }
 
@@ -107,7 +106,18 @@ pub fn shard_batch<B: Backend>(
     let mut ids = Vec::with_capacity(n * t);
     let mut mask = Vec::with_capacity(n * (t - 1));
     let mut coef = Vec::with_capacity(n * (t - 1));
+    // The update's composition over the whole step (every peer holds every rollout's signal).
     let (mut outcome_mass, mut progress_mass) = (0.0f64, 0.0f64);
+    for (i, s) in signals.iter().enumerate().filter(|&(i, _)| in_loss(i)) {
+        for pos in (1..rollouts[i].tokens.len()).filter(|&pos| trainable[i].get(pos).copied().unwrap_or(false)) {
+            if s.in_outcome {
+                outcome_mass += (s.outcome * per_outcome).abs() as f64;
+            }
+            if let Some(bonus) = &s.bonus {
+                progress_mass += (bonus[pos] * per_progress).abs() as f64;
+            }
+        }
+    }
     for i in rows {
         let (r, s) = (rollouts[i], &signals[i]);
         ids.extend(r.tokens.iter().map(|&x| x as i64));
@@ -118,11 +128,9 @@ pub fn shard_batch<B: Backend>(
             let mut c = 0.0;
             if m && s.in_outcome {
                 c += s.outcome * per_outcome;
-                outcome_mass += (s.outcome * per_outcome).abs() as f64;
             }
             if let (true, Some(bonus)) = (m, &s.bonus) {
                 c += bonus[pos] * per_progress;
-                progress_mass += (bonus[pos] * per_progress).abs() as f64;
             }
             coef.push(c);
         }

@@ -117,18 +117,11 @@ pub fn train_rl<B: AutodiffBackend>(
             .chain(&scored.prefix_streams)
             .map(|r| r.policy_tokens_after_context())
             .sum();
-        let (outcome_mass, progress_mass) = match peer {
-            Some(p) => {
-                let m = p.sum(&[batch.outcome_mass, batch.progress_mass])?;
-                (m[0], m[1])
-            }
-            None => (batch.outcome_mass, batch.progress_mass),
-        };
         rec.set("train/lr", lr)
             .set("train/trained_tokens", batch.trained_tokens)
             .set("train/outcome_tokens", batch.outcome_tokens)
             .set("train/progress_tokens", batch.progress_tokens)
-            .set("update/outcome_share", outcome_mass / (outcome_mass + progress_mass))
+            .set("update/outcome_share", batch.outcome_share())
             .set("adv/outcome_abs", scored.outcome_abs)
             .set("adv/progress_abs", scored.progress_abs)
             .set("perf/sampled_tokens", generated)
@@ -221,6 +214,7 @@ fn update<B: AutodiffBackend>(
     let ref_logp = reference
         .filter(|_| cfg.kl_beta > 0.0)
         .map(|r| frozen_logprobs(r, batch, &chunks, temperature));
+    let mut allreduce_s = 0.0;
     for epoch in 0..cfg.ppo_epochs {
         let spec = LossSpec {
             supervised,
@@ -235,7 +229,8 @@ fn update<B: AutodiffBackend>(
             let t = Instant::now();
             grads = p.grads(grads)?;
             st = p.stats(st)?;
-            rec.set("perf/allreduce_s", t.elapsed().as_secs_f64());
+            allreduce_s += t.elapsed().as_secs_f64();
+            rec.set("perf/allreduce_s", allreduce_s);
         }
         if !st.loss.is_finite() {
             return Err(Error::Diverged {

@@ -15,13 +15,14 @@ use burn::tensor::Device;
 use common::warm_started;
 use mrt::error::Error;
 use mrt::model::{checkpoint, split_rngs, Transformer};
+use mrt::rl::batch::{rollout_batch, shard_batch};
 use mrt::rl::config::{Algo, RunConfig};
 use mrt::rl::metrics::read_metrics;
 use mrt::rl::parallel::run_peers;
 use mrt::rl::pipeline::{run_pipeline, run_pipeline_on, PipelineOptions};
-use mrt::rl::protocol::WordProtocol;
+use mrt::rl::protocol::{Protocol, WordProtocol};
 use mrt::rl::prover::ProverMode;
-use mrt::rl::rollout::Engine;
+use mrt::rl::rollout::{Engine, Rollout};
 use mrt::rl::score::{sample, signal, Sampled};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
@@ -162,6 +163,21 @@ fn a_step_scored_in_shares_equals_the_whole_step() {
         same_samples(&whole, &merged);
         let whole = signal(whole, &cfg);
         assert_eq!(whole.signals, signal(merged, &cfg).signals);
+        // Each peer's batch of its rows carries the whole step's counts and composition.
+        let refs: Vec<&Rollout> = whole.rollouts.iter().collect();
+        let dev = Default::default();
+        let full = rollout_batch::<Flex>(&refs, &whole.signals, protocol.pad(), &dev);
+        let n = refs.len();
+        for rows in [0..n / 3, n / 3..n] {
+            let share = shard_batch::<Flex>(&refs, &whole.signals, rows.clone(), protocol.pad(), &dev);
+            assert!(share.sharded && share.tokens.dims()[0] == rows.len(), "{algo:?}");
+            assert_eq!(share.trained_tokens, full.trained_tokens, "{algo:?}");
+            assert_eq!(
+                share.outcome_share().to_bits(),
+                full.outcome_share().to_bits(),
+                "{algo:?}"
+            );
+        }
         // Not a vacuous comparison: the samples differ between problems and carry a signal.
         let rewards: Vec<f32> = whole.rollouts.iter().map(|r| r.reward).collect();
         assert!(rewards.iter().any(|&x| x > 0.0), "{algo:?}: {rewards:?}");
