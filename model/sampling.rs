@@ -11,6 +11,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
+use super::flex;
 use crate::error::{Error, Result};
 
 /// How the next token is drawn from the logits.
@@ -133,6 +134,10 @@ pub fn sample<B: Backend>(logits: Tensor<B, 2>, uniform: Tensor<B, 1>, config: &
 /// # Shapes
 /// `probs`: `[B, N]` (unnormalised is fine), `uniform`: `[B]` → `[B, 1]`
 fn inverse_cdf<B: Backend>(probs: Tensor<B, 2>, uniform: Tensor<B, 1>) -> Tensor<B, 2, Int> {
+    // The CPU backend: one pass per row, the same indices (model/flex/cdf.rs).
+    if let Some(index) = flex::inverse_cdf(&probs, &uniform) {
+        return index;
+    }
     let [b, n] = probs.dims();
     let cdf = probs.cumsum(1);
     let total = cdf.clone().narrow(1, n - 1, 1);

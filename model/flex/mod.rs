@@ -2,10 +2,11 @@
 //! of the time on the table: in decoding the KV-cache write copies the whole cache and
 //! attention runs on one core; in chunked passes the head split copies element by element;
 //! SwiGLU's sigmoid calls a scalar `expf` per element, in training twice; a large model's
-//! decoding products repack every weight on every call. Each function takes
-//! any backend's tensors, recognises flex tensors at run time (`swiglu` also `Autodiff<Flex>`'s,
-//! with its own backward), and otherwise (GPU backends, other dtypes or layouts) falls back to
-//! the portable Burn operation, so callers stay generic over `B: Backend`.
+//! decoding products repack every weight on every call; sampling makes five passes over the
+//! vocabulary. Each function takes any backend's tensors, recognises flex tensors at run time
+//! (`swiglu` also `Autodiff<Flex>`'s, with its own backward), and otherwise (GPU backends,
+//! other dtypes or layouts) falls back to the portable Burn operation, so callers stay generic
+//! over `B: Backend`.
 
 /// Defines `fn $name` whose body is compiled twice: for AVX2 and FMA, taken where the CPU has
 /// them, and for baseline x86-64 (where the compiler may only use 4-wide SSE2). The choice is
@@ -32,6 +33,7 @@ macro_rules! wide_fn {
 }
 
 mod attention;
+mod cdf;
 mod flash;
 mod packed;
 mod permute;
@@ -39,6 +41,7 @@ mod swiglu;
 mod write;
 
 pub(crate) use attention::masked_attention;
+pub(crate) use cdf::inverse_cdf;
 pub(crate) use flash::{causal_backward, causal_forward, FUSED_ROWS};
 pub(crate) use packed::{packed_matmul, packing, PackedScope, PACK_FROM_BYTES};
 pub(crate) use permute::swap_middle;
