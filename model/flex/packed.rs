@@ -22,7 +22,7 @@
 //! order), as two BLAS libraries do.
 
 use std::cell::Cell;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use burn::prelude::*;
 use burn::tensor::Bytes;
@@ -76,6 +76,9 @@ struct Cache {
     entries: Vec<Entry>,
 }
 
+/// Where a matrix lies in its buffer: (start offset, shape, strides), in elements.
+type View = (usize, [usize; 2], [isize; 2]);
+
 struct Entry {
     /// The weight's buffer. A weak reference both identifies it (its allocation stays while
     /// we hold it, so no other buffer can take its address) and says whether it is still
@@ -83,8 +86,7 @@ struct Entry {
     /// `Arc::make_mut`/`Arc::get_mut`, which move the data to a fresh allocation (or refuse)
     /// while a weak reference exists, so a weight updated in place is a new buffer here.
     data: Weak<Bytes>,
-    /// Where the matrix lies in the buffer: (start offset, shape, strides), in elements.
-    view: (usize, [usize; 2], [isize; 2]),
+    view: View,
     packed: Arc<Packed>,
 }
 
@@ -112,9 +114,13 @@ impl Drop for PackedScope {
     }
 }
 
-fn lock() -> std::sync::MutexGuard<'static, Cache> {
+fn lock() -> MutexGuard<'static, Cache> {
+    locked(&CACHE)
+}
+
+fn locked(cache: &Mutex<Cache>) -> MutexGuard<'_, Cache> {
     // A panic while the cache was held leaves it consistent (entries are pushed whole).
-    CACHE.lock().unwrap_or_else(|e| e.into_inner())
+    cache.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// `x w` on packed weights, or `None` where packing does not apply (see the module doc).
@@ -137,41 +143,57 @@ pub(crate) fn packed_matmul<B: Backend>(x: &Tensor<B, 2>, w: &Tensor<B, 2>) -> O
     Some(Tensor::from_data(TensorData::new(y, [m, n]), &x.device()))
 }
 
-/// The packed copy of `w`, packed now if it is not cached yet.
+/// The packed copy of `w`, packed now if it is not cached yet. The packing runs outside the
+/// lock (on the thread pool): a pool thread that waited for the lock while the holder waited
+/// for the pool would deadlock, and other threads' lookups need not wait for it either.
 fn packed_weight(w: &FlexTensor) -> Option<Arc<Packed>> {
-    lock().get(w)
+    packed_in(&CACHE, w)
+}
+
+fn packed_in(cache: &Mutex<Cache>, w: &FlexTensor) -> Option<Arc<Packed>> {
+    let view = view(w)?;
+    if let Some(found) = locked(cache).find(w, view) {
+        return Some(found);
+    }
+    let (offset, shape, [sk, sn]) = view;
+    let packed = Arc::new(Packed::new(
+        w.storage::<f32>(),
+        offset,
+        shape,
+        [sk as usize, sn as usize],
+    ));
+    Some(locked(cache).insert(w, view, packed))
+}
+
+/// Where a 2-D matrix lies in its buffer, or `None` for negative strides.
+fn view(w: &FlexTensor) -> Option<View> {
+    let layout = w.layout();
+    let (rows, cols, sk, sn) = layout.as_2d_strides()?;
+    (sk >= 0 && sn >= 0).then_some((layout.start_offset(), [rows, cols], [sk, sn]))
 }
 
 impl Cache {
-    fn get(&mut self, w: &FlexTensor) -> Option<Arc<Packed>> {
-        let layout = w.layout();
-        let (rows, cols, sk, sn) = layout.as_2d_strides()?;
-        if sk < 0 || sn < 0 {
-            return None;
-        }
-        let view = (layout.start_offset(), [rows, cols], [sk, sn]);
+    fn find(&self, w: &FlexTensor, view: View) -> Option<Arc<Packed>> {
         let data = w.data_arc();
-        if let Some(e) = self
-            .entries
+        self.entries
             .iter()
             .find(|e| e.view == view && std::ptr::eq(e.data.as_ptr(), Arc::as_ptr(&data)))
-        {
-            return Some(e.packed.clone());
+            .map(|e| e.packed.clone())
+    }
+
+    /// Keeps `packed` for `w`, or returns the copy another thread put there meanwhile.
+    fn insert(&mut self, w: &FlexTensor, view: View, packed: Arc<Packed>) -> Arc<Packed> {
+        if let Some(found) = self.find(w, view) {
+            return found;
         }
         // Weights that no longer exist (the policy before a training step) give their room back.
         self.entries.retain(|e| e.data.strong_count() > 0);
-        let packed = Arc::new(Packed::new(
-            w.storage::<f32>(),
-            view.0,
-            [rows, cols],
-            [sk as usize, sn as usize],
-        ));
         self.entries.push(Entry {
-            data: Arc::downgrade(&data),
+            data: Arc::downgrade(&w.data_arc()),
             view,
             packed: packed.clone(),
         });
-        Some(packed)
+        packed
     }
 
     fn leave(&mut self) {
@@ -501,28 +523,33 @@ mod tests {
     /// weights and, after the last scope, all entries are dropped.
     #[test]
     fn the_cache_reuses_live_weights_and_never_a_changed_one() {
-        let mut cache = Cache {
+        let cache = Mutex::new(Cache {
             scopes: 1,
             entries: Vec::new(),
-        };
+        });
+        let get = |t: Tensor<Flex, 2>| packed_in(&cache, &flex(t)).unwrap();
         let dev = Default::default();
         let w = Tensor::<Flex, 2>::from_data(TensorData::new(values(12 * 50, 3), [12, 50]), &dev);
-        let a = cache.get(&flex(w.clone())).unwrap();
-        assert!(Arc::ptr_eq(&a, &cache.get(&flex(w.clone())).unwrap()), "packed once");
-        let t = cache.get(&flex(w.clone().transpose())).unwrap();
-        assert!(!Arc::ptr_eq(&a, &t) && cache.entries.len() == 2);
+        let a = get(w.clone());
+        assert!(Arc::ptr_eq(&a, &get(w.clone())), "packed once");
+        let t = get(w.clone().transpose());
+        assert!(!Arc::ptr_eq(&a, &t) && locked(&cache).entries.len() == 2);
         let before = w.to_data().to_vec::<f32>().unwrap();
         // The only strong reference: burn-flex may add in place here.
         let w = w.add_scalar(1.0);
-        let b = cache.get(&flex(w.clone())).unwrap();
+        let b = get(w.clone());
         assert!(!Arc::ptr_eq(&a, &b), "a changed weight is packed anew");
         assert_eq!(
             b.panels[..NR],
             before[..NR].iter().map(|v| v + 1.0).collect::<Vec<_>>()[..]
         );
-        assert_eq!(cache.entries.len(), 1, "the old buffer's two entries were dropped");
-        cache.leave();
-        assert!(cache.entries.is_empty());
+        assert_eq!(
+            locked(&cache).entries.len(),
+            1,
+            "the old buffer's two entries were dropped"
+        );
+        locked(&cache).leave();
+        assert!(locked(&cache).entries.is_empty());
     }
 
     /// A model above [`PACK_FROM_BYTES`] prefills and decodes through the packed products
