@@ -36,6 +36,7 @@ mod attention;
 mod cdf;
 mod flash;
 mod packed;
+mod panels;
 mod permute;
 mod swiglu;
 mod write;
