@@ -11,7 +11,7 @@ use rand::SeedableRng;
 use super::block::Block;
 use super::cache::KvCache;
 use super::config::TransformerConfig;
-use super::flex::{packing, PACK_FROM_BYTES};
+use super::flex::{packing, packing_allowed, PACK_FROM_BYTES};
 use super::init::HostInit;
 use super::lora::BaseRef;
 use super::precision::matmul;
@@ -172,9 +172,10 @@ impl<B: Backend> Transformer<B> {
     }
 
     /// Whether cached forwards multiply by weights packed once (model/flex/packed.rs): for
-    /// models whose matrices do not fit a CPU's caches, where decoding streams them.
+    /// models whose matrices do not fit a CPU's caches, where decoding streams them, unless
+    /// `MRT_PACKED_DECODING=0`.
     pub(crate) fn decodes_packed(&self) -> bool {
-        self.config.num_params() * 4 >= PACK_FROM_BYTES
+        self.config.num_params() * 4 >= PACK_FROM_BYTES && packing_allowed()
     }
 
     /// Output head on normalised hidden states.

@@ -44,7 +44,7 @@ mod write;
 pub(crate) use attention::masked_attention;
 pub(crate) use cdf::inverse_cdf;
 pub(crate) use flash::{causal_backward, causal_forward, FUSED_ROWS};
-pub(crate) use packed::{packed_matmul, packing, PackedScope, PACK_FROM_BYTES};
+pub(crate) use packed::{packed_matmul, packing, packing_allowed, PackedScope, PACK_FROM_BYTES};
 pub(crate) use permute::swap_middle;
 pub(crate) use swiglu::swiglu;
 pub(crate) use write::write_slots;

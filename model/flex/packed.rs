@@ -22,7 +22,7 @@
 //! BLAS libraries do.
 
 use std::cell::Cell;
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 
 use burn::prelude::*;
 use burn::tensor::Bytes;
@@ -36,6 +36,35 @@ use super::panels::{Kernel, Packed};
 /// Bytes of f32 matrices from which a model decodes on packed weights (64 MiB: beyond the
 /// last-level cache of common CPUs). `tiny` (13.8 MB) stays below, SmolLM2-135M (538 MB) above.
 pub(crate) const PACK_FROM_BYTES: usize = 64 << 20;
+
+/// Whether packing may be used at all: `MRT_PACKED_DECODING=0` (or `off`, `false`, `no`) in the
+/// environment turns it off, saving the packed copy's memory (one more copy of the f32
+/// weights while sequences decode) at gemm's decoding speed. Read once per process.
+pub(crate) fn packing_allowed() -> bool {
+    static ALLOWED: OnceLock<bool> = OnceLock::new();
+    *ALLOWED.get_or_init(|| {
+        let value = std::env::var("MRT_PACKED_DECODING").ok();
+        let allowed = allowed_by(value.as_deref());
+        if allowed.is_none() {
+            eprintln!(
+                "warning: MRT_PACKED_DECODING={:?} is not one of 0/off/false/no or 1/on/true/yes; \
+                 decoding on packed weights stays on",
+                value.unwrap_or_default()
+            );
+        }
+        allowed.unwrap_or(true)
+    })
+}
+
+/// What an `MRT_PACKED_DECODING` value says (unset: allowed), or `None` for a value that is
+/// not a yes or a no.
+fn allowed_by(value: Option<&str>) -> Option<bool> {
+    match value.map(|v| v.trim().to_ascii_lowercase()).as_deref() {
+        None | Some("" | "1" | "on" | "true" | "yes") => Some(true),
+        Some("0" | "off" | "false" | "no") => Some(false),
+        Some(_) => None,
+    }
+}
 
 /// The most rows a product may have to use packed weights: decoding steps, prover forks and
 /// forced answers. Prefills and training products (thousands of rows) amortise `gemm`'s
@@ -219,6 +248,19 @@ mod tests {
         t.into_primitive().tensor()
     }
 
+    #[test]
+    fn the_environment_switch_reads_yes_no_and_nothing_else() {
+        assert_eq!(allowed_by(None), Some(true));
+        for yes in ["1", "on", "TRUE", " yes ", ""] {
+            assert_eq!(allowed_by(Some(yes)), Some(true), "{yes:?}");
+        }
+        for no in ["0", "off", "False", "no"] {
+            assert_eq!(allowed_by(Some(no)), Some(false), "{no:?}");
+        }
+        assert_eq!(allowed_by(Some("2")), None);
+        assert_eq!(allowed_by(Some("maybe")), None);
+    }
+
     /// Through tensors: only inside [`packing`] and up to [`MAX_ROWS`] rows, and then Burn's
     /// product within f32 rounding, for a weight and a transposed view (the tied head).
     #[test]
@@ -283,7 +325,7 @@ mod tests {
     /// its full-sequence forward, which runs on `gemm`.
     #[test]
     fn a_large_model_decodes_on_packed_weights_like_its_full_forward() {
-        if Kernel::detect().is_none() {
+        if Kernel::detect().is_none() || !packing_allowed() {
             return;
         }
         let mut config = TransformerConfig::preset("small").unwrap();
