@@ -46,6 +46,7 @@
 pub mod advantage;
 pub mod batch;
 pub mod config;
+mod data_parallel;
 pub mod eval;
 pub mod loss;
 pub mod metrics;

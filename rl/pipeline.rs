@@ -3,19 +3,18 @@
 //! arguments and picks the backend.
 
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 
-use burn::module::{AutodiffModule, Module};
+use burn::module::AutodiffModule;
 use burn::prelude::Backend;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::FloatDType;
 use serde::Serialize;
 
 use super::config::RunConfig;
+use super::data_parallel::{rl_data_parallel, RlStart};
 use super::eval::{eval_problems, EvalSummary};
 use super::metrics::{read_metrics, MetricsWriter};
-use super::optim::{adamw, require_grad, Adam};
-use super::parallel::{run_peers, Peer};
+use super::optim::{adamw, require_grad};
 use super::protocol::Tokens;
 use super::run::{load_state, Progress, RunDir, Stage};
 use super::sft::warm_start;
@@ -290,67 +289,6 @@ pub fn run_pipeline_on<B: AutodiffBackend>(opts: &PipelineOptions, devices: &[B:
     };
     write_json(&run.root.join("summary.json"), &outcome)?;
     Ok(outcome)
-}
-
-/// Where RL starts, for peers that set up their own context.
-struct RlStart<'a, B: AutodiffBackend> {
-    reference: Option<&'a Transformer<B::InnerBackend>>,
-    start: usize,
-    tokens: &'a Tokens,
-    interrupt_after: Option<usize>,
-}
-
-/// The RL stage on a data-parallel group: this thread leads with `ctx`; every other device
-/// gets a copy of the policy, optimizer and reference (the same parameter ids, which the
-/// gradient all-reduce pairs by) and a context of its own that writes nothing.
-fn rl_data_parallel<B: AutodiffBackend>(
-    ctx: &mut Ctx,
-    model: Transformer<B>,
-    optim: Adam<B>,
-    rl: RlStart<B>,
-    devices: &[B::Device],
-) -> Result<(Transformer<B>, Adam<B>, bool)> {
-    type Copy<B> = (
-        Transformer<B>,
-        Adam<B>,
-        Option<Transformer<<B as AutodiffBackend>::InnerBackend>>,
-    );
-    let copies: Vec<Mutex<Option<Copy<B>>>> = devices[1..]
-        .iter()
-        .map(|d| {
-            let reference = rl.reference.map(|r| r.clone().to_device(d));
-            Mutex::new(Some((model.clone().fork(d), optim.clone(), reference)))
-        })
-        .collect();
-    let config = ctx.config;
-    let run = ctx.run;
-    let worker = |peer: &Peer<B>| -> Result<()> {
-        let (model, optim, reference) = copies[peer.rank - 1]
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
-            .expect("each peer takes its copy once");
-        let task = config.task.build()?;
-        let protocol = rl.tokens.protocol(task.as_ref(), &config.task)?;
-        let mut own = Ctx {
-            config,
-            task: task.as_ref(),
-            protocol: protocol.as_ref(),
-            vocab: rl.tokens.words(),
-            run,
-            metrics: MetricsWriter::discard(),
-            eval_problems: eval_problems(task.as_ref(), config.eval.problems, config.eval.split)?,
-            quiet: true,
-            interrupt_after: rl.interrupt_after,
-            latest_evals: Vec::new(),
-        };
-        train_rl(&mut own, model, optim, reference.as_ref(), rl.start, Some(peer)).map(|_| ())
-    };
-    run_peers::<B, _>(
-        devices,
-        |peer| train_rl(ctx, model, optim, rl.reference, rl.start, Some(peer)),
-        worker,
-    )
 }
 
 /// Under LoRA, `model` with its frozen base's matrices in the type `rl.lora.base_precision`
