@@ -50,6 +50,7 @@ mod data_parallel;
 pub mod eval;
 pub mod loss;
 pub mod metrics;
+pub mod nodes;
 pub mod optim;
 pub mod parallel;
 pub mod passes;

@@ -10,10 +10,12 @@
 //! the one-device update on the whole batch, up to summation order. Evaluations during RL are
 //! shared the same way; only the leader (rank 0) writes metrics, samples and checkpoints.
 //!
-//! Everything goes through `burn::collective::all_reduce`; host data (the samples, the
-//! diagnostics' sums) is gathered by an all-reduce of a buffer in which each peer fills its
-//! own segment, two bytes per f32 (exact: one non-zero term per element), so sums of host
-//! values are f64 and the same on every peer.
+//! Peers that are threads of one process (`--devices`) go through `burn::collective::all_reduce`;
+//! host data (the samples, the diagnostics' sums) is gathered by an all-reduce of a buffer in
+//! which each peer fills its own segment, two bytes per f32 (exact: one non-zero term per
+//! element), so sums of host values are f64 and the same on every peer. Peers that are
+//! processes (`--nodes`, one per machine) gather bytes directly over the network
+//! (rl/nodes.rs), gradients included, and sum them in rank order.
 //!
 //! `burn-collective` has no timeouts: a peer that fails or panics would leave the others
 //! blocked in their next all-reduce. [`run_peers`] catches each peer's failure and resets the
@@ -23,7 +25,7 @@
 use std::marker::PhantomData;
 use std::ops::Range;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use burn::collective::{self, CollectiveConfig, PeerId, ReduceOperation};
 use burn::optim::GradientsParams;
@@ -33,16 +35,27 @@ use burn::tensor::TensorPrimitive;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use super::nodes::{sum_grads, NodeGroup};
 use super::passes::PassStats;
 use super::score::Sampled;
 use crate::error::{Error, Result};
+use crate::model::Transformer;
 
 /// One peer of a data-parallel group, on backend `B` (its inner backend does the all-reduce).
 pub struct Peer<B: AutodiffBackend> {
     pub rank: usize,
     pub count: usize,
     device: B::Device,
+    transport: Transport,
     _backend: PhantomData<B>,
+}
+
+/// How a peer reaches the others.
+enum Transport {
+    /// Threads of this process, through `burn-collective`.
+    Threads,
+    /// Processes, one per node (rl/nodes.rs).
+    Nodes(Arc<NodeGroup>),
 }
 
 /// One data-parallel group per backend type at a time: `burn-collective` keeps one server per
@@ -65,8 +78,28 @@ impl<B: AutodiffBackend> Peer<B> {
             rank,
             count,
             device,
+            transport: Transport::Threads,
             _backend: PhantomData,
         })
+    }
+
+    /// This process's peer in a group of nodes (one peer per process).
+    pub fn node(group: Arc<NodeGroup>, device: B::Device) -> Self {
+        Self {
+            rank: group.rank,
+            count: group.count(),
+            device,
+            transport: Transport::Nodes(group),
+            _backend: PhantomData,
+        }
+    }
+
+    /// The group of nodes this peer belongs to, if it is one of processes.
+    pub fn nodes(&self) -> Option<&NodeGroup> {
+        match &self.transport {
+            Transport::Nodes(g) => Some(g),
+            Transport::Threads => None,
+        }
     }
 
     /// Whether this peer writes the run's files.
@@ -96,7 +129,10 @@ impl<B: AutodiffBackend> Peer<B> {
     /// gathered exactly and summed in rank order.
     pub fn sum(&self, values: &[f64]) -> Result<Vec<f64>> {
         let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-        let all = self.exchange(&bytes, &vec![bytes.len(); self.count])?;
+        let all = match &self.transport {
+            Transport::Threads => self.exchange(&bytes, &vec![bytes.len(); self.count])?,
+            Transport::Nodes(g) => g.gather(&bytes, false)?,
+        };
         let mut sum = vec![0.0; values.len()];
         for peer in all {
             for (s, v) in sum.iter_mut().zip(peer.chunks_exact(8)) {
@@ -108,6 +144,9 @@ impl<B: AutodiffBackend> Peer<B> {
 
     /// Every peer's bytes, in rank order.
     pub fn gather(&self, bytes: &[u8]) -> Result<Vec<Vec<u8>>> {
+        if let Transport::Nodes(g) = &self.transport {
+            return g.gather(bytes, false);
+        }
         let len = (bytes.len() as u64).to_le_bytes();
         let lens: Vec<usize> = self
             .exchange(&len, &vec![8; self.count])?
@@ -183,11 +222,14 @@ impl<B: AutodiffBackend> Peer<B> {
         Ok((Sampled::merge(parts), range))
     }
 
-    /// The gradients summed over the peers.
-    pub fn grads(&self, grads: GradientsParams) -> Result<GradientsParams> {
-        grads
-            .all_reduce::<B::InnerBackend>(PeerId::from(self.rank), ReduceOperation::Sum)
-            .map_err(|e| collective_error(self.rank, "gradient all-reduce", e))
+    /// The gradients of `model`'s parameters summed over the peers.
+    pub fn grads(&self, model: &Transformer<B>, grads: GradientsParams) -> Result<GradientsParams> {
+        match &self.transport {
+            Transport::Threads => grads
+                .all_reduce::<B::InnerBackend>(PeerId::from(self.rank), ReduceOperation::Sum)
+                .map_err(|e| collective_error(self.rank, "gradient all-reduce", e)),
+            Transport::Nodes(g) => sum_grads(g, model, grads),
+        }
     }
 
     /// The loss diagnostics summed over the peers (each is already weighted by the peer's

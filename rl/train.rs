@@ -227,7 +227,7 @@ fn update<B: AutodiffBackend>(
         let (mut grads, mut st) = batch_gradients(&model, batch, &chunks, old_logp.as_ref(), ref_logp.as_ref(), spec);
         if let Some(p) = peer {
             let t = Instant::now();
-            grads = p.grads(grads)?;
+            grads = p.grads(&model, grads)?;
             st = p.stats(st)?;
             allreduce_s += t.elapsed().as_secs_f64();
             rec.set("perf/allreduce_s", allreduce_s);
