@@ -8,6 +8,8 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use burn::tensor::backend::AutodiffBackend;
@@ -17,6 +19,7 @@ use mrt::model::lora::{LoraConfig, Target};
 use mrt::rl::config::{merge_json, Algo, RunConfig};
 use mrt::rl::eval::stats::paired_difference;
 use mrt::rl::eval::EvalSummary;
+use mrt::rl::nodes::NodeGroup;
 use mrt::rl::pipeline::{run_pipeline_on, Outcome, PipelineOptions};
 use mrt::rl::run::{RunDir, SavedConfig};
 
@@ -50,6 +53,19 @@ struct Args {
     /// `cuda:0,cuda:1`, `wgpu:0,wgpu:1`, or `cpu,cpu`. Replaces --device.
     #[arg(long)]
     devices: Option<String>,
+    /// Data-parallel RL over several processes (one per machine, one device each): the
+    /// HOST:PORT of every node in rank order, the same list on every node. Each node serves
+    /// its data on its own entry's port. Rank 0 runs the whole job and writes the run
+    /// directory; the others only train, with the state rank 0 sends when RL starts.
+    #[arg(long, value_name = "HOST:PORT,…", conflicts_with = "devices")]
+    nodes: Option<String>,
+    /// This process's rank in --nodes.
+    #[arg(long, requires = "nodes", default_value_t = 0)]
+    node_rank: usize,
+    /// Seconds to wait for the other nodes at start-up and for a node that stops answering
+    /// (one that exits is noticed at once).
+    #[arg(long, requires = "nodes", default_value_t = 600)]
+    node_timeout: u64,
     /// Seed of everything random in the run.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -214,6 +230,9 @@ fn print_summary(outcome: &Outcome) {
 }
 
 fn run(args: Args) -> Result<()> {
+    // Ranks other than 0 leave the run directory to rank 0 (it may be the same directory on
+    // a shared file system): their configuration is checked against rank 0's, not written.
+    let follower = args.nodes.is_some() && args.node_rank > 0;
     let (choice, peers) = match &args.devices {
         Some(list) => {
             let list: DeviceList = list.parse()?;
@@ -222,6 +241,14 @@ fn run(args: Args) -> Result<()> {
         None => (args.device.parse::<DeviceChoice>()?, vec![0]),
     };
     let options = match &args.resume {
+        Some(dir) if follower => PipelineOptions {
+            resume: true,
+            quiet: true,
+            ..PipelineOptions::new(
+                RunConfig::default_for("search", "cpu-tiny", Algo::MrtDense, 0, true)?,
+                dir,
+            )
+        },
         Some(dir) => {
             let saved: SavedConfig = mrt::fsutil::read_json(&RunDir::new(dir).config_path())
                 .with_context(|| format!("--resume {}: not a run directory", dir.display()))?;
@@ -238,7 +265,7 @@ fn run(args: Args) -> Result<()> {
                 .clone()
                 .unwrap_or_else(|| format!("{}-{}-s{}", args.task, args.algo, args.seed));
             let dir = args.out.join(name);
-            if dir.exists() {
+            if dir.exists() && !follower {
                 if !args.force {
                     bail!(
                         "{} already exists: pass --resume {} to continue it, or --force to replace it",
@@ -249,19 +276,42 @@ fn run(args: Args) -> Result<()> {
                 std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
             }
             if let Some(init) = &args.init {
-                if !init.exists() {
+                if !init.exists() && !follower {
                     bail!("--init {}: file not found", init.display());
                 }
             }
             eprintln!("config: {}", serde_json::to_string(&config)?);
             PipelineOptions {
                 init: args.init.clone(),
-                quiet: args.quiet,
+                quiet: args.quiet || follower,
                 ..PipelineOptions::new(config, dir)
             }
         }
     };
+    let options = match &args.nodes {
+        None => options,
+        Some(nodes) => {
+            let count = NodeGroup::addresses(nodes)?.len();
+            eprintln!(
+                "nodes: rank {} of {count}; waiting up to {} s for the others",
+                args.node_rank, args.node_timeout
+            );
+            let group = NodeGroup::join(nodes, args.node_rank, Duration::from_secs(args.node_timeout))?;
+            eprintln!("nodes: all {count} connected");
+            PipelineOptions {
+                nodes: Some(Arc::new(group)),
+                ..options
+            }
+        }
+    };
     let outcome = dispatch(choice, Job(options, peers))??;
+    if follower {
+        eprintln!(
+            "nodes: rank {} {}; rank 0 reports the run",
+            args.node_rank,
+            if outcome.completed { "finished" } else { "stopped" }
+        );
+    }
     print_summary(&outcome);
     Ok(())
 }

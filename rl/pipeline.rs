@@ -3,6 +3,7 @@
 //! arguments and picks the backend.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use burn::module::AutodiffModule;
 use burn::prelude::Backend;
@@ -11,10 +12,12 @@ use burn::tensor::FloatDType;
 use serde::Serialize;
 
 use super::config::RunConfig;
-use super::data_parallel::{rl_data_parallel, RlStart};
+use super::data_parallel::{check_nodes, follow, rl_data_parallel, rl_on_nodes, RlStart};
 use super::eval::{eval_problems, EvalSummary};
 use super::metrics::{read_metrics, MetricsWriter};
+use super::nodes::NodeGroup;
 use super::optim::{adamw, require_grad};
+use super::parallel::Peer;
 use super::protocol::Tokens;
 use super::run::{load_state, Progress, RunDir, Stage};
 use super::sft::warm_start;
@@ -42,6 +45,10 @@ pub struct PipelineOptions {
     /// Evaluate the warm start and the fine-tuned model on `config.eval` at the end (the
     /// experiment skips this: it evaluates every checkpoint more thoroughly itself).
     pub final_eval: bool,
+    /// This process's place in a group of nodes (`train --nodes`): RL is data-parallel over
+    /// them, one peer per process; the leader (rank 0) runs everything else and writes the
+    /// run, the others only train (rl/data_parallel.rs).
+    pub nodes: Option<Arc<NodeGroup>>,
 }
 
 impl PipelineOptions {
@@ -56,6 +63,7 @@ impl PipelineOptions {
             quiet: false,
             interrupt_after: None,
             final_eval: true,
+            nodes: None,
         }
     }
 }
@@ -81,6 +89,20 @@ pub fn run_pipeline<B: AutodiffBackend>(opts: &PipelineOptions, device: &B::Devi
 /// warm start, evaluations and checkpoints run on the first.
 pub fn run_pipeline_on<B: AutodiffBackend>(opts: &PipelineOptions, devices: &[B::Device]) -> Result<Outcome> {
     let device = &devices[0];
+    let node = match &opts.nodes {
+        Some(_) if devices.len() > 1 => {
+            return Err(Error::config(
+                "devices",
+                devices.len(),
+                "one device per process in a group of nodes",
+            ))
+        }
+        Some(group) => Some(Peer::<B>::node(group.clone(), device.clone())),
+        None => None,
+    };
+    if let Some(peer) = node.as_ref().filter(|p| !p.leader()) {
+        return follow(opts, peer, device);
+    }
     let run = RunDir::new(&opts.run_dir);
     let (config, tokens) = if opts.resume {
         run.open()?
@@ -90,9 +112,15 @@ pub fn run_pipeline_on<B: AutodiffBackend>(opts: &PipelineOptions, devices: &[B:
             Some(dir) => Tokens::Text(TextTokenizer::load(dir)?),
             None => Tokens::Words(Vocab::build(&opts.config.task.build()?.words())?),
         };
-        run.init(&opts.config, &tokens, opts.config.pretrained.as_deref())?;
         (opts.config.clone(), tokens)
     };
+    if let Some(peer) = &node {
+        // Before anything is written: nodes that would train different things are refused.
+        check_nodes(peer, Some(&config))?;
+    }
+    if !opts.resume {
+        run.init(&config, &tokens, config.pretrained.as_deref())?;
+    }
     if let Tokens::Text(t) = &tokens {
         if t.size() > config.model.vocab_size {
             return Err(Error::config(
@@ -102,12 +130,13 @@ pub fn run_pipeline_on<B: AutodiffBackend>(opts: &PipelineOptions, devices: &[B:
             ));
         }
     }
-    if devices.len() > config.rl.problems_per_step {
+    let peers = node.as_ref().map_or(devices.len(), |p| p.count);
+    if peers > config.rl.problems_per_step {
         // Before the warm start: each peer samples whole problems.
         return Err(Error::config(
             "rl.problems_per_step",
             config.rl.problems_per_step,
-            format!("must be at least the number of devices ({})", devices.len()),
+            format!("must be at least the number of peers ({peers})"),
         ));
     }
     let task = config.task.build()?;
@@ -237,13 +266,15 @@ pub fn run_pipeline_on<B: AutodiffBackend>(opts: &PipelineOptions, devices: &[B:
     } else {
         None
     };
-    let (model, optim, done) = if devices.len() > 1 {
-        let rl = RlStart {
-            reference: reference.as_ref(),
-            start: rl_start,
-            tokens: &tokens,
-            interrupt_after: opts.interrupt_after,
-        };
+    let rl = RlStart {
+        reference: reference.as_ref(),
+        start: rl_start,
+        tokens: &tokens,
+        interrupt_after: opts.interrupt_after,
+    };
+    let (model, optim, done) = if let Some(peer) = &node {
+        rl_on_nodes(&mut ctx, model, optim, rl, peer)?
+    } else if devices.len() > 1 {
         rl_data_parallel(&mut ctx, model, optim, rl, devices)?
     } else {
         train_rl(&mut ctx, model, optim, reference.as_ref(), rl_start, None)?
@@ -294,7 +325,7 @@ pub fn run_pipeline_on<B: AutodiffBackend>(opts: &PipelineOptions, devices: &[B:
 /// Under LoRA, `model` with its frozen base's matrices in the type `rl.lora.base_precision`
 /// resolves to on this backend (model/precision.rs); said on stderr when it is not f32. A model
 /// without adapters (the warm start trains every weight) is returned as it is.
-fn frozen_base_precision<B: AutodiffBackend>(
+pub(super) fn frozen_base_precision<B: AutodiffBackend>(
     model: Transformer<B>,
     config: &RunConfig,
     device: &B::Device,
