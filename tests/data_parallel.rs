@@ -4,17 +4,17 @@
 //! one, and a failing peer stops the group with an error naming it instead of a hang.
 
 mod common;
+#[path = "common/params.rs"]
+mod params;
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use burn::backend::{Autodiff, Flex};
-use burn::module::{Module, ModuleVisitor, Param};
-use burn::prelude::*;
 use burn::tensor::Device;
 use common::warm_started;
 use mrt::error::Error;
-use mrt::model::{checkpoint, split_rngs, Transformer};
+use mrt::model::split_rngs;
 use mrt::rl::batch::{rollout_batch, shard_batch};
 use mrt::rl::config::{Algo, RunConfig};
 use mrt::rl::metrics::read_metrics;
@@ -24,6 +24,7 @@ use mrt::rl::protocol::{Protocol, WordProtocol};
 use mrt::rl::prover::ProverMode;
 use mrt::rl::rollout::{Engine, Rollout};
 use mrt::rl::score::{sample, signal, Sampled};
+use params::{params, relative_difference};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
@@ -33,32 +34,6 @@ fn dir(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("mrt-dp-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     d
-}
-
-/// Every float parameter of a checkpoint's model, flattened in visiting order.
-fn params(ckpt: &Path) -> Vec<f32> {
-    struct Collect(Vec<f32>);
-    impl<Bk: Backend> ModuleVisitor<Bk> for Collect {
-        fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<Bk, D>>) {
-            self.0
-                .extend(p.val().into_data().convert::<f32>().to_vec::<f32>().unwrap());
-        }
-    }
-    let model: Transformer<Flex> = checkpoint::load(ckpt, None)
-        .unwrap()
-        .model(&Default::default())
-        .unwrap();
-    let mut c = Collect(Vec::new());
-    model.visit(&mut c);
-    c.0
-}
-
-/// max |a − b| / max |a| over all parameters.
-fn relative_difference(a: &[f32], b: &[f32]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    let scale = a.iter().fold(0.0f64, |m, x| m.max(x.abs() as f64));
-    let diff = a.iter().zip(b).fold(0.0f64, |m, (x, y)| m.max((x - y).abs() as f64));
-    diff / scale
 }
 
 fn config(algo: Algo) -> RunConfig {

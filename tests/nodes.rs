@@ -4,6 +4,9 @@
 //! nodes ends where an uninterrupted one does; nodes started with different configurations
 //! are refused before anything is written.
 
+#[path = "common/params.rs"]
+mod params;
+
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -11,44 +14,17 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use burn::backend::{Autodiff, Flex};
-use burn::module::{Module, ModuleVisitor, Param};
-use burn::prelude::*;
-use mrt::model::{checkpoint, Transformer};
+use mrt::model::checkpoint;
 use mrt::rl::config::{Algo, RunConfig};
 use mrt::rl::nodes::NodeGroup;
 use mrt::rl::pipeline::{run_pipeline, PipelineOptions};
+use params::{params, relative_difference};
 
 fn dir(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("mrt-nodes-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d
-}
-
-/// Every float parameter of a checkpoint's model, flattened in visiting order.
-fn params(ckpt: &Path) -> Vec<f32> {
-    struct Collect(Vec<f32>);
-    impl<Bk: Backend> ModuleVisitor<Bk> for Collect {
-        fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<Bk, D>>) {
-            self.0
-                .extend(p.val().into_data().convert::<f32>().to_vec::<f32>().unwrap());
-        }
-    }
-    let model: Transformer<Flex> = checkpoint::load(ckpt, None)
-        .unwrap()
-        .model(&Default::default())
-        .unwrap();
-    let mut c = Collect(Vec::new());
-    model.visit(&mut c);
-    c.0
-}
-
-/// max |a − b| / max |a| over all parameters.
-fn relative_difference(a: &[f32], b: &[f32]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    let scale = a.iter().fold(0.0f64, |m, x| m.max(x.abs() as f64));
-    let diff = a.iter().zip(b).fold(0.0f64, |m, (x, y)| m.max((x - y).abs() as f64));
-    diff / scale
 }
 
 /// The config patch every run here uses (tests/data_parallel.rs's small model and steps).
