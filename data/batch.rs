@@ -23,13 +23,11 @@ pub fn collate<B: Backend>(seqs: &[&Tokenized], pad: u32, device: &B::Device) ->
     let b = seqs.len();
     let mut ids = Vec::with_capacity(b * t);
     let mut mask = Vec::with_capacity(b * (t - 1));
-    let mut targets = 0;
     for s in seqs {
         ids.extend(s.ids.iter().map(|&i| i as i64));
         ids.extend(std::iter::repeat_n(pad as i64, t - s.ids.len()));
         for k in 1..t {
             let m = s.trainable.get(k).copied().unwrap_or(false);
-            targets += m as usize;
             mask.push(if m { 1.0f32 } else { 0.0 });
         }
     }
@@ -37,6 +35,6 @@ pub fn collate<B: Backend>(seqs: &[&Tokenized], pad: u32, device: &B::Device) ->
         tokens: Tensor::from_data(TensorData::new(ids, [b, t]), device),
         mask: Tensor::from_data(TensorData::new(mask, [b, t - 1]), device),
         lengths: seqs.iter().map(|s| s.ids.len()).collect(),
-        targets,
+        targets: seqs.iter().map(|s| s.targets()).sum(),
     }
 }

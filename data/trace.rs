@@ -35,6 +35,13 @@ pub struct Tokenized {
     pub trainable: Vec<bool>,
 }
 
+impl Tokenized {
+    /// The tokens trained on as next-token targets: the policy's, after the first.
+    pub fn targets(&self) -> usize {
+        self.trainable.iter().skip(1).filter(|&&t| t).count()
+    }
+}
+
 impl Trace {
     pub fn push<S: Into<String>>(&mut self, role: Role, words: impl IntoIterator<Item = S>) {
         for w in words {

@@ -1,8 +1,8 @@
-//! The RL stage of the pipeline on a data-parallel group: one peer per device (`--devices`,
-//! threads of this process) or per process (`--nodes`). The first peer leads with the run's
-//! context; every other gets a copy of the policy and a context of its own that writes
-//! nothing. Threads share the leader's memory; a node gets the leader's state over the
-//! network when RL starts (`Handoff`), so it needs no run directory of its own. The
+//! The training stages of the pipeline on a data-parallel group: one peer per device
+//! (`--devices`, threads of this process) or per process (`--nodes`). The first peer leads
+//! with the run's context; every other gets a copy of the policy and a context of its own that
+//! writes nothing. Threads share the leader's memory; a node gets the leader's state over the
+//! network when each stage starts (`Handoff`), so it needs no run directory of its own. The
 //! transport is rl/parallel.rs (and rl/nodes.rs).
 
 use std::sync::Mutex;
@@ -19,7 +19,8 @@ use super::optim::{adamw, load_optimizer, optimizer_section, require_grad, Adam}
 use super::parallel::{run_peers, Peer};
 use super::pipeline::{frozen_base_precision, Outcome, PipelineOptions};
 use super::protocol::{Protocol, Tokens};
-use super::run::RunDir;
+use super::run::{RunDir, Stage};
+use super::sft::warm_start;
 use super::stage::Ctx;
 use super::train::train_rl;
 use crate::data::{Task, TextTokenizer, Vocab};
@@ -27,24 +28,62 @@ use crate::error::{Error, Result};
 use crate::model::checkpoint::{self, Section};
 use crate::model::Transformer;
 
-/// Where RL starts, for peers that set up their own context.
-pub(super) struct RlStart<'a, B: AutodiffBackend> {
+/// Where a stage starts, for peers that set up their own context.
+pub(super) struct StageStart<'a, B: AutodiffBackend> {
+    pub(super) stage: Stage,
+    /// The KL penalty's frozen model (RL only).
     pub(super) reference: Option<&'a Transformer<B::InnerBackend>>,
+    /// Steps of the stage already done.
     pub(super) start: usize,
     pub(super) tokens: &'a Tokens,
     pub(super) interrupt_after: Option<usize>,
 }
 
-/// The RL stage on a data-parallel group: this thread leads with `ctx`; every other device
-/// gets a copy of the policy, optimizer and reference (the same parameter ids, which the
-/// gradient all-reduce pairs by) and a context of its own that writes nothing.
-pub(super) fn rl_data_parallel<B: AutodiffBackend>(
+type Trained<B> = (Transformer<B>, Adam<B>, bool);
+
+/// Runs `stage` from step `start` as one peer (or, without one, as the only process).
+fn run_stage<B: AutodiffBackend>(
+    stage: Stage,
     ctx: &mut Ctx,
     model: Transformer<B>,
     optim: Adam<B>,
-    rl: RlStart<B>,
+    reference: Option<&Transformer<B::InnerBackend>>,
+    start: usize,
+    peer: Option<&Peer<B>>,
+) -> Result<Trained<B>> {
+    match stage {
+        Stage::WarmStart => warm_start(ctx, model, optim, start, peer),
+        Stage::Rl => train_rl(ctx, model, optim, reference, start, peer),
+    }
+}
+
+/// Runs a stage of the pipeline: on this process's group of nodes (`node`), data-parallel on
+/// `devices` when there are several, or on the one device.
+pub(super) fn run_stage_on<B: AutodiffBackend>(
+    ctx: &mut Ctx,
+    model: Transformer<B>,
+    optim: Adam<B>,
+    at: StageStart<B>,
     devices: &[B::Device],
-) -> Result<(Transformer<B>, Adam<B>, bool)> {
+    node: Option<&Peer<B>>,
+) -> Result<Trained<B>> {
+    match node {
+        Some(peer) => stage_on_nodes(ctx, model, optim, at, peer),
+        None if devices.len() > 1 => stage_on_devices(ctx, model, optim, at, devices),
+        None => run_stage(at.stage, ctx, model, optim, at.reference, at.start, None),
+    }
+}
+
+/// A stage on a data-parallel group of devices: this thread leads with `ctx`; every other
+/// device gets a copy of the policy, optimizer and reference (the same parameter ids, which
+/// the gradient all-reduce pairs by) and a context of its own that writes nothing.
+fn stage_on_devices<B: AutodiffBackend>(
+    ctx: &mut Ctx,
+    model: Transformer<B>,
+    optim: Adam<B>,
+    at: StageStart<B>,
+    devices: &[B::Device],
+) -> Result<Trained<B>> {
     type Copy<B> = (
         Transformer<B>,
         Adam<B>,
@@ -53,7 +92,7 @@ pub(super) fn rl_data_parallel<B: AutodiffBackend>(
     let copies: Vec<Mutex<Option<Copy<B>>>> = devices[1..]
         .iter()
         .map(|d| {
-            let reference = rl.reference.map(|r| r.clone().to_device(d));
+            let reference = at.reference.map(|r| r.clone().to_device(d));
             Mutex::new(Some((model.clone().fork(d), optim.clone(), reference)))
         })
         .collect();
@@ -66,20 +105,29 @@ pub(super) fn rl_data_parallel<B: AutodiffBackend>(
             .take()
             .expect("each peer takes its copy once");
         let task = config.task.build()?;
-        let protocol = rl.tokens.protocol(task.as_ref(), &config.task)?;
+        let protocol = at.tokens.protocol(task.as_ref(), &config.task)?;
         let mut own = follower_ctx(
             config,
             task.as_ref(),
             protocol.as_ref(),
-            rl.tokens,
+            at.tokens,
             run,
-            rl.interrupt_after,
+            at.interrupt_after,
         )?;
-        train_rl(&mut own, model, optim, reference.as_ref(), rl.start, Some(peer)).map(|_| ())
+        run_stage(
+            at.stage,
+            &mut own,
+            model,
+            optim,
+            reference.as_ref(),
+            at.start,
+            Some(peer),
+        )
+        .map(|_| ())
     };
     run_peers::<B, _>(
         devices,
-        |peer| train_rl(ctx, model, optim, rl.reference, rl.start, Some(peer)),
+        |peer| run_stage(at.stage, ctx, model, optim, at.reference, at.start, Some(peer)),
         worker,
     )
 }
@@ -161,11 +209,12 @@ fn differing(a: &serde_json::Value, b: &serde_json::Value, at: &str, out: &mut V
     }
 }
 
-/// What the leader of a group of nodes sends the others when RL starts; after it, in the
+/// What the leader of a group of nodes sends the others when a stage starts; after it, in the
 /// same message, the policy's checkpoint (with the optimizer's state) and the reference's.
 #[derive(Serialize, Deserialize)]
 struct Handoff {
     config: RunConfig,
+    stage: Stage,
     start: usize,
     interrupt_after: Option<usize>,
     state_len: usize,
@@ -194,31 +243,40 @@ fn read_checkpoint(bytes: &[u8], config: &RunConfig, tag: &str) -> Result<checkp
     ck
 }
 
-/// The RL stage on the leader of a group of nodes: sends the others where RL starts, then
-/// trains as one of the group.
-pub(super) fn rl_on_nodes<B: AutodiffBackend>(
+/// The optimizer of `stage` (its own weight decay).
+pub(super) fn stage_optim<B: AutodiffBackend>(config: &RunConfig, stage: Stage) -> Adam<B> {
+    match stage {
+        Stage::WarmStart => adamw::<B>(&config.warm_start.optim),
+        Stage::Rl => adamw::<B>(&config.rl.optim),
+    }
+}
+
+/// A stage on the leader of a group of nodes: sends the others where it starts, then trains as
+/// one of the group.
+fn stage_on_nodes<B: AutodiffBackend>(
     ctx: &mut Ctx,
     model: Transformer<B>,
     optim: Adam<B>,
-    rl: RlStart<B>,
+    at: StageStart<B>,
     peer: &Peer<B>,
-) -> Result<(Transformer<B>, Adam<B>, bool)> {
+) -> Result<Trained<B>> {
     let group = peer.nodes().expect("a peer of a group of nodes");
     let state = checkpoint_bytes(&model, vec![optimizer_section(&optim)], "state")?;
-    let reference = match rl.reference {
+    let reference = match at.reference {
         Some(r) => checkpoint_bytes(r, vec![], "reference")?,
         None => Vec::new(),
     };
     let handoff = Handoff {
         config: ctx.config.clone(),
-        start: rl.start,
-        interrupt_after: rl.interrupt_after,
+        stage: at.stage,
+        start: at.start,
+        interrupt_after: at.interrupt_after,
         state_len: state.len(),
         reference_len: reference.len(),
     };
     let head = serde_json::to_vec(&handoff).map_err(|e| Error::Peer {
         rank: 0,
-        reason: format!("encoding the RL start: {e}"),
+        reason: format!("encoding the stage's start: {e}"),
     })?;
     let mut bytes = (head.len() as u64).to_le_bytes().to_vec();
     bytes.extend(head);
@@ -226,14 +284,17 @@ pub(super) fn rl_on_nodes<B: AutodiffBackend>(
     bytes.extend(reference);
     group.gather(&bytes, true)?;
     drop(bytes);
-    let out = train_rl(ctx, model, optim, rl.reference, rl.start, Some(peer))?;
-    group.finish();
+    let out = run_stage(at.stage, ctx, model, optim, at.reference, at.start, Some(peer))?;
+    if at.stage == Stage::Rl || !out.2 {
+        // The last exchange of this process: the others fetch what it exposed before it exits.
+        group.finish();
+    }
     Ok(out)
 }
 
-/// A node other than the leader: checks its configuration against the leader's, waits for
-/// the leader's RL start (the leader may warm-start first), trains as one of the group, and
-/// writes nothing.
+/// A node other than the leader: checks its configuration against the leader's, then, for
+/// each stage the leader starts (the warm start, if the run has one, then RL), receives the
+/// stage's start and trains as one of the group. It writes nothing.
 pub(super) fn follow<B: AutodiffBackend>(
     opts: &PipelineOptions,
     peer: &Peer<B>,
@@ -241,12 +302,34 @@ pub(super) fn follow<B: AutodiffBackend>(
 ) -> Result<Outcome> {
     let group = peer.nodes().expect("a peer of a group of nodes");
     check_nodes(peer, (!opts.resume).then_some(&opts.config))?;
-    let all = group.gather(&[], true)?;
+    loop {
+        let all = group.gather(&[], true)?;
+        let (stage, pretrained, completed) = follow_stage(opts, peer, device, &all[0])?;
+        if stage == Stage::Rl || !completed {
+            group.finish();
+            return Ok(Outcome {
+                run_dir: opts.run_dir.clone(),
+                completed,
+                pretrained,
+                base: None,
+                fine_tuned: None,
+            });
+        }
+    }
+}
+
+/// One stage on a node other than the leader, from the leader's message `msg`: returns the
+/// stage, whether the run is of a pretrained model, and whether the stage completed.
+fn follow_stage<B: AutodiffBackend>(
+    opts: &PipelineOptions,
+    peer: &Peer<B>,
+    device: &B::Device,
+    msg: &[u8],
+) -> Result<(Stage, bool, bool)> {
     let bad = |reason: &str| Error::Peer {
         rank: 0,
-        reason: format!("sent an unreadable RL start ({reason})"),
+        reason: format!("sent an unreadable stage start ({reason})"),
     };
-    let msg = &all[0];
     let head_len = msg
         .get(..8)
         .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")) as usize)
@@ -265,7 +348,8 @@ pub(super) fn follow<B: AutodiffBackend>(
     let ck = read_checkpoint(state, config, "state")?;
     let model = require_grad(ck.model::<B>(device)?);
     let model = frozen_base_precision(model, config, device, true)?;
-    let optim = load_optimizer(adamw::<B>(&config.rl.optim), &ck.path, ck.section("optimizer")?, device)?;
+    let optim = stage_optim::<B>(config, handoff.stage);
+    let optim = load_optimizer(optim, &ck.path, ck.section("optimizer")?, device)?;
     drop(ck);
     let reference = if reference.is_empty() {
         None
@@ -287,13 +371,7 @@ pub(super) fn follow<B: AutodiffBackend>(
         &run,
         handoff.interrupt_after,
     )?;
-    let (_, _, completed) = train_rl(&mut ctx, model, optim, reference.as_ref(), handoff.start, Some(peer))?;
-    group.finish();
-    Ok(Outcome {
-        run_dir: opts.run_dir.clone(),
-        completed,
-        pretrained: config.pretrained.is_some(),
-        base: None,
-        fine_tuned: None,
-    })
+    let (stage, start) = (handoff.stage, handoff.start);
+    let (_, _, completed) = run_stage(stage, &mut ctx, model, optim, reference.as_ref(), start, Some(peer))?;
+    Ok((stage, config.pretrained.is_some(), completed))
 }

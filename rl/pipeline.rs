@@ -12,17 +12,15 @@ use burn::tensor::FloatDType;
 use serde::Serialize;
 
 use super::config::RunConfig;
-use super::data_parallel::{check_nodes, follow, rl_data_parallel, rl_on_nodes, RlStart};
+use super::data_parallel::{check_nodes, follow, run_stage_on, stage_optim, StageStart};
 use super::eval::{eval_problems, EvalSummary};
 use super::metrics::{read_metrics, MetricsWriter};
 use super::nodes::NodeGroup;
-use super::optim::{adamw, require_grad};
+use super::optim::require_grad;
 use super::parallel::Peer;
 use super::protocol::Tokens;
 use super::run::{load_state, Progress, RunDir, Stage};
-use super::sft::warm_start;
 use super::stage::Ctx;
-use super::train::train_rl;
 use crate::data::{TextTokenizer, Vocab};
 use crate::error::{Error, Result};
 use crate::fsutil::write_json;
@@ -85,8 +83,9 @@ pub fn run_pipeline<B: AutodiffBackend>(opts: &PipelineOptions, device: &B::Devi
     run_pipeline_on::<B>(opts, std::slice::from_ref(device))
 }
 
-/// [`run_pipeline`] with RL data-parallel over `devices` (one peer each, `parallel.rs`); the
-/// warm start, evaluations and checkpoints run on the first.
+/// [`run_pipeline`] data-parallel over `devices` (one peer each, `parallel.rs`): the warm
+/// start, RL and their evaluations are shared; checkpoints, metrics and the final evaluation
+/// are the first's.
 pub fn run_pipeline_on<B: AutodiffBackend>(opts: &PipelineOptions, devices: &[B::Device]) -> Result<Outcome> {
     let device = &devices[0];
     let node = match &opts.nodes {
@@ -142,10 +141,7 @@ pub fn run_pipeline_on<B: AutodiffBackend>(opts: &PipelineOptions, devices: &[B:
     let task = config.task.build()?;
     let protocol = tokens.protocol(task.as_ref(), &config.task)?;
     let latest = run.checkpoint("latest");
-    let optim_for = |stage: Stage| match stage {
-        Stage::WarmStart => adamw::<B>(&config.warm_start.optim),
-        Stage::Rl => adamw::<B>(&config.rl.optim),
-    };
+    let optim_for = |stage: Stage| stage_optim::<B>(&config, stage);
 
     // Where to start: a checkpoint of this run, a given init checkpoint, or a fresh model.
     let (mut model, mut optim, progress) = if opts.resume && latest.exists() {
@@ -228,7 +224,22 @@ pub fn run_pipeline_on<B: AutodiffBackend>(opts: &PipelineOptions, devices: &[B:
 
     let mut rl_start = progress.step;
     if progress.stage == Stage::WarmStart {
-        let (m, o, done) = warm_start(&mut ctx, model, optim, progress.step)?;
+        if peers > config.warm_start.batch_size {
+            // Each peer trains on whole traces.
+            return Err(Error::config(
+                "warm_start.batch_size",
+                config.warm_start.batch_size,
+                format!("must be at least the number of peers ({peers})"),
+            ));
+        }
+        let at = StageStart {
+            stage: Stage::WarmStart,
+            reference: None,
+            start: progress.step,
+            tokens: &tokens,
+            interrupt_after: opts.interrupt_after,
+        };
+        let (m, o, done) = run_stage_on(&mut ctx, model, optim, at, devices, node.as_ref())?;
         if !done {
             return Ok(incomplete(&ctx));
         }
@@ -266,19 +277,14 @@ pub fn run_pipeline_on<B: AutodiffBackend>(opts: &PipelineOptions, devices: &[B:
     } else {
         None
     };
-    let rl = RlStart {
+    let at = StageStart {
+        stage: Stage::Rl,
         reference: reference.as_ref(),
         start: rl_start,
         tokens: &tokens,
         interrupt_after: opts.interrupt_after,
     };
-    let (model, optim, done) = if let Some(peer) = &node {
-        rl_on_nodes(&mut ctx, model, optim, rl, peer)?
-    } else if devices.len() > 1 {
-        rl_data_parallel(&mut ctx, model, optim, rl, devices)?
-    } else {
-        train_rl(&mut ctx, model, optim, reference.as_ref(), rl_start, None)?
-    };
+    let (model, optim, done) = run_stage_on(&mut ctx, model, optim, at, devices, node.as_ref())?;
     if !done {
         return Ok(incomplete(&ctx));
     }

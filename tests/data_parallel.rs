@@ -1,7 +1,9 @@
 //! Data-parallel RL (rl/parallel.rs) on two CPU peers (threads of one process, both on the one
 //! CPU device): a step's problems scored in shares equal the whole step scored at once, two
 //! peers train the parameters one device trains, a resumed two-peer run equals an uninterrupted
-//! one, and a failing peer stops the group with an error naming it instead of a hang.
+//! one, and a failing peer stops the group with an error naming it instead of a hang. The
+//! warm start is shared the same way: two peers warm-start the parameters one device does,
+//! and resume mid-stage.
 
 mod common;
 #[path = "common/params.rs"]
@@ -317,6 +319,97 @@ fn a_failing_peer_stops_the_group_with_its_error() {
     assert_eq!(out.2, 0..2);
 }
 
+/// A short warm start (20 steps of 32 traces, an evaluation and a checkpoint every 10) from a
+/// fresh model, then one RL step.
+fn warm_config() -> RunConfig {
+    let mut c = config(Algo::Grpo);
+    c.warm_start.steps = 20;
+    c.warm_start.eval_every = 10;
+    c.warm_start.checkpoint_every = 10;
+    c.rl.steps = 1;
+    c
+}
+
+/// The metrics of the warm start (its steps and evaluations), without wall-clock measurements.
+fn warm_metrics(run: &Path) -> Vec<serde_json::Map<String, serde_json::Value>> {
+    read_metrics(&run.join("metrics.jsonl"))
+        .unwrap()
+        .into_iter()
+        .filter(|r| r["phase"] == "warm-start")
+        .map(|mut r| {
+            r.retain(|k, _| !k.starts_with("perf/") && k != "eval/seconds");
+            r
+        })
+        .collect()
+}
+
+/// Two peers warm-start from a fresh model to the parameters one device does, each training on
+/// half of every step's traces with the whole step's token count, and the leader's warm-start
+/// metrics (loss, gradient norm, the shared evaluations) are the one-device run's.
+#[test]
+fn two_peers_warm_start_what_one_device_warm_starts() {
+    let device: Device<AD> = Default::default();
+    let one = dir("warm-one");
+    let two = dir("warm-two");
+    run_pipeline::<AD>(&options(warm_config(), &one, None), &device).unwrap();
+    run_pipeline_on::<AD>(&options(warm_config(), &two, None), &[device; 2]).unwrap();
+
+    let (a, b) = (
+        params(&one.join("checkpoints/warm_start.ckpt")),
+        params(&two.join("checkpoints/warm_start.ckpt")),
+    );
+    let diff = relative_difference(&a, &b);
+    let (ma, mb) = (warm_metrics(&one), warm_metrics(&two));
+    let losses: Vec<f64> = ma.iter().filter_map(|r| r.get("train/loss")?.as_f64()).collect();
+    let (first, last) = (losses[0], losses[losses.len() - 1]);
+    eprintln!("warm start: loss {first:.4} → {last:.4}; two peers vs one device {diff:.3e}");
+    assert!(last < 0.8 * first, "the warm start did not learn ({first} → {last})");
+    assert!(diff <= 1e-6, "two peers differ from one device by {diff:.3e}");
+
+    // 20 steps and an evaluation after steps 10 and 20.
+    assert_eq!(ma.len(), 22);
+    assert_eq!(ma.iter().filter(|r| r.contains_key("eval/pass@1")).count(), 2);
+    assert_eq!(ma.len(), mb.len());
+    for (x, y) in ma.iter().zip(&mb) {
+        for (k, v) in x {
+            match (v.as_f64(), y[k].as_f64()) {
+                (Some(p), Some(q)) => assert!((p - q).abs() <= 1e-5 * p.abs().max(1.0), "{k}: {p} vs {q}"),
+                _ => assert_eq!(v, &y[k], "{k}"),
+            }
+        }
+    }
+    let raw = read_metrics(&two.join("metrics.jsonl")).unwrap();
+    let step = raw.iter().find(|r| r["phase"] == "warm-start").unwrap();
+    assert!(step["perf/allreduce_s"].as_f64().unwrap() >= 0.0);
+    assert_eq!(step["train/tokens"], ma[0]["train/tokens"]);
+}
+
+/// A two-peer warm start killed after 10 steps and resumed on two peers ends with the
+/// parameters of an uninterrupted two-peer warm start.
+#[test]
+fn a_resumed_two_peer_warm_start_matches_an_uninterrupted_one() {
+    let devices = vec![Device::<AD>::default(); 2];
+    let whole = dir("warm-resume-whole");
+    run_pipeline_on::<AD>(&options(warm_config(), &whole, None), &devices).unwrap();
+    let cut = dir("warm-resume-cut");
+    let killed = PipelineOptions {
+        interrupt_after: Some(10),
+        ..options(warm_config(), &cut, None)
+    };
+    assert!(!run_pipeline_on::<AD>(&killed, &devices).unwrap().completed);
+    assert!(!cut.join("checkpoints/warm_start.ckpt").exists());
+    let resumed = PipelineOptions {
+        resume: true,
+        ..options(warm_config(), &cut, None)
+    };
+    assert!(run_pipeline_on::<AD>(&resumed, &devices).unwrap().completed);
+    assert_eq!(
+        params(&whole.join("checkpoints/warm_start.ckpt")),
+        params(&cut.join("checkpoints/warm_start.ckpt"))
+    );
+    assert_eq!(warm_metrics(&whole), warm_metrics(&cut));
+}
+
 /// Each peer samples whole problems: fewer problems per step than devices is a config error,
 /// given before the warm start does any work.
 #[test]
@@ -331,4 +424,14 @@ fn fewer_problems_per_step_than_devices_is_refused_at_once() {
     );
     assert!(!run.join("checkpoints/warm_start.ckpt").exists());
     assert!(!run.join("checkpoints/latest.ckpt").exists());
+
+    // And each peer trains on whole warm-start traces.
+    let mut c = config(Algo::Grpo);
+    c.warm_start.batch_size = 1;
+    let run = dir("too-few-traces");
+    let err = run_pipeline_on::<AD>(&options(c, &run, None), &[Device::<AD>::default(); 2]).unwrap_err();
+    assert!(
+        matches!(&err, Error::Config { field, .. } if field == "warm_start.batch_size"),
+        "{err}"
+    );
 }

@@ -2,7 +2,7 @@
 //! the loopback address train the parameters one device trains; a killed node makes the
 //! other exit with an error naming it, the last checkpoint loads, and the run resumed on two
 //! nodes ends where an uninterrupted one does; nodes started with different configurations
-//! are refused before anything is written.
+//! are refused before anything is written. The warm start is shared the same way.
 
 #[path = "common/params.rs"]
 mod params;
@@ -75,13 +75,18 @@ fn nodes() -> String {
 
 /// A `train` command in `out` with the patch in `out/patch.json`: RL from the warm start.
 fn train(out: &Path, name: &str, algo: Algo, seed: u64) -> Command {
+    let mut c = fresh(out, name, algo, seed);
+    c.arg("--init").arg(warm_start());
+    c
+}
+
+/// [`train`] from a fresh model: the whole pipeline, warm start first.
+fn fresh(out: &Path, name: &str, algo: Algo, seed: u64) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_train"));
     c.args(["--task", "search", "--preset", "cpu-tiny", "--device", "cpu", "--quiet"])
         .args(["--algo", algo.name(), "--seed", &seed.to_string()])
         .arg("--config")
         .arg(out.join("patch.json"))
-        .arg("--init")
-        .arg(warm_start())
         .arg("--out")
         .arg(out)
         .args(["--name", name])
@@ -104,6 +109,17 @@ fn node(mut cmd: Command, nodes: &str, rank: usize) -> Child {
         "60",
     ]);
     cmd.spawn().unwrap()
+}
+
+/// The names of the files in a run directory and its checkpoints.
+fn files(run: &Path) -> Vec<String> {
+    let mut names: Vec<String> = ["", "checkpoints"]
+        .iter()
+        .flat_map(|d| std::fs::read_dir(run.join(d)).unwrap())
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
 }
 
 fn stderr(o: &Output) -> String {
@@ -150,10 +166,42 @@ fn two_processes_train_what_one_device_trains() {
             diff <= 1e-6,
             "{name}: two processes differ from one device by {diff:.3e}"
         );
-        // Only rank 0 wrote the run: one summary, from the leader's final evaluation.
-        assert!(out.join("two/summary.json").exists());
-        assert!(!out.join("two/checkpoints/latest.ckpt.tmp").exists());
+        // Only rank 0 wrote the run: the files of a one-process run, no more, no temporaries.
+        assert_eq!(files(&out.join("one")), files(&out.join("two")));
     }
+}
+
+/// Two processes warm-start a fresh model (each on half of every step's traces, with an
+/// evaluation shared between them) and then take an RL step: the warm start and the final
+/// parameters are one device's, up to the order of the gradient sums.
+#[test]
+fn two_processes_warm_start_what_one_device_warm_starts() {
+    let out = dir("warm-start");
+    let mut p = patch(1);
+    p["warm_start"] = serde_json::json!({ "steps": 20, "batch_size": 32, "eval_every": 10, "checkpoint_every": 10 });
+    std::fs::write(out.join("patch.json"), p.to_string()).unwrap();
+    let one = fresh(&out, "one", Algo::Grpo, 5).output().unwrap();
+    assert!(one.status.success(), "{}", stderr(&one));
+    two_nodes(fresh(&out, "two", Algo::Grpo, 5), fresh(&out, "two", Algo::Grpo, 5));
+    for ckpt in ["warm_start", "final"] {
+        let path = |run: &str| out.join(format!("{run}/checkpoints/{ckpt}.ckpt"));
+        let diff = relative_difference(&params(&path("one")), &params(&path("two")));
+        eprintln!("{ckpt}: two processes vs one device {diff:.3e}");
+        assert!(
+            diff <= 1e-6,
+            "{ckpt}: two processes differ from one device by {diff:.3e}"
+        );
+    }
+    let evals = |run: &str| -> Vec<String> {
+        let text = std::fs::read_to_string(out.join(format!("{run}/metrics.jsonl"))).unwrap();
+        text.lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|r| r["phase"] == "warm-start" && r.get("eval/pass@1").is_some())
+            .map(|r| format!("{} {} {}", r["step"], r["eval/pass@1"], r["eval/mean_tokens"]))
+            .collect()
+    };
+    assert_eq!(evals("one").len(), 2);
+    assert_eq!(evals("one"), evals("two"));
 }
 
 /// Killing the follower mid-run stops the leader within 60 s with an error naming rank 1,
