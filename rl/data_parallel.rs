@@ -7,11 +7,12 @@
 
 use std::sync::Mutex;
 
-use burn::module::Module;
+use burn::module::{AutodiffModule, Module};
 use burn::prelude::Backend;
 use burn::tensor::backend::AutodiffBackend;
 use serde::{Deserialize, Serialize};
 
+use super::closing::follow_closing;
 use super::config::RunConfig;
 use super::eval::eval_problems;
 use super::metrics::MetricsWriter;
@@ -133,7 +134,7 @@ fn stage_on_devices<B: AutodiffBackend>(
 }
 
 /// The context of a peer that is not the leader: the run's settings, writing nothing.
-fn follower_ctx<'a>(
+pub(super) fn follower_ctx<'a>(
     config: &'a RunConfig,
     task: &'a dyn Task,
     protocol: &'a dyn Protocol,
@@ -223,7 +224,11 @@ struct Handoff {
 
 /// A checkpoint of `model` (adapters inline, not over a base file another machine may not
 /// have) with `sections`, as bytes.
-fn checkpoint_bytes<Bk: Backend>(model: &Transformer<Bk>, sections: Vec<Section>, tag: &str) -> Result<Vec<u8>> {
+pub(super) fn checkpoint_bytes<Bk: Backend>(
+    model: &Transformer<Bk>,
+    sections: Vec<Section>,
+    tag: &str,
+) -> Result<Vec<u8>> {
     let path = std::env::temp_dir().join(format!("mrt-handoff-{tag}-{}.ckpt", std::process::id()));
     let mut inline = model.clone();
     inline.lora_base = None;
@@ -234,7 +239,7 @@ fn checkpoint_bytes<Bk: Backend>(model: &Transformer<Bk>, sections: Vec<Section>
 }
 
 /// The checkpoint in `bytes`, read back (through a file: checkpoints are read mapped).
-fn read_checkpoint(bytes: &[u8], config: &RunConfig, tag: &str) -> Result<checkpoint::Checkpoint> {
+pub(super) fn read_checkpoint(bytes: &[u8], config: &RunConfig, tag: &str) -> Result<checkpoint::Checkpoint> {
     let path = std::env::temp_dir().join(format!("mrt-handoff-{tag}-{}.ckpt", std::process::id()));
     std::fs::write(&path, bytes).map_err(|e| Error::io(&path, e))?;
     let ck = checkpoint::load(&path, Some(&config.model));
@@ -285,8 +290,9 @@ fn stage_on_nodes<B: AutodiffBackend>(
     group.gather(&bytes, true)?;
     drop(bytes);
     let out = run_stage(at.stage, ctx, model, optim, at.reference, at.start, Some(peer))?;
-    if at.stage == Stage::Rl || !out.2 {
-        // The last exchange of this process: the others fetch what it exposed before it exits.
+    if !out.2 {
+        // The last exchange of this process (after a completed RL stage the closing
+        // evaluations are): the others fetch what it exposed before it exits.
         group.finish();
     }
     Ok(out)
@@ -294,7 +300,8 @@ fn stage_on_nodes<B: AutodiffBackend>(
 
 /// A node other than the leader: checks its configuration against the leader's, then, for
 /// each stage the leader starts (the warm start, if the run has one, then RL), receives the
-/// stage's start and trains as one of the group. It writes nothing.
+/// stage's start and trains as one of the group; after RL, takes its share of the closing
+/// evaluations. It writes nothing.
 pub(super) fn follow<B: AutodiffBackend>(
     opts: &PipelineOptions,
     peer: &Peer<B>,
@@ -372,6 +379,9 @@ fn follow_stage<B: AutodiffBackend>(
         handoff.interrupt_after,
     )?;
     let (stage, start) = (handoff.stage, handoff.start);
-    let (_, _, completed) = run_stage(stage, &mut ctx, model, optim, reference.as_ref(), start, Some(peer))?;
+    let (model, _, completed) = run_stage(stage, &mut ctx, model, optim, reference.as_ref(), start, Some(peer))?;
+    if stage == Stage::Rl && completed {
+        follow_closing(&mut ctx, &model.valid(), peer, device)?;
+    }
     Ok((stage, config.pretrained.is_some(), completed))
 }

@@ -45,6 +45,7 @@
 
 pub mod advantage;
 pub mod batch;
+mod closing;
 pub mod config;
 mod data_parallel;
 pub mod eval;

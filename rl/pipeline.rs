@@ -11,6 +11,7 @@ use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::FloatDType;
 use serde::Serialize;
 
+use super::closing::{closing_on, Closing, Subject};
 use super::config::RunConfig;
 use super::data_parallel::{check_nodes, follow, run_stage_on, stage_optim, StageStart};
 use super::eval::{eval_problems, EvalSummary};
@@ -296,6 +297,35 @@ pub fn run_pipeline_on<B: AutodiffBackend>(opts: &PipelineOptions, devices: &[B:
         serde_json::json!({ "stage": "final" }),
     )?;
 
+    // The closing evaluations, each reused when this process's last evaluation of a stage was
+    // of that very model, else shared over the group (which, for nodes, the exchange of even
+    // an empty list ends).
+    let mut jobs = Vec::new();
+    if opts.final_eval {
+        let base = match ctx.reusable(("warm-start", config.warm_start.steps)) {
+            Some((summary, seconds)) => Subject::Reused(summary, seconds),
+            None => Subject::Model(match reference {
+                Some(m) => m,
+                None => load_base()?,
+            }),
+        };
+        let fine_tuned = match ctx.reusable(("rl", config.rl.steps)) {
+            Some((summary, seconds)) => Subject::Reused(summary, seconds),
+            None => Subject::Policy,
+        };
+        jobs.push(Closing {
+            stage: "base",
+            step: 0,
+            subject: base,
+        });
+        jobs.push(Closing {
+            stage: "final",
+            step: config.rl.steps,
+            subject: fine_tuned,
+        });
+    }
+    let mut summaries = closing_on::<B>(&mut ctx, jobs, &model.valid(), &tokens, devices, node.as_ref())?.into_iter();
+    let (base, fine_tuned) = (summaries.next(), summaries.next());
     if !opts.final_eval {
         return Ok(Outcome {
             run_dir: run.root.clone(),
@@ -305,24 +335,12 @@ pub fn run_pipeline_on<B: AutodiffBackend>(opts: &PipelineOptions, devices: &[B:
             fine_tuned: None,
         });
     }
-    // The warm start's and RL's last evaluations, when this process made them, were of these
-    // very models.
-    let base = ctx.evaluate_or_reuse(
-        || match reference {
-            Some(m) => Ok(m),
-            None => load_base(),
-        },
-        "base",
-        0,
-        ("warm-start", config.warm_start.steps),
-    )?;
-    let fine_tuned = ctx.evaluate_or_reuse(|| Ok(model.valid()), "final", config.rl.steps, ("rl", config.rl.steps))?;
     let outcome = Outcome {
         run_dir: run.root.clone(),
         completed: true,
         pretrained,
-        base: Some(base),
-        fine_tuned: Some(fine_tuned),
+        base,
+        fine_tuned,
     };
     write_json(&run.root.join("summary.json"), &outcome)?;
     Ok(outcome)

@@ -142,30 +142,20 @@ impl Ctx<'_> {
         Ok(summary)
     }
 
-    /// [`Ctx::evaluate`] of the model `load` gives, unless this process already evaluated that
-    /// same model: stage `from.0` at step `from.1` (the last step of the stage that produced it).
-    /// The evaluation's seed and problems depend on the run alone, so it would give the same
-    /// numbers again, at the cost of a whole evaluation (minutes on a pretrained model); the
-    /// record is written under `stage` with `eval/reused` = 1.
-    pub fn evaluate_or_reuse<B: Backend>(
-        &mut self,
-        load: impl FnOnce() -> Result<Transformer<B>>,
-        stage: &str,
-        step: usize,
-        from: (&str, usize),
-    ) -> Result<EvalSummary> {
-        let found = self
-            .latest_evals
+    /// This process's evaluation of the model stage `from.0` ended with (at its last step,
+    /// `from.1`), if it made one: its summary and seconds. The evaluation's seed and problems
+    /// depend on the run alone, so evaluating that model again would give the same numbers, at
+    /// the cost of a whole evaluation (minutes on a pretrained model).
+    pub fn reusable(&self, from: (&str, usize)) -> Option<(EvalSummary, f64)> {
+        self.latest_evals
             .iter()
             .find(|e| e.0 == from.0 && e.1 == from.1)
-            .map(|e| (e.2.clone(), e.3));
-        match found {
-            Some((summary, seconds)) => {
-                self.log_eval(stage, step, &summary, seconds, true)?;
-                Ok(summary)
-            }
-            None => self.evaluate(&load()?, stage, step),
-        }
+            .map(|e| (e.2.clone(), e.3))
+    }
+
+    /// Writes a reused evaluation's record under `stage`, with `eval/reused` = 1.
+    pub fn log_reused(&mut self, stage: &str, step: usize, summary: &EvalSummary, seconds: f64) -> Result<()> {
+        self.log_eval(stage, step, summary, seconds, true)
     }
 
     fn log_eval(&mut self, stage: &str, step: usize, summary: &EvalSummary, seconds: f64, reused: bool) -> Result<()> {

@@ -319,6 +319,38 @@ fn a_failing_peer_stops_the_group_with_its_error() {
     assert_eq!(out.2, 0..2);
 }
 
+/// The closing evaluations of a run resumed after its last RL step (so neither the base nor
+/// the fine-tuned model was evaluated in this process, and neither is reused) shared by two
+/// peers give one device's numbers.
+#[test]
+fn two_peers_share_the_closing_evaluations() {
+    let device: Device<AD> = Default::default();
+    let mut summaries = Vec::new();
+    for peers in [1, 2] {
+        let run = dir(&format!("closing-{peers}"));
+        run_pipeline::<AD>(&options(config(Algo::Grpo), &run, Some(warm_start())), &device).unwrap();
+        let resumed = PipelineOptions {
+            resume: true,
+            final_eval: true,
+            ..options(config(Algo::Grpo), &run, None)
+        };
+        let out = run_pipeline_on::<AD>(&resumed, &vec![device; peers]).unwrap();
+        let records = read_metrics(&run.join("metrics.jsonl")).unwrap();
+        for stage in ["base", "final"] {
+            let r = records.iter().find(|r| r["phase"] == stage).unwrap();
+            assert!(!r.contains_key("eval/reused"), "{peers} peers: {stage} was reused");
+        }
+        summaries.push(serde_json::to_value((out.base.unwrap(), out.fine_tuned.unwrap())).unwrap());
+    }
+    // Not vacuous: the problems were attempted.
+    assert!(
+        summaries[0][0]["mean_tokens"].as_f64().unwrap() > 0.0,
+        "{}",
+        summaries[0]
+    );
+    assert_eq!(summaries[0], summaries[1]);
+}
+
 /// A short warm start (20 steps of 32 traces, an evaluation and a checkpoint every 10) from a
 /// fresh model, then one RL step.
 fn warm_config() -> RunConfig {

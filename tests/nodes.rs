@@ -168,6 +168,38 @@ fn two_processes_train_what_one_device_trains() {
         );
         // Only rank 0 wrote the run: the files of a one-process run, no more, no temporaries.
         assert_eq!(files(&out.join("one")), files(&out.join("two")));
+        // The closing evaluations: the base (not evaluated in this run, whose warm start came
+        // with --init) shared by both nodes, rank 0 sending it, gives one device's numbers; the
+        // fine-tuned model (reused from RL's last evaluation) its rollouts (its parameters are
+        // one device's up to the order of sums, so the meta-prover's J agree to ~1e-8 only).
+        let closing = |run: &str| -> serde_json::Value {
+            let text = std::fs::read_to_string(out.join(format!("{run}/summary.json"))).unwrap();
+            let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+            serde_json::json!([v["base"], v["fine_tuned"]])
+        };
+        let (c1, c2) = (closing("one"), closing("two"));
+        assert!(c1[0]["mean_tokens"].as_f64().unwrap() > 0.0);
+        assert_eq!(c1[0], c2[0]);
+        for key in ["pass1", "answered", "mean_episodes", "mean_tokens"] {
+            assert_eq!(c1[1][key], c2[1][key], "{key}");
+        }
+        if algo == Algo::Grpo {
+            // Resumed after its last step, neither model is reused: each node evaluates its
+            // own fine-tuned copy, and the numbers are those RL's last (shared) evaluation of
+            // the same parameters gave.
+            let resume = || {
+                let mut c = Command::new(env!("CARGO_BIN_EXE_train"));
+                c.args(["--device", "cpu", "--quiet", "--resume"])
+                    .arg(out.join("two"))
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped());
+                c
+            };
+            two_nodes(resume(), resume());
+            assert_eq!(closing("two"), c2);
+            let text = std::fs::read_to_string(out.join("two/metrics.jsonl")).unwrap();
+            assert!(!text.contains("eval/reused"), "{text}");
+        }
     }
 }
 
