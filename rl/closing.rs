@@ -15,7 +15,7 @@ use burn::prelude::Backend;
 use burn::tensor::backend::AutodiffBackend;
 use serde::{Deserialize, Serialize};
 
-use super::data_parallel::{checkpoint_bytes, follower_ctx, read_checkpoint};
+use super::data_parallel::{checkpoint_bytes, follower_ctx, frame, read_checkpoint, unframe};
 use super::eval::EvalSummary;
 use super::parallel::{run_peers, Peer};
 use super::protocol::Tokens;
@@ -30,7 +30,7 @@ pub(super) enum Subject<B: Backend> {
     /// The fine-tuned policy, which every peer holds.
     Policy,
     /// Another model (the base), which the leader alone may hold.
-    Model(Transformer<B>),
+    Model(Box<Transformer<B>>),
 }
 
 /// One closing evaluation: its record's stage and step, and its model.
@@ -68,20 +68,12 @@ pub(super) fn closing_on<B: AutodiffBackend>(
                 Subject::Reused(..) => Sent::Reused,
                 Subject::Policy => Sent::Policy,
                 Subject::Model(m) => {
-                    let bytes = checkpoint_bytes(m, vec![], "closing")?;
-                    let len = bytes.len();
-                    models.extend(bytes);
-                    Sent::Checkpoint(len)
+                    models.push(checkpoint_bytes(m, vec![])?);
+                    Sent::Checkpoint(models[models.len() - 1].len())
                 }
             });
         }
-        let head = rmp_serde::to_vec(&order).map_err(|e| Error::Peer {
-            rank: 0,
-            reason: format!("encoding the closing evaluations: {e}"),
-        })?;
-        let mut bytes = (head.len() as u64).to_le_bytes().to_vec();
-        bytes.extend(head);
-        bytes.extend(models);
+        let bytes = frame(&order, models, "the closing evaluations")?;
         group.gather(&bytes, true)?;
         drop(bytes);
         let out = run_closing(ctx, jobs, policy, Some(peer));
@@ -126,7 +118,7 @@ impl<B: Backend> Closing<B> {
             subject: match &self.subject {
                 Subject::Reused(s, t) => Subject::Reused(s.clone(), *t),
                 Subject::Policy => Subject::Policy,
-                Subject::Model(m) => Subject::Model(m.clone().to_device(device)),
+                Subject::Model(m) => Subject::Model(Box::new(m.as_ref().clone().to_device(device))),
             },
         }
     }
@@ -165,21 +157,8 @@ pub(super) fn follow_closing<B: AutodiffBackend>(
     device: &B::Device,
 ) -> Result<()> {
     let group = peer.nodes().expect("a peer of a group of nodes");
-    let all = group.gather(&[], true)?;
-    let msg = &all[0];
-    let bad = |reason: &str| Error::Peer {
-        rank: 0,
-        reason: format!("sent unreadable closing evaluations ({reason})"),
-    };
-    let head_len = msg
-        .get(..8)
-        .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")) as usize)
-        .ok_or_else(|| bad("too short"))?;
-    let order: Vec<Sent> = msg
-        .get(8..8 + head_len)
-        .ok_or_else(|| bad("too short"))
-        .and_then(|h| rmp_serde::from_slice(h).map_err(|e| bad(&e.to_string())))?;
-    let mut at = 8 + head_len;
+    let mut msg = group.gather(&[], true)?.swap_remove(0);
+    let order: Vec<Sent> = unframe(&mut msg, "closing evaluations")?;
     for sent in order {
         // The stage and step label only the leader's records.
         match sent {
@@ -188,9 +167,16 @@ pub(super) fn follow_closing<B: AutodiffBackend>(
                 ctx.evaluate_shared(policy, "closing", 0, Some(peer))?;
             }
             Sent::Checkpoint(len) => {
-                let bytes = msg.get(at..at + len).ok_or_else(|| bad("too short"))?;
-                at += len;
-                let model = read_checkpoint(bytes, ctx.config, "closing")?.model::<B::InnerBackend>(device)?;
+                if msg.len() < len {
+                    return Err(Error::Peer {
+                        rank: 0,
+                        reason: "sent closing evaluations shorter than the lengths they name".into(),
+                    });
+                }
+                let rest = msg.split_off(len);
+                let bytes = std::mem::replace(&mut msg, rest);
+                let model =
+                    read_checkpoint(bytes, ctx.config, "model to evaluate")?.model::<B::InnerBackend>(device)?;
                 ctx.evaluate_shared(&model, "closing", 0, Some(peer))?;
             }
         }

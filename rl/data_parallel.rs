@@ -10,6 +10,7 @@ use std::sync::Mutex;
 use burn::module::{AutodiffModule, Module};
 use burn::prelude::Backend;
 use burn::tensor::backend::AutodiffBackend;
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use super::closing::follow_closing;
@@ -224,28 +225,49 @@ struct Handoff {
 
 /// A checkpoint of `model` (adapters inline, not over a base file another machine may not
 /// have) with `sections`, as bytes.
-pub(super) fn checkpoint_bytes<Bk: Backend>(
-    model: &Transformer<Bk>,
-    sections: Vec<Section>,
-    tag: &str,
-) -> Result<Vec<u8>> {
-    let path = std::env::temp_dir().join(format!("mrt-handoff-{tag}-{}.ckpt", std::process::id()));
+pub(super) fn checkpoint_bytes<Bk: Backend>(model: &Transformer<Bk>, sections: Vec<Section>) -> Result<Vec<u8>> {
     let mut inline = model.clone();
     inline.lora_base = None;
-    checkpoint::save(&path, &inline, sections, serde_json::json!({}))?;
-    let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e));
-    let _ = std::fs::remove_file(&path);
-    bytes
+    checkpoint::to_bytes(&inline, sections, serde_json::json!({}))
 }
 
-/// The checkpoint in `bytes`, read back (through a file: checkpoints are read mapped).
-pub(super) fn read_checkpoint(bytes: &[u8], config: &RunConfig, tag: &str) -> Result<checkpoint::Checkpoint> {
-    let path = std::env::temp_dir().join(format!("mrt-handoff-{tag}-{}.ckpt", std::process::id()));
-    std::fs::write(&path, bytes).map_err(|e| Error::io(&path, e))?;
-    let ck = checkpoint::load(&path, Some(&config.model));
-    // The map outlives the name.
-    let _ = std::fs::remove_file(&path);
-    ck
+/// The checkpoint rank 0 sent as `bytes` (`what` names it in errors).
+pub(super) fn read_checkpoint(bytes: Vec<u8>, config: &RunConfig, what: &str) -> Result<checkpoint::Checkpoint> {
+    let label = format!("(rank 0's {what})");
+    checkpoint::from_bytes(std::path::Path::new(&label), bytes, Some(&config.model))
+}
+
+/// A message from rank 0 to the other nodes: its header's length (8 bytes), the header (JSON),
+/// then `payload` (checkpoints, whose lengths the header names).
+pub(super) fn frame<T: Serialize>(head: &T, payload: Vec<Vec<u8>>, what: &str) -> Result<Vec<u8>> {
+    let head = serde_json::to_vec(head).map_err(|e| Error::Peer {
+        rank: 0,
+        reason: format!("encoding {what}: {e}"),
+    })?;
+    let len = 8 + head.len() + payload.iter().map(Vec::len).sum::<usize>();
+    let mut bytes = Vec::with_capacity(len);
+    bytes.extend((head.len() as u64).to_le_bytes());
+    bytes.extend(head);
+    for p in payload {
+        bytes.extend(p);
+    }
+    Ok(bytes)
+}
+
+/// The header of a message [`frame`] made, leaving its payload in `msg`.
+pub(super) fn unframe<T: DeserializeOwned>(msg: &mut Vec<u8>, what: &str) -> Result<T> {
+    let bad = |reason: String| Error::Peer {
+        rank: 0,
+        reason: format!("sent unreadable {what} ({reason})"),
+    };
+    let len = msg
+        .get(..8)
+        .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")) as usize)
+        .filter(|&len| msg.len() >= 8 + len)
+        .ok_or_else(|| bad("too short".into()))?;
+    let head = serde_json::from_slice(&msg[8..8 + len]).map_err(|e| bad(e.to_string()))?;
+    msg.drain(..8 + len);
+    Ok(head)
 }
 
 /// The optimizer of `stage` (its own weight decay).
@@ -266,9 +288,9 @@ fn stage_on_nodes<B: AutodiffBackend>(
     peer: &Peer<B>,
 ) -> Result<Trained<B>> {
     let group = peer.nodes().expect("a peer of a group of nodes");
-    let state = checkpoint_bytes(&model, vec![optimizer_section(&optim)], "state")?;
+    let state = checkpoint_bytes(&model, vec![optimizer_section(&optim)])?;
     let reference = match at.reference {
-        Some(r) => checkpoint_bytes(r, vec![], "reference")?,
+        Some(r) => checkpoint_bytes(r, vec![])?,
         None => Vec::new(),
     };
     let handoff = Handoff {
@@ -279,14 +301,7 @@ fn stage_on_nodes<B: AutodiffBackend>(
         state_len: state.len(),
         reference_len: reference.len(),
     };
-    let head = serde_json::to_vec(&handoff).map_err(|e| Error::Peer {
-        rank: 0,
-        reason: format!("encoding the stage's start: {e}"),
-    })?;
-    let mut bytes = (head.len() as u64).to_le_bytes().to_vec();
-    bytes.extend(head);
-    bytes.extend(state);
-    bytes.extend(reference);
+    let bytes = frame(&handoff, vec![state, reference], "the stage's start")?;
     group.gather(&bytes, true)?;
     drop(bytes);
     let out = run_stage(at.stage, ctx, model, optim, at.reference, at.start, Some(peer))?;
@@ -310,8 +325,8 @@ pub(super) fn follow<B: AutodiffBackend>(
     let group = peer.nodes().expect("a peer of a group of nodes");
     check_nodes(peer, (!opts.resume).then_some(&opts.config))?;
     loop {
-        let all = group.gather(&[], true)?;
-        let (stage, pretrained, completed) = follow_stage(opts, peer, device, &all[0])?;
+        let msg = group.gather(&[], true)?.swap_remove(0);
+        let (stage, pretrained, completed) = follow_stage(opts, peer, device, msg)?;
         if stage == Stage::Rl || !completed {
             group.finish();
             return Ok(Outcome {
@@ -331,28 +346,20 @@ fn follow_stage<B: AutodiffBackend>(
     opts: &PipelineOptions,
     peer: &Peer<B>,
     device: &B::Device,
-    msg: &[u8],
+    mut msg: Vec<u8>,
 ) -> Result<(Stage, bool, bool)> {
-    let bad = |reason: &str| Error::Peer {
-        rank: 0,
-        reason: format!("sent an unreadable stage start ({reason})"),
-    };
-    let head_len = msg
-        .get(..8)
-        .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")) as usize)
-        .ok_or_else(|| bad("too short"))?;
-    let handoff: Handoff = msg
-        .get(8..8 + head_len)
-        .ok_or_else(|| bad("too short"))
-        .and_then(|h| serde_json::from_slice(h).map_err(|e| bad(&e.to_string())))?;
-    let at = 8 + head_len;
-    let (state, reference) = match msg.get(at..at + handoff.state_len + handoff.reference_len) {
-        Some(b) => b.split_at(handoff.state_len),
-        None => return Err(bad("too short")),
-    };
+    let handoff: Handoff = unframe(&mut msg, "stage start")?;
+    if msg.len() != handoff.state_len + handoff.reference_len {
+        return Err(Error::Peer {
+            rank: 0,
+            reason: "sent a stage start whose length differs from the lengths it names".into(),
+        });
+    }
+    // The state and the reference, taken apart without copying the state.
+    let reference = msg.split_off(handoff.state_len);
     let config = &handoff.config;
 
-    let ck = read_checkpoint(state, config, "state")?;
+    let ck = read_checkpoint(msg, config, "training state")?;
     let model = require_grad(ck.model::<B>(device)?);
     let model = frozen_base_precision(model, config, device, true)?;
     let optim = stage_optim::<B>(config, handoff.stage);
@@ -361,7 +368,7 @@ fn follow_stage<B: AutodiffBackend>(
     let reference = if reference.is_empty() {
         None
     } else {
-        Some(read_checkpoint(reference, config, "reference")?.model::<B::InnerBackend>(device)?)
+        Some(read_checkpoint(reference, config, "reference model")?.model::<B::InnerBackend>(device)?)
     };
     let task = config.task.build()?;
     let tokens = match &config.pretrained {

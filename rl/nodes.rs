@@ -163,15 +163,24 @@ impl NodeGroup {
     /// come (the leader's warm start before the RL stage); a node that exits is still
     /// reported at once.
     pub fn gather(&self, bytes: &[u8], wait_long: bool) -> Result<Vec<Vec<u8>>> {
-        let mut out = vec![Vec::new(); self.count()];
-        // The lengths first (one piece each), then the pieces of the longest.
-        let lens = self.gather_piece(&(bytes.len() as u64).to_le_bytes(), wait_long)?;
-        let lens: Vec<usize> = lens
-            .iter()
-            .map(|l| u64::from_le_bytes(l[..].try_into().expect("8 bytes")) as usize)
-            .collect();
+        // The first piece carries the length before it, so a payload of up to one piece
+        // (64 MiB: the samples, sums, a small model's gradients) takes one round trip; more
+        // pieces follow, as many as the longest payload needs.
+        let first = &bytes[..bytes.len().min(PIECE)];
+        let mut head = (bytes.len() as u64).to_le_bytes().to_vec();
+        head.extend_from_slice(first);
+        let mut out = self.gather_piece(&head, wait_long)?;
+        let mut lens = Vec::with_capacity(out.len());
+        for (rank, o) in out.iter_mut().enumerate() {
+            let len = o.get(..8).ok_or_else(|| Error::Peer {
+                rank,
+                reason: format!("sent a piece of {} bytes without its length", o.len()),
+            })?;
+            lens.push(u64::from_le_bytes(len.try_into().expect("8 bytes")) as usize);
+            o.drain(..8);
+        }
         let longest = lens.iter().copied().max().unwrap_or(0);
-        for start in (0..longest).step_by(PIECE) {
+        for start in (PIECE..longest).step_by(PIECE) {
             let mine = &bytes[start.min(bytes.len())..(start + PIECE).min(bytes.len())];
             for (o, piece) in out.iter_mut().zip(self.gather_piece(mine, false)?) {
                 o.extend_from_slice(&piece);

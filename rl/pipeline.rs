@@ -304,10 +304,10 @@ pub fn run_pipeline_on<B: AutodiffBackend>(opts: &PipelineOptions, devices: &[B:
     if opts.final_eval {
         let base = match ctx.reusable(("warm-start", config.warm_start.steps)) {
             Some((summary, seconds)) => Subject::Reused(summary, seconds),
-            None => Subject::Model(match reference {
+            None => Subject::Model(Box::new(match reference {
                 Some(m) => m,
                 None => load_base()?,
-            }),
+            })),
         };
         let fine_tuned = match ctx.reusable(("rl", config.rl.steps)) {
             Some((summary, seconds)) => Subject::Reused(summary, seconds),

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use burn::backend::Flex;
 use burn::prelude::*;
-use mrt::model::checkpoint::{load, save, Section};
+use mrt::model::checkpoint::{from_bytes, load, save, to_bytes, Section};
 use mrt::model::{Transformer, TransformerConfig};
 
 type B = Flex;
@@ -50,6 +50,34 @@ fn round_trip_gives_identical_logits_and_metadata() {
         .map(|e| e.unwrap().file_name())
         .collect();
     assert_eq!(names.len(), 1, "{names:?}");
+}
+
+/// A checkpoint in memory (sent to another process by data-parallel nodes) is the file's bytes
+/// exactly, and reads back the same; a cut or altered buffer is an error naming it.
+#[test]
+fn in_memory_checkpoints_are_the_files_bytes() {
+    let (path, m) = saved("bytes");
+    let bytes = to_bytes(
+        &m,
+        vec![Section::bytes("extra", vec![1, 2, 3])],
+        serde_json::json!({"step": 12}),
+    )
+    .unwrap();
+    assert_eq!(bytes, fs::read(&path).unwrap());
+    let label = std::path::Path::new("(received)");
+    let ck = from_bytes(label, bytes.clone(), Some(&m.config)).unwrap();
+    assert_eq!(logits(&m), logits(&ck.model::<B>(&Default::default()).unwrap()));
+    assert_eq!(ck.section("extra").unwrap(), &[1, 2, 3]);
+
+    let cut = from_bytes(label, bytes[..bytes.len() - 1].to_vec(), None)
+        .unwrap_err()
+        .to_string();
+    assert!(cut.contains("(received)") && cut.contains("truncated"), "{cut}");
+    let mut altered = bytes;
+    let last = altered.len() - 2;
+    altered[last] ^= 1;
+    let bad = from_bytes(label, altered, None).unwrap_err().to_string();
+    assert!(bad.contains("checksum"), "{bad}");
 }
 
 fn err(path: &std::path::Path, expected: Option<&TransformerConfig>) -> String {

@@ -11,7 +11,7 @@
 //! by the lengths and checksums before anything is deserialised.
 
 use std::fs;
-use std::io::{Seek, Write};
+use std::io::Write;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
@@ -20,11 +20,14 @@ use burn::prelude::*;
 use burn::record::{BurnRecord, FullPrecisionSettings, NamedMpkBytesRecorder, Record};
 use serde::{Deserialize, Serialize};
 
+mod write;
+
+pub use write::{save, to_bytes, Section};
+
 use super::config::TransformerConfig;
 use super::lora::{lora_params, Adapters, BaseRef, LoraConfig};
 use super::transformer::Transformer;
 use crate::error::{Error, Result};
-use crate::fsutil::write_atomic_with;
 
 const MAGIC: &[u8; 8] = b"MRTCKPT1";
 const FORMAT_VERSION: u32 = 1;
@@ -69,11 +72,28 @@ pub struct Checkpoint {
     pub meta: serde_json::Value,
     /// The model's adapters, when it has some.
     pub lora: Option<LoraHeader>,
-    /// The whole file, memory-mapped; sections are ranges of it. A pretrained model's run
-    /// state is gigabytes: mapped pages are the kernel's page cache, read on demand and never
-    /// a second copy in the process's own memory.
-    bytes: memmap2::Mmap,
+    /// The whole file, memory-mapped (or, received from another process, in memory); sections
+    /// are ranges of it. A pretrained model's run state is gigabytes: mapped pages are the
+    /// kernel's page cache, read on demand and never a second copy in the process's own memory.
+    bytes: Storage,
     sections: Vec<(String, Range<usize>)>,
+}
+
+/// A checkpoint's bytes.
+#[derive(Debug)]
+enum Storage {
+    Mapped(memmap2::Mmap),
+    Owned(Vec<u8>),
+}
+
+impl std::ops::Deref for Storage {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Storage::Mapped(m) => m,
+            Storage::Owned(v) => v,
+        }
+    }
 }
 
 impl Checkpoint {
@@ -192,142 +212,6 @@ pub fn decode_record<B: Backend, R: Record<B>>(path: &Path, bytes: &[u8], device
     Ok(R::from_item(record.item, device))
 }
 
-/// A section of a checkpoint, written by a function straight into the file: a module's record
-/// is never held as bytes.
-pub struct Section<'a> {
-    pub name: String,
-    write: Box<dyn FnOnce(&mut dyn Write) -> Result<()> + 'a>,
-}
-
-impl<'a> Section<'a> {
-    /// Bytes already in memory.
-    pub fn bytes(name: &str, bytes: Vec<u8>) -> Self {
-        Self {
-            name: name.into(),
-            write: Box::new(move |w| {
-                w.write_all(&bytes)
-                    .map_err(|e| Error::checkpoint("<memory>", e.to_string()))
-            }),
-        }
-    }
-
-    /// A module's record (cheap to make: it shares the module's tensors).
-    pub fn record<B: Backend, R: Record<B> + 'a>(name: &str, record: R) -> Self {
-        Self {
-            name: name.into(),
-            write: Box::new(move |w| write_record::<B, R>(record, w)),
-        }
-    }
-}
-
-/// Passes writes on to the file, counting and checksumming them. Keeps the file's own error
-/// (a full disk, say), which the record serialiser would report only as a failed write.
-struct Measured<'w> {
-    file: &'w mut dyn Write,
-    len: u64,
-    crc: crc32fast::Hasher,
-    error: Option<std::io::Error>,
-}
-
-impl Write for Measured<'_> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let n = self
-            .file
-            .write(buf)
-            .inspect_err(|e| self.error = Some(std::io::Error::new(e.kind(), e.to_string())))?;
-        self.len += n as u64;
-        self.crc.update(&buf[..n]);
-        Ok(n)
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.file.flush()
-    }
-}
-
-/// Writes a checkpoint atomically: the model plus any extra sections and metadata.
-///
-/// Each section is serialised once, straight into the file, so the peak is the live state plus
-/// one section's record (for a pretrained model, gigabytes less than assembling the file in
-/// memory; BENCHMARKS.md). The header, which names every section's length and checksum, comes
-/// first in the file: room for it is reserved (its JSON with the widest possible numbers), and
-/// it is written there, padded with spaces, once the sections are known.
-pub fn save<B: Backend>(
-    path: &Path,
-    model: &Transformer<B>,
-    extra_sections: Vec<Section>,
-    meta: serde_json::Value,
-) -> Result<()> {
-    let lora = model.lora_config().map(|config| LoraHeader {
-        config,
-        base: model.lora_base.as_ref().map(|b| BaseRef {
-            path: stored_base_path(&b.path, path),
-            fingerprint: b.fingerprint.clone(),
-        }),
-    });
-    let mut sections = vec![match &lora {
-        Some(LoraHeader { base: Some(_), .. }) => {
-            Section::record::<B, _>(ADAPTERS_SECTION, model.adapters().into_record())
-        }
-        _ => Section::record::<B, _>(MODEL_SECTION, model.clone().into_record()),
-    }];
-    sections.extend(extra_sections);
-    let mut header = Header {
-        format_version: FORMAT_VERSION,
-        config: model.config.clone(),
-        sections: sections
-            .iter()
-            .map(|s| SectionInfo {
-                name: s.name.clone(),
-                len: u64::MAX,
-                crc32: u32::MAX,
-            })
-            .collect(),
-        meta,
-        lora,
-    };
-    let json = |h: &Header| serde_json::to_vec(h).map_err(|e| Error::checkpoint(path, e.to_string()));
-    let room = json(&header)?.len();
-    let mut failure = None;
-    let result = write_atomic_with(path, |f| {
-        f.write_all(MAGIC)?;
-        f.write_all(&(room as u64).to_le_bytes())?;
-        f.write_all(&vec![b' '; room])?;
-        for (section, info) in sections.into_iter().zip(&mut header.sections) {
-            let mut w = Measured {
-                file: &mut *f,
-                len: 0,
-                crc: crc32fast::Hasher::new(),
-                error: None,
-            };
-            if let Err(e) = (section.write)(&mut w) {
-                // The file's error is what the user needs to see ("No space left on device");
-                // else the serialiser's own.
-                if let Some(io) = w.error.take() {
-                    return Err(io);
-                }
-                failure = Some(e);
-                return Err(std::io::Error::other("section not written"));
-            }
-            (info.len, info.crc32) = (w.len, w.crc.finalize());
-        }
-        let mut text = serde_json::to_vec(&header).map_err(std::io::Error::other)?;
-        if text.len() > room {
-            return Err(std::io::Error::other(format!(
-                "header of {} bytes outgrew its {room} reserved",
-                text.len()
-            )));
-        }
-        text.resize(room, b' ');
-        f.seek(std::io::SeekFrom::Start(16))?;
-        f.write_all(&text)
-    });
-    match failure {
-        Some(e) => Err(e),
-        None => result,
-    }
-}
-
 /// Reads and verifies a checkpoint. With `expected`, a checkpoint of another model config is
 /// rejected, naming the fields that differ.
 pub fn load(path: &Path, expected: Option<&TransformerConfig>) -> Result<Checkpoint> {
@@ -337,6 +221,16 @@ pub fn load(path: &Path, expected: Option<&TransformerConfig>) -> Result<Checkpo
     // under the map.
     let bytes =
         unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::checkpoint(path, format!("cannot read: {e}")))?;
+    parse(path, Storage::Mapped(bytes), expected)
+}
+
+/// A checkpoint from [`to_bytes`]'s bytes, verified as [`load`] verifies a file; `label` names
+/// it in errors.
+pub fn from_bytes(label: &Path, bytes: Vec<u8>, expected: Option<&TransformerConfig>) -> Result<Checkpoint> {
+    parse(label, Storage::Owned(bytes), expected)
+}
+
+fn parse(path: &Path, bytes: Storage, expected: Option<&TransformerConfig>) -> Result<Checkpoint> {
     let bad = |reason: String| Error::checkpoint(path, reason);
     if bytes.len() < 16 || &bytes[..8] != MAGIC {
         return Err(bad("not a checkpoint of this project (bad magic bytes)".into()));
@@ -393,20 +287,6 @@ pub fn load(path: &Path, expected: Option<&TransformerConfig>) -> Result<Checkpo
         bytes,
         sections,
     })
-}
-
-/// The base's path as a checkpoint at `ckpt` records it: its file name when it lies in the
-/// same directory (a run's own warm start: the run directory can then move), else absolute.
-fn stored_base_path(base: &Path, ckpt: &Path) -> PathBuf {
-    let base = fs::canonicalize(base).unwrap_or_else(|_| base.to_path_buf());
-    let dir = ckpt
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    match (fs::canonicalize(dir), base.parent(), base.file_name()) {
-        (Ok(dir), Some(parent), Some(name)) if dir == parent => PathBuf::from(name),
-        _ => base,
-    }
 }
 
 /// `field: expected → found` for every field that differs.
