@@ -85,8 +85,8 @@ pub fn run_pipeline<B: AutodiffBackend>(opts: &PipelineOptions, device: &B::Devi
 }
 
 /// [`run_pipeline`] data-parallel over `devices` (one peer each, `parallel.rs`): the warm
-/// start, RL and their evaluations are shared; checkpoints, metrics and the final evaluation
-/// are the first's.
+/// start, RL and every evaluation (the closing ones included) are shared; only the first
+/// writes checkpoints and metrics.
 pub fn run_pipeline_on<B: AutodiffBackend>(opts: &PipelineOptions, devices: &[B::Device]) -> Result<Outcome> {
     let device = &devices[0];
     let node = match &opts.nodes {
