@@ -76,17 +76,42 @@ fn warm_start() -> &'static Path {
     })
 }
 
-/// The metrics of the RL stage (its steps and evaluations), without wall-clock measurements.
-fn rl_metrics(run: &Path) -> Vec<serde_json::Map<String, serde_json::Value>> {
+type Metrics = Vec<serde_json::Map<String, serde_json::Value>>;
+
+/// The metrics of a stage (its steps and evaluations), without wall-clock measurements.
+fn stage_metrics(run: &Path, phase: &str) -> Metrics {
     read_metrics(&run.join("metrics.jsonl"))
         .unwrap()
         .into_iter()
-        .filter(|r| r["phase"] == "rl")
+        .filter(|r| r["phase"] == phase)
         .map(|mut r| {
             r.retain(|k, _| !k.starts_with("perf/") && k != "eval/seconds");
             r
         })
         .collect()
+}
+
+/// The metrics of the RL stage.
+fn rl_metrics(run: &Path) -> Metrics {
+    stage_metrics(run, "rl")
+}
+
+/// The metrics of the warm start.
+fn warm_metrics(run: &Path) -> Metrics {
+    stage_metrics(run, "warm-start")
+}
+
+/// Two runs' metrics agree: the same records, numbers within 1e-5 relative.
+fn close_metrics(a: &Metrics, b: &Metrics, what: &str) {
+    assert_eq!(a.len(), b.len(), "{what}");
+    for (x, y) in a.iter().zip(b) {
+        for (k, v) in x {
+            match (v.as_f64(), y[k].as_f64()) {
+                (Some(p), Some(q)) => assert!((p - q).abs() <= 1e-5 * p.abs().max(1.0), "{what} {k}: {p} vs {q}"),
+                _ => assert_eq!(v, &y[k], "{what} {k}"),
+            }
+        }
+    }
 }
 
 fn same_samples(a: &Sampled, b: &Sampled) {
@@ -212,18 +237,7 @@ fn two_peers_train_what_one_device_trains() {
         let (ma, mb) = (rl_metrics(&one), rl_metrics(&two));
         assert_eq!(ma.len(), 3);
         assert!(ma[2].contains_key("eval/pass@1"));
-        assert_eq!(ma.len(), mb.len());
-        for (x, y) in ma.iter().zip(&mb) {
-            for (k, v) in x {
-                let w = &y[k];
-                match (v.as_f64(), w.as_f64()) {
-                    (Some(p), Some(q)) => {
-                        assert!((p - q).abs() <= 1e-5 * p.abs().max(1.0), "{name} {k}: {p} vs {q}")
-                    }
-                    _ => assert_eq!(v, w, "{name} {k}"),
-                }
-            }
-        }
+        close_metrics(&ma, &mb, name);
         // Every RL step logged each peer's rollout time and the all-reduce time.
         let raw = read_metrics(&two.join("metrics.jsonl")).unwrap();
         let last = raw.iter().rev().find(|r| r.contains_key("train/lr")).unwrap();
@@ -362,19 +376,6 @@ fn warm_config() -> RunConfig {
     c
 }
 
-/// The metrics of the warm start (its steps and evaluations), without wall-clock measurements.
-fn warm_metrics(run: &Path) -> Vec<serde_json::Map<String, serde_json::Value>> {
-    read_metrics(&run.join("metrics.jsonl"))
-        .unwrap()
-        .into_iter()
-        .filter(|r| r["phase"] == "warm-start")
-        .map(|mut r| {
-            r.retain(|k, _| !k.starts_with("perf/") && k != "eval/seconds");
-            r
-        })
-        .collect()
-}
-
 /// Two peers warm-start from a fresh model to the parameters one device does, each training on
 /// half of every step's traces with the whole step's token count, and the leader's warm-start
 /// metrics (loss, gradient norm, the shared evaluations) are the one-device run's.
@@ -401,15 +402,7 @@ fn two_peers_warm_start_what_one_device_warm_starts() {
     // 20 steps and an evaluation after steps 10 and 20.
     assert_eq!(ma.len(), 22);
     assert_eq!(ma.iter().filter(|r| r.contains_key("eval/pass@1")).count(), 2);
-    assert_eq!(ma.len(), mb.len());
-    for (x, y) in ma.iter().zip(&mb) {
-        for (k, v) in x {
-            match (v.as_f64(), y[k].as_f64()) {
-                (Some(p), Some(q)) => assert!((p - q).abs() <= 1e-5 * p.abs().max(1.0), "{k}: {p} vs {q}"),
-                _ => assert_eq!(v, &y[k], "{k}"),
-            }
-        }
-    }
+    close_metrics(&ma, &mb, "warm start");
     let raw = read_metrics(&two.join("metrics.jsonl")).unwrap();
     let step = raw.iter().find(|r| r["phase"] == "warm-start").unwrap();
     assert!(step["perf/allreduce_s"].as_f64().unwrap() >= 0.0);
