@@ -49,14 +49,15 @@ struct Args {
     /// auto (CUDA, else a wgpu GPU, else CPU), cpu, wgpu or cuda.
     #[arg(long, default_value = "auto")]
     device: String,
-    /// Data-parallel RL over several devices of one backend, one peer (thread) each:
-    /// `cuda:0,cuda:1`, `wgpu:0,wgpu:1`, or `cpu,cpu`. Replaces --device.
+    /// Data-parallel training over several devices of one backend, one peer (thread) each:
+    /// `cuda:0,cuda:1`, `wgpu:0,wgpu:1`, or `cpu,cpu` (warm start, RL and evaluations shared).
+    /// Replaces --device.
     #[arg(long)]
     devices: Option<String>,
-    /// Data-parallel RL over several processes (one per machine, one device each): the
+    /// Data-parallel training over several processes (one per machine, one device each): the
     /// HOST:PORT of every node in rank order, the same list on every node. Each node serves
-    /// its data on its own entry's port. Rank 0 runs the whole job and writes the run
-    /// directory; the others only train, with the state rank 0 sends when RL starts.
+    /// its data on its own entry's port. Rank 0 leads and alone writes the run directory; the
+    /// others train and evaluate with it, from the state rank 0 sends as each stage starts.
     #[arg(long, value_name = "HOST:PORT,…", conflicts_with = "devices")]
     nodes: Option<String>,
     /// This process's rank in --nodes.
