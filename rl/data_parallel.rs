@@ -163,6 +163,19 @@ pub(super) fn follower_ctx<'a>(
 pub(super) fn check_nodes<B: AutodiffBackend>(peer: &Peer<B>, config: Option<&RunConfig>) -> Result<()> {
     let mine = serde_json::json!({ "version": env!("CARGO_PKG_VERSION"), "config": config }).to_string();
     let all = peer.gather_values(&mine, "start-up configuration")?;
+    let verdict = compare_starts(&all);
+    if verdict.is_err() {
+        // Every node refuses; each stays until the others have its configuration, or a node
+        // that leaves first would look lost to one still downloading from it.
+        if let Some(group) = peer.nodes() {
+            group.finish();
+        }
+    }
+    verdict
+}
+
+/// The first node whose start-up configuration (`all`, in rank order) differs from the leader's.
+fn compare_starts(all: &[String]) -> Result<()> {
     let parse = |rank: usize, s: &str| {
         serde_json::from_str::<serde_json::Value>(s).map_err(|e| Error::Peer {
             rank,
