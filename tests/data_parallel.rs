@@ -8,6 +8,8 @@
 mod common;
 #[path = "common/params.rs"]
 mod params;
+#[path = "data_parallel/warm.rs"]
+mod warm;
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -94,11 +96,6 @@ fn stage_metrics(run: &Path, phase: &str) -> Metrics {
 /// The metrics of the RL stage.
 fn rl_metrics(run: &Path) -> Metrics {
     stage_metrics(run, "rl")
-}
-
-/// The metrics of the warm start.
-fn warm_metrics(run: &Path) -> Metrics {
-    stage_metrics(run, "warm-start")
 }
 
 /// Two runs' metrics agree: the same records, numbers within 1e-5 relative.
@@ -363,76 +360,6 @@ fn two_peers_share_the_closing_evaluations() {
         summaries[0]
     );
     assert_eq!(summaries[0], summaries[1]);
-}
-
-/// A short warm start (20 steps of 32 traces, an evaluation and a checkpoint every 10) from a
-/// fresh model, then one RL step.
-fn warm_config() -> RunConfig {
-    let mut c = config(Algo::Grpo);
-    c.warm_start.steps = 20;
-    c.warm_start.eval_every = 10;
-    c.warm_start.checkpoint_every = 10;
-    c.rl.steps = 1;
-    c
-}
-
-/// Two peers warm-start from a fresh model to the parameters one device does, each training on
-/// half of every step's traces with the whole step's token count, and the leader's warm-start
-/// metrics (loss, gradient norm, the shared evaluations) are the one-device run's.
-#[test]
-fn two_peers_warm_start_what_one_device_warm_starts() {
-    let device: Device<AD> = Default::default();
-    let one = dir("warm-one");
-    let two = dir("warm-two");
-    run_pipeline::<AD>(&options(warm_config(), &one, None), &device).unwrap();
-    run_pipeline_on::<AD>(&options(warm_config(), &two, None), &[device; 2]).unwrap();
-
-    let (a, b) = (
-        params(&one.join("checkpoints/warm_start.ckpt")),
-        params(&two.join("checkpoints/warm_start.ckpt")),
-    );
-    let diff = relative_difference(&a, &b);
-    let (ma, mb) = (warm_metrics(&one), warm_metrics(&two));
-    let losses: Vec<f64> = ma.iter().filter_map(|r| r.get("train/loss")?.as_f64()).collect();
-    let (first, last) = (losses[0], losses[losses.len() - 1]);
-    eprintln!("warm start: loss {first:.4} → {last:.4}; two peers vs one device {diff:.3e}");
-    assert!(last < 0.8 * first, "the warm start did not learn ({first} → {last})");
-    assert!(diff <= 1e-6, "two peers differ from one device by {diff:.3e}");
-
-    // 20 steps and an evaluation after steps 10 and 20.
-    assert_eq!(ma.len(), 22);
-    assert_eq!(ma.iter().filter(|r| r.contains_key("eval/pass@1")).count(), 2);
-    close_metrics(&ma, &mb, "warm start");
-    let raw = read_metrics(&two.join("metrics.jsonl")).unwrap();
-    let step = raw.iter().find(|r| r["phase"] == "warm-start").unwrap();
-    assert!(step["perf/allreduce_s"].as_f64().unwrap() >= 0.0);
-    assert_eq!(step["train/tokens"], ma[0]["train/tokens"]);
-}
-
-/// A two-peer warm start killed after 10 steps and resumed on two peers ends with the
-/// parameters of an uninterrupted two-peer warm start.
-#[test]
-fn a_resumed_two_peer_warm_start_matches_an_uninterrupted_one() {
-    let devices = vec![Device::<AD>::default(); 2];
-    let whole = dir("warm-resume-whole");
-    run_pipeline_on::<AD>(&options(warm_config(), &whole, None), &devices).unwrap();
-    let cut = dir("warm-resume-cut");
-    let killed = PipelineOptions {
-        interrupt_after: Some(10),
-        ..options(warm_config(), &cut, None)
-    };
-    assert!(!run_pipeline_on::<AD>(&killed, &devices).unwrap().completed);
-    assert!(!cut.join("checkpoints/warm_start.ckpt").exists());
-    let resumed = PipelineOptions {
-        resume: true,
-        ..options(warm_config(), &cut, None)
-    };
-    assert!(run_pipeline_on::<AD>(&resumed, &devices).unwrap().completed);
-    assert_eq!(
-        params(&whole.join("checkpoints/warm_start.ckpt")),
-        params(&cut.join("checkpoints/warm_start.ckpt"))
-    );
-    assert_eq!(warm_metrics(&whole), warm_metrics(&cut));
 }
 
 /// Each peer samples whole problems: fewer problems per step than devices is a config error,
