@@ -20,9 +20,7 @@ use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use clap::Parser;
 use mrt::backend::{dispatch, BackendTask, DeviceChoice};
-use mrt::model::{
-    generate, last_logits, token_logprobs, GenerateConfig, SamplerConfig, Transformer, TransformerConfig,
-};
+use mrt::model::{generate, token_logprobs, GenerateConfig, SamplerConfig, Transformer, TransformerConfig};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -206,8 +204,8 @@ impl BackendTask for Bench {
             let mut decode = || {
                 let prompt = random_tokens::<B::InnerBackend>(&mut rng, db, pl, cfg.vocab_size, &device);
                 let mut cache = inner.new_cache(db, pl + gl);
-                let logits = inner.forward_cached(prompt, &mut cache, None).expect("fits");
-                let out = generate(&inner, cache, last_logits(logits, &vec![pl; db]), &config, &mut rng).expect("fits");
+                let logits = inner.forward_cached_last(prompt, &mut cache, None).expect("fits");
+                let out = generate(&inner, cache, logits, &config, &mut rng).expect("fits");
                 assert_eq!(out[0].len(), gl);
             };
             decode();

@@ -135,7 +135,8 @@ pub fn read_ids<B: Backend, const D: usize>(t: Tensor<B, D, Int>) -> Vec<u32> {
     t.into_data().iter::<i64>().map(|v| v as u32).collect()
 }
 
-/// Logits of each row's last real token in a chunk.
+/// Logits of each row's last real token in a chunk (or any other `[B, W, X]` tensor's rows at
+/// those positions: the cached forward picks hidden states with it before the output head).
 ///
 /// # Shapes
 /// `logits`: `[B, W, V]`, `counts[b] ≥ 1` → `[B, V]`

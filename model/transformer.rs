@@ -12,6 +12,7 @@ use super::block::Block;
 use super::cache::KvCache;
 use super::config::TransformerConfig;
 use super::flex::{packing, packing_allowed, PACK_FROM_BYTES};
+use super::generate::last_logits;
 use super::init::HostInit;
 use super::lora::BaseRef;
 use super::precision::matmul;
@@ -113,6 +114,43 @@ impl<B: Backend> Transformer<B> {
         cache: &mut KvCache<B>,
         counts: Option<&[usize]>,
     ) -> Result<Tensor<B, 3>> {
+        let chunk = self.reserve(&tokens, cache, counts)?;
+        Ok(self.forward_chunk(tokens, cache, chunk, None))
+    }
+
+    /// [`Self::forward_cached`] that returns only the logits decoding samples from next: those
+    /// of each row's last real token (position `counts[b] - 1`, or W − 1 without `counts`; a
+    /// row that fed nothing gets position 0's, meaningless). The output head then multiplies
+    /// B rows instead of B·W: on a prompt's prefill it is the largest product of the pass
+    /// (SmolLM2: [C, 49,152], a fifth of the FLOPs of every position) and the largest tensor.
+    ///
+    /// # Shapes
+    /// - `tokens`: `[B, W]` as in [`Self::forward_cached`]
+    /// - returns logits `[B, V]`
+    pub fn forward_cached_last(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        cache: &mut KvCache<B>,
+        counts: Option<&[usize]>,
+    ) -> Result<Tensor<B, 2>> {
+        let [b, w] = tokens.dims();
+        let last: Vec<usize> = match counts {
+            Some(counts) => counts.iter().map(|&c| c.max(1)).collect(),
+            None => vec![w; b],
+        };
+        let chunk = self.reserve(&tokens, cache, counts)?;
+        Ok(self
+            .forward_chunk(tokens, cache, chunk, Some(&last))
+            .reshape([b, self.config.vocab_size]))
+    }
+
+    /// Reserves the slots of a `[B, W]` chunk in `cache` (its rows must be the cache's).
+    fn reserve(
+        &self,
+        tokens: &Tensor<B, 2, Int>,
+        cache: &mut KvCache<B>,
+        counts: Option<&[usize]>,
+    ) -> Result<(usize, Tensor<B, 2, Int>, Tensor<B, 4, Bool>)> {
         let [b, w] = tokens.dims();
         if b != cache.rows() {
             return Err(Error::Budget(format!(
@@ -120,8 +158,7 @@ impl<B: Backend> Transformer<B> {
                 cache.rows()
             )));
         }
-        let chunk = cache.advance(w, counts)?;
-        Ok(self.forward_chunk(tokens, cache, chunk))
+        cache.advance(w, counts)
     }
 
     /// Appends a *tree* of tokens per row to `cache` and returns their logits: row b's token i
@@ -149,16 +186,18 @@ impl<B: Backend> Transformer<B> {
             )));
         }
         let chunk = cache.advance_tree(parents)?;
-        Ok(self.forward_chunk(tokens, cache, chunk))
+        Ok(self.forward_chunk(tokens, cache, chunk, None))
     }
 
     /// The layers over a chunk that `cache` has reserved: (first slot, positions `[B, W]`,
-    /// mask `[B, 1, W, S]`).
+    /// mask `[B, 1, W, S]`). Returns the logits `[B, W, V]` of every position, or `[B, 1, V]`
+    /// of position `last[b] - 1` of each row when `last` is given.
     fn forward_chunk(
         &self,
         tokens: Tensor<B, 2, Int>,
         cache: &mut KvCache<B>,
         (slot, positions, mask): (usize, Tensor<B, 2, Int>, Tensor<B, 4, Bool>),
+        last: Option<&[usize]>,
     ) -> Tensor<B, 3> {
         let [b, w] = tokens.dims();
         let rope = self.rope(positions, b);
@@ -167,7 +206,11 @@ impl<B: Backend> Transformer<B> {
             for (block, kv) in self.blocks.iter().zip(cache.layers.iter_mut()) {
                 x = block.forward(x, &rope, b, Some(mask.clone()), false, Some((kv, slot)));
             }
-            self.logits(self.norm.forward(x).reshape([b, w, self.config.d_model]))
+            let h = self.norm.forward(x).reshape([b, w, self.config.d_model]);
+            match last {
+                Some(last) if w > 1 => self.logits(last_logits(h, last).reshape([b, 1, self.config.d_model])),
+                _ => self.logits(h),
+            }
         })
     }
 

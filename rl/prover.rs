@@ -28,7 +28,7 @@ use super::protocol::Protocol;
 use crate::data::{Problem, Task};
 use crate::error::{Error, Result};
 use crate::model::cache::int_tensor;
-use crate::model::{generate_rows, last_logits, split_rngs, GenerateConfig, KvCache, SamplerConfig, Transformer};
+use crate::model::{generate_rows, split_rngs, GenerateConfig, KvCache, SamplerConfig, Transformer};
 
 /// How J is estimated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -160,12 +160,11 @@ fn force<B: Backend>(model: &Transformer<B>, cache: &mut KvCache<B>, protocol: &
         .flat_map(|_| protocol.suffix().iter().map(|&i| i as i64))
         .collect();
     cache.ensure_capacity(n);
-    let logits = model.forward_cached(
+    model.forward_cached_last(
         Tensor::from_data(TensorData::new(suffix, [rows, n]), &device),
         cache,
         None,
-    )?;
-    Ok(last_logits(logits, &vec![n; rows]))
+    )
 }
 
 fn not_enumerable(task: &dyn Task) -> Error {

@@ -128,6 +128,39 @@ fn gqa_and_tied_head_configs_run_and_agree() {
     assert_eq!(model.num_params(), config(2, false).num_params());
 }
 
+/// The forward that runs the output head on each row's last token only (what decoding samples
+/// from) gives the full chunk's logits there, fills the cache the same way, and a row that fed
+/// nothing (count 0) gets position 0's like `last_logits` with `max(1)`.
+#[test]
+fn last_token_forward_equals_the_chunks_last_logits() {
+    for cfg in [config(2, false), config(1, true)] {
+        let model = Transformer::<B>::new(&cfg, 5, &Default::default()).unwrap();
+        let mut full: KvCache<B> = model.new_cache(3, 24);
+        let mut last: KvCache<B> = model.new_cache(3, 24);
+        let prompts: Vec<Vec<u32>> = vec![vec![1, 5, 9, 2, 3], vec![4, 8], vec![7, 7, 1]];
+        let chunks: Vec<Vec<u32>> = vec![vec![11, 12], vec![], vec![13]];
+        let steps = [(prompts, 5), (chunks, 2), (vec![vec![14], vec![15], vec![16]], 1)];
+        for (rows, width) in steps {
+            let counts: Vec<usize> = rows.iter().map(|r| r.len()).collect();
+            let want = model
+                .forward_cached(padded(&rows, width, 0), &mut full, Some(&counts))
+                .unwrap();
+            let want = last_logits(want, &counts.iter().map(|&c| c.max(1)).collect::<Vec<_>>());
+            let got = model
+                .forward_cached_last(padded(&rows, width, 0), &mut last, Some(&counts))
+                .unwrap();
+            assert_eq!(got.dims(), [3, 37]);
+            let d = max_abs_diff(got, want);
+            assert!(d < 1e-5, "width {width}: {d}");
+            assert_eq!(full.lengths(), last.lengths());
+        }
+        let (tok, _) = ids(&[vec![2, 3], vec![4, 5], vec![6, 7]], 2);
+        let want = last_logits(model.forward_cached(tok.clone(), &mut full, None).unwrap(), &[2; 3]);
+        let d = max_abs_diff(model.forward_cached_last(tok, &mut last, None).unwrap(), want);
+        assert!(d < 1e-5, "without counts: {d}");
+    }
+}
+
 #[test]
 fn forked_and_replicated_cache_rows_continue_like_recomputation() {
     let dev = Default::default();

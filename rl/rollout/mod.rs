@@ -30,7 +30,7 @@ use super::prover::ProverConfig;
 use crate::data::{Problem, Role};
 use crate::error::{Error, Result};
 use crate::model::sampling::open_uniform;
-use crate::model::{last_logits, read_ids, sample, split_rngs, KvCache, Transformer};
+use crate::model::{read_ids, sample, split_rngs, KvCache, Transformer};
 
 mod queue;
 mod record;
@@ -179,12 +179,11 @@ impl<'a, B: Backend> Engine<'a, B> {
         let mut cache = self
             .model
             .new_cache(seeds.len(), width + 2 * self.config.max_tokens + 16);
-        let logits = self.model.forward_cached(
+        let logits = self.model.forward_cached_last(
             Tensor::from_data(TensorData::new(ids, [seeds.len(), width]), &device),
             &mut cache,
             Some(&counts),
         )?;
-        let logits = last_logits(logits, &counts);
 
         let mut seeds = seeds.to_vec();
         // Drawn with or without a prover, so that the rows' generators (split next) and thus
@@ -317,15 +316,13 @@ impl<'a, B: Backend> Engine<'a, B> {
                     .flat_map(|c| (0..width).map(|k| *c.get(k).unwrap_or(&pad) as i64))
                     .collect();
                 batch.cache.ensure_capacity(width);
-                let logits = self.model.forward_cached(
+                // Rows that fed nothing are done or about to feed their forced suffix: their
+                // (meaningless) logits are never sampled from.
+                batch.logits = self.model.forward_cached_last(
                     Tensor::from_data(TensorData::new(ids, [rows, width]), &device),
                     &mut batch.cache,
                     Some(&counts),
                 )?;
-                // Rows that fed nothing are done or about to feed their forced suffix: their
-                // (meaningless) logits are never sampled from.
-                let pick: Vec<usize> = counts.iter().map(|&c| c.max(1)).collect();
-                batch.logits = last_logits(logits, &pick);
             }
             if self.prover.is_some() {
                 // A boundary behind the row's last cached token (free text: before the marker
