@@ -103,16 +103,20 @@ pub fn sample<B: Backend>(logits: Tensor<B, 2>, uniform: Tensor<B, 1>, config: &
     if config.temperature <= 0.0 {
         return logits.argmax(1).reshape([b]);
     }
-    let scaled = logits / config.temperature;
     let top_k = if config.top_k > 0 && config.top_k < v {
         config.top_k
     } else {
         v
     };
     if top_k == v && config.top_p >= 1.0 {
-        let probs = softmax(scaled, 1);
+        // The CPU backend, large vocabularies: softmax and CDF in one (model/flex/softmax_cdf.rs).
+        if let Some(index) = flex::sample_softmax(&logits, &uniform, config.temperature as f32) {
+            return index.reshape([b]);
+        }
+        let probs = softmax(logits / config.temperature, 1);
         return inverse_cdf(probs, uniform).clamp(0, v as i32 - 1).reshape([b]);
     }
+    let scaled = logits / config.temperature;
     // Work in sorted order: the first k columns are the top-k, and top-p is a prefix of them.
     let (sorted, order) = if top_k < v {
         scaled.topk_with_indices(top_k, 1)

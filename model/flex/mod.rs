@@ -3,10 +3,11 @@
 //! attention runs on one core; in chunked passes the head split copies element by element;
 //! SwiGLU's sigmoid calls a scalar `expf` per element, in training twice; a large model's
 //! decoding products repack every weight on every call; sampling makes five passes over the
-//! vocabulary. Each function takes any backend's tensors, recognises flex tensors at run time
-//! (`swiglu` also `Autodiff<Flex>`'s, with its own backward), and otherwise (GPU backends,
-//! other dtypes or layouts) falls back to the portable Burn operation, so callers stay generic
-//! over `B: Backend`.
+//! vocabulary after a softmax that runs a whole decoding batch on one thread. Each function
+//! takes any backend's tensors, recognises flex tensors at run time (`swiglu` also
+//! `Autodiff<Flex>`'s, with its own backward), and otherwise (GPU backends, other dtypes or
+//! layouts) falls back to the portable Burn operation, so callers stay generic over
+//! `B: Backend`.
 
 /// Defines `fn $name` whose body is compiled twice: for AVX2 and FMA, taken where the CPU has
 /// them, and for baseline x86-64 (where the compiler may only use 4-wide SSE2). The choice is
@@ -38,6 +39,7 @@ mod flash;
 mod packed;
 mod panels;
 mod permute;
+mod softmax_cdf;
 mod swiglu;
 mod write;
 
@@ -46,5 +48,6 @@ pub(crate) use cdf::inverse_cdf;
 pub(crate) use flash::{causal_backward, causal_forward, FUSED_ROWS};
 pub(crate) use packed::{packed_matmul, packing, packing_allowed, PackedScope, PACK_FROM_BYTES};
 pub(crate) use permute::swap_middle;
+pub(crate) use softmax_cdf::sample_softmax;
 pub(crate) use swiglu::swiglu;
 pub(crate) use write::write_slots;
