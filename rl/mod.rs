@@ -56,6 +56,7 @@ pub mod optim;
 pub mod parallel;
 pub mod passes;
 pub mod pipeline;
+mod policy;
 pub mod protocol;
 pub mod prover;
 pub mod rollout;

@@ -6,9 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use burn::module::AutodiffModule;
-use burn::prelude::Backend;
 use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::FloatDType;
 use serde::Serialize;
 
 use super::closing::{closing_on, Closing, Subject};
@@ -19,14 +17,13 @@ use super::metrics::{read_metrics, MetricsWriter};
 use super::nodes::NodeGroup;
 use super::optim::require_grad;
 use super::parallel::Peer;
+use super::policy::{frozen_base_precision, start_policy, with_adapters};
 use super::protocol::Tokens;
 use super::run::{load_state, Progress, RunDir, Stage};
 use super::stage::Ctx;
 use crate::data::{TextTokenizer, Vocab};
 use crate::error::{Error, Result};
 use crate::fsutil::write_json;
-use crate::model::checkpoint::LoraHeader;
-use crate::model::lora::BaseRef;
 use crate::model::{checkpoint, hf, Transformer};
 
 /// What to run.
@@ -346,80 +343,6 @@ pub fn run_pipeline_on<B: AutodiffBackend>(opts: &PipelineOptions, devices: &[B:
     Ok(outcome)
 }
 
-/// Under LoRA, `model` with its frozen base's matrices in the type `rl.lora.base_precision`
-/// resolves to on this backend (model/precision.rs); said on stderr when it is not f32. A model
-/// without adapters (the warm start trains every weight) is returned as it is.
-pub(super) fn frozen_base_precision<B: AutodiffBackend>(
-    model: Transformer<B>,
-    config: &RunConfig,
-    device: &B::Device,
-    quiet: bool,
-) -> Result<Transformer<B>> {
-    let Some(lora) = config.rl.lora.as_ref().filter(|_| model.has_lora()) else {
-        return Ok(model);
-    };
-    let dtype = lora
-        .base_precision
-        .resolve::<B>(device, crate::backend::is_cpu::<B>())?;
-    if dtype != FloatDType::F32 && !quiet {
-        eprintln!("LoRA: frozen base stored in {dtype:?}; adapters and optimizer state in f32");
-    }
-    Ok(model.with_base_dtype(dtype))
-}
-
-/// With `rl.lora`, `model` (loaded from `base`) with fresh adapters over its weights, which
-/// are then frozen; a model that has adapters already keeps them, if they are the configured
-/// ones.
-fn with_adapters<B: AutodiffBackend>(model: Transformer<B>, config: &RunConfig, base: &Path) -> Result<Transformer<B>> {
-    let Some(lora) = &config.rl.lora else {
-        return Ok(model);
-    };
-    match model.lora_config() {
-        None => {
-            let fingerprint = model.fingerprint();
-            let base = BaseRef {
-                path: base.to_path_buf(),
-                fingerprint,
-            };
-            Ok(require_grad(model.with_lora(lora, config.seed, Some(base))))
-        }
-        Some(found) if found.rank == lora.rank && found.alpha() == lora.alpha() && found.targets == lora.targets => {
-            Ok(model)
-        }
-        Some(found) => Err(Error::config(
-            "rl.lora",
-            serde_json::to_string(lora).unwrap_or_default(),
-            format!(
-                "{} already has adapters {}",
-                base.display(),
-                serde_json::to_string(&found).unwrap_or_default()
-            ),
-        )),
-    }
-}
-
-/// The run's start policy (its `warm_start.ckpt`). With `shared` (the base of a LoRA policy,
-/// loaded from `shared.0`) a checkpoint of adapters over that base, or that base itself, is
-/// built on the tensors already in memory.
-fn start_policy<B: Backend>(
-    path: &Path,
-    config: &RunConfig,
-    shared: Option<(BaseRef, Transformer<B>)>,
-    device: &B::Device,
-) -> Result<Transformer<B>> {
-    let ck = checkpoint::load(path, Some(&config.model))?;
-    let same = |a: &Path, b: &Path| std::fs::canonicalize(a).ok() == std::fs::canonicalize(b).ok();
-    match (&ck.lora, shared) {
-        (Some(LoraHeader { base: Some(b), .. }), Some((policy_base, base)))
-            if same(&ck.base_path(b), &policy_base.path) =>
-        {
-            ck.adapters_onto(base, &policy_base.path)
-        }
-        (None, Some((policy_base, base))) if same(path, &policy_base.path) => Ok(base),
-        _ => ck.model::<B>(device),
-    }
-}
-
 /// On resume, drops metric records written after the checkpoint we resume from, so the file
 /// reads as if the run had never been interrupted.
 fn truncate_metrics(run: &RunDir, progress: Progress) -> Result<()> {
@@ -454,7 +377,7 @@ fn truncate_metrics(run: &RunDir, progress: Progress) -> Result<()> {
 }
 
 /// The stage recorded in a training-state checkpoint.
-fn saved_stage(path: &std::path::Path) -> Result<Stage> {
+fn saved_stage(path: &Path) -> Result<Stage> {
     let ck = checkpoint::load(path, None)?;
     let progress: Progress = serde_json::from_value(ck.meta["progress"].clone())
         .map_err(|e| Error::checkpoint(path, format!("no training progress in metadata: {e}")))?;
