@@ -1,5 +1,6 @@
 //! Tokenizer, task families, verifiers, scripted solvers and batching. Knows no model.
 
+pub mod answer;
 pub mod batch;
 pub mod chat;
 pub mod countdown;
