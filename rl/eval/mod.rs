@@ -6,7 +6,8 @@
 //! - `samples`: completions as text (`samples.jsonl`), to see what a model wrote;
 //! - `by_problem`: those measures per held-out problem, for intervals over the problems;
 //! - `stats`: paired bootstrap intervals over seeds and problems, and the verdicts built on them;
-//! - `compare`, `figures`, `plots`: runs side by side, in tables and SVG plots;
+//! - `compare`, `verdicts`, `figures`, `plots`: runs side by side, in tables, verdicts against
+//!   GRPO and SVG plots;
 //! - `render`: the experiment's reports as Markdown;
 //! - `regime`, `experiment`, `warm`, `sweep`, `jobs`: the named experiment regimes, the
 //!   MRT-vs-GRPO experiment, its shared warm starts, its α sweep on validation, runs side by
@@ -27,6 +28,7 @@ pub mod samples;
 pub mod stats;
 pub mod summary;
 pub mod sweep;
+pub mod verdicts;
 pub mod warm;
 
 pub use summary::{anytime, eval_problems, evaluate, scripted_pass1, summarize, EvalSummary};
