@@ -15,6 +15,10 @@ pub(super) const NR: usize = 48;
 /// The most rows a kernel's tile has.
 const MAX_TILE_ROWS: usize = 8;
 
+/// Row tiles per task of [`Packed::product`]: 16 tiles (128 rows of the AVX-512 kernel, 64 of
+/// the AVX2 one), so a decoding batch is one task per panel and a prefill is split by rows too.
+const ROW_BLOCK_TILES: usize = 16;
+
 /// A `[K, N]` matrix as column panels of [`NR`] columns, each `[K, NR]` row-major and
 /// contiguous (the last one zero-padded), so a kernel streams a panel front to back.
 pub(super) struct Packed {
@@ -63,19 +67,26 @@ impl Packed {
             padded[..m * k].copy_from_slice(x);
             &padded[..]
         };
-        // Each task computes one panel's columns for every row and writes them straight into
-        // `y`: no zeroed buffer and no second copy of the output, which at 64 rows is 52 MB
-        // per SmolLM2 step.
+        // Each task computes one panel's columns for a block of rows and writes them straight
+        // into `y`: no zeroed buffer and no second copy of the output, which at 64 rows is 52 MB
+        // per SmolLM2 step. Blocks of rows keep a prefill's thousands of rows from being one
+        // task per panel (a `[576, 192]` weight has 4 panels), while a task's panel, re-read
+        // once per tile, stays in the core's cache; tasks of a panel are neighbours, so one
+        // thread usually takes all of them.
+        let blocks = tiles.div_ceil(ROW_BLOCK_TILES);
+        let panels = n.div_ceil(NR);
         let mut y: Vec<f32> = Vec::with_capacity(m * n);
         let out = Out(y.as_mut_ptr());
-        self.panels.par_chunks(k * NR).enumerate().for_each(|(p, panel)| {
+        (0..panels * blocks).into_par_iter().for_each(|task| {
+            let (p, b) = (task / blocks, task % blocks);
+            let panel = &self.panels[p * k * NR..(p + 1) * k * NR];
             let cols = NR.min(n - p * NR);
             let mut tile = [0f32; MAX_TILE_ROWS * NR];
-            for t in 0..tiles {
+            for t in b * ROW_BLOCK_TILES..tiles.min((b + 1) * ROW_BLOCK_TILES) {
                 kernel.tile(k, &x[t * mr * k..(t + 1) * mr * k], panel, &mut tile[..mr * NR]);
                 for r in 0..mr.min(m - t * mr) {
                     // SAFETY: row t·mr + r < m, columns p·NR .. p·NR + cols ≤ n: inside `y`'s
-                    // capacity, and only this task (panel p) writes these columns.
+                    // capacity, and only this task (panel p, row block b) writes these.
                     unsafe { out.write((t * mr + r) * n + p * NR, &tile[r * NR..r * NR + cols]) };
                 }
             }
@@ -251,11 +262,11 @@ mod tests {
     }
 
     /// Every kernel this CPU has gives the scalar reference's bits, which are within f32
-    /// rounding of an f64 product; rows and columns that fill no whole tile, weights read
-    /// plainly, transposed and from an offset.
+    /// rounding of an f64 product; rows and columns that fill no whole tile, rows over several
+    /// tasks' blocks (301), weights read plainly, transposed and from an offset.
     #[test]
     fn kernels_agree_bit_for_bit_and_with_f64() {
-        for (m, k, n) in [(1, 7, 5), (5, 64, 50), (16, 96, 96), (9, 130, 200)] {
+        for (m, k, n) in [(1, 7, 5), (5, 64, 50), (16, 96, 96), (9, 130, 200), (301, 24, 100)] {
             let x = values(m * k, 1);
             let w = values(k * n, 2);
             let mut wt = vec![0f32; n * k];
