@@ -15,7 +15,7 @@ pub(super) const NR: usize = 48;
 /// The most rows a kernel's tile has.
 const MAX_TILE_ROWS: usize = 8;
 
-/// Row tiles per task of [`Packed::product`]: 16 tiles (128 rows of the AVX-512 kernel, 64 of
+/// Row tiles per task of [`Packed::product`]: 16 tiles (128 rows of the AVX-512 kernel, 96 of
 /// the AVX2 one), so a decoding batch is one task per panel and a prefill is split by rows too.
 const ROW_BLOCK_TILES: usize = 16;
 
@@ -118,7 +118,11 @@ pub(super) enum Kernel {
     /// 8 rows × 48 columns in 24 zmm accumulators.
     #[cfg(target_arch = "x86_64")]
     Avx512,
-    /// 4 rows × 48 columns, as two halves of 4 × 24 in 12 ymm accumulators.
+    /// 6 rows × 48 columns, as three passes of 6 × 16 in 12 ymm accumulators (the shape of
+    /// BLIS's Haswell kernel). The 4 × 24 tile it replaced needs all 16 ymm registers, and the
+    /// compiler's schedule (two broadcasts in flight) spilled an accumulator to the stack on
+    /// every k step: a store and a reload on its dependency chain, which halved the kernel's
+    /// speed (BENCHMARKS.md, "AVX2 kernel without a spill").
     #[cfg(target_arch = "x86_64")]
     Avx2,
     /// Scalar fused multiply-adds in the same order: the reference the tests hold the others to.
@@ -147,7 +151,7 @@ impl Kernel {
             #[cfg(target_arch = "x86_64")]
             Self::Avx512 => 8,
             #[cfg(target_arch = "x86_64")]
-            Self::Avx2 => 4,
+            Self::Avx2 => 6,
             #[cfg(test)]
             Self::Scalar => 4,
         }
@@ -164,8 +168,9 @@ impl Kernel {
             Self::Avx512 => unsafe { x86::tile_avx512(k, x, panel, out) },
             #[cfg(target_arch = "x86_64")]
             Self::Avx2 => unsafe {
-                x86::tile_avx2(k, x, panel, 0, out);
-                x86::tile_avx2(k, x, panel, 24, out);
+                for col in [0, 16, 32] {
+                    x86::tile_avx2(k, x, panel, col, out);
+                }
             },
             #[cfg(test)]
             Self::Scalar => {
@@ -219,33 +224,28 @@ mod x86 {
         }
     }
 
-    /// 4 rows × the 24 columns of the panel from `col` (0 or 24).
+    /// 6 rows × the 16 columns of the panel from `col` (0, 16 or 32): 12 accumulators, two
+    /// vectors of the panel and one broadcast per row, within AVX2's 16 registers.
     ///
     /// # Safety
-    /// The CPU has AVX2 and FMA; `x` holds 4·k values, `panel` k·48, `out` 4·48.
+    /// The CPU has AVX2 and FMA; `x` holds 6·k values, `panel` k·48, `out` 6·48; `col` ≤ 32.
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn tile_avx2(k: usize, x: &[f32], panel: &[f32], col: usize, out: &mut [f32]) {
         let (xp, wp) = (x.as_ptr(), panel.as_ptr().add(col));
-        let mut acc = [[_mm256_setzero_ps(); 3]; 4];
+        let mut acc = [[_mm256_setzero_ps(); 2]; 6];
         for i in 0..k {
             let w = wp.add(i * NR);
-            let (w0, w1, w2) = (
-                _mm256_loadu_ps(w),
-                _mm256_loadu_ps(w.add(8)),
-                _mm256_loadu_ps(w.add(16)),
-            );
+            let (w0, w1) = (_mm256_loadu_ps(w), _mm256_loadu_ps(w.add(8)));
             for (r, acc) in acc.iter_mut().enumerate() {
                 let b = _mm256_set1_ps(*xp.add(r * k + i));
                 acc[0] = _mm256_fmadd_ps(b, w0, acc[0]);
                 acc[1] = _mm256_fmadd_ps(b, w1, acc[1]);
-                acc[2] = _mm256_fmadd_ps(b, w2, acc[2]);
             }
         }
         for (r, acc) in acc.iter().enumerate() {
             let o = out.as_mut_ptr().add(r * NR + col);
             _mm256_storeu_ps(o, acc[0]);
             _mm256_storeu_ps(o.add(8), acc[1]);
-            _mm256_storeu_ps(o.add(16), acc[2]);
         }
     }
 }
