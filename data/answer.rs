@@ -1,8 +1,8 @@
 //! The answer a model gives and whether it is the reference's: the last `\boxed{…}` of its
-//! text, and equality as the same number (exact rationals: `0.5`, `\frac{1}{2}`, `1/2`) or
-//! else the same normalised expression (LaTeX spacing, `\left`/`\right`, units in `\text`,
-//! `$…$` and `x =` removed). Pure functions of text, used by data/math.rs and the text
-//! protocol's judge.
+//! text, and equality after one canonical spelling (LaTeX spacing and `$` dropped, `\text{…}`
+//! unwrapped, a leading `x =` and thousands separators removed, and numbers as reduced
+//! fractions, so `0.5`, `\frac{1}{2}` and `1/2` agree). Pure functions of text, used by
+//! data/math.rs and the text protocol's judge.
 
 /// The content of the last `\boxed{…}` (or `\fbox{…}`) in `text`, braces balanced; `None`
 /// when there is none or it is never closed.

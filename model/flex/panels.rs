@@ -121,8 +121,9 @@ pub(super) enum Kernel {
     /// 6 rows × 48 columns, as three passes of 6 × 16 in 12 ymm accumulators (the shape of
     /// BLIS's Haswell kernel). The 4 × 24 tile it replaced needs all 16 ymm registers, and the
     /// compiler's schedule (two broadcasts in flight) spilled an accumulator to the stack on
-    /// every k step: a store and a reload on its dependency chain, which halved the kernel's
-    /// speed (BENCHMARKS.md, "AVX2 kernel without a spill").
+    /// every k step, a store and a reload on its dependency chain: from 24 rows on, 6 × 16
+    /// runs 1.3–1.7× as fast (both forced on an AVX-512 EPYC; BENCHMARKS.md, "Prefills on
+    /// packed weights, an AVX2 kernel without a spill").
     #[cfg(target_arch = "x86_64")]
     Avx2,
     /// Scalar fused multiply-adds in the same order: the reference the tests hold the others to.
